@@ -1326,6 +1326,11 @@ def cmd_rewrite(args: argparse.Namespace) -> int:
             print(f"{len(report.inherited)} differential(s) built on them {'would ' if report.dry_run else ''}lose "
                   "the same paths: "
                   + " ".join(sid[:8] for sid in report.inherited))
+        if report.recounted:
+            print(f"{'would count' if report.dry_run else 'counted'} again the files of {len(report.recounted)} "
+                  "differential(s) a rewrite stopped part-way left counting what it removed"
+                  f"{' (--confirm REWRITE does)' if report.dry_run else ''}: "
+                  + " ".join(sid[:8] for sid in report.recounted))
     return 0
 
 

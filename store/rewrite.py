@@ -88,6 +88,8 @@ class RewriteReport:
     # Differentials built on a rewritten snapshot whose own records hold nothing excluded: their trees
     # lose what it lost (their counts are brought up to date).  Those that do hold some are rewritten.
     inherited: list[str] = field(default_factory=list)
+    # Differentials a rewrite stopped part-way left counting what it removed, counted again.
+    recounted: list[str] = field(default_factory=list)
     new_host: str | None = None
     renamed: list[tuple[str, str]] = field(default_factory=list)  # (snapshot id, the host it had)
     # Snapshots the new host had already of the same paths as a renamed one: one series with them from now
@@ -96,6 +98,7 @@ class RewriteReport:
 
     def to_dict(self) -> dict:
         return {"dry_run": self.dry_run, "rewritten": self.rewritten, "inherited": self.inherited,
+                "recounted": self.recounted,
                 "removed": [{"snapshot": s, "path": os.fsdecode(p)} for s, p in self.removed],
                 "new_host": self.new_host, "renamed": [{"snapshot": s, "host": h} for s, h in self.renamed],
                 "joined": self.joined}
@@ -137,6 +140,7 @@ def rewrite_snapshots(repo: Repo, select: Selection, globs: list[str], *, dry_ru
         on_picked = meets(parents, picked)
         below = [s for s in every if s.id not in picked and on_picked[s.id]]
         plans = []
+        counts: dict[str, ManifestStats] = {}  # what a snapshot left as it is counts once the rewrite is done
         for snap in chosen + below:
             own = list(repo.manifest_records(snap))
             # Every differential rewritten deletes the excluded paths itself, so that its new tree does not
@@ -147,12 +151,20 @@ def rewrite_snapshots(repo: Repo, select: Selection, globs: list[str], *, dry_ru
             holds = snap.id in picked or any(r.op != OP_DELETE and excluded(r.path) for r in own)
             if holds and plan.records != own:
                 plans.append((snap, plan))
+            else:
+                counts[snap.id] = plan.stats
             report.removed += [(snap.id, p) for p in plan.removed]
         report.rewritten = [s.id for s, _ in plans]
         done = set(report.rewritten)
         on_done = meets(parents, done)
         inherited = [s for s in every if s.id not in done and on_done[s.id]]
         report.inherited = [s.id for s in inherited]
+        # A rewrite stopped before it recounted the differentials on what it rewrote left them counting
+        # what it removed; run again, it has nothing left to rewrite, and counts those again here.
+        on_rewritten = meets(parents, {s.id for s in every if s.stats.get("rewritten")})
+        stale = [s for s in every if s.id in counts and not on_done[s.id] and on_rewritten[s.id]
+                 and _counts_differ(s, counts[s.id])]
+        report.recounted = [s.id for s in stale]
         if dry_run:
             return report
         # Children before their parents: killed at any point, a snapshot rewritten has its new tree, one
@@ -168,15 +180,20 @@ def rewrite_snapshots(repo: Repo, select: Selection, globs: list[str], *, dry_ru
                 snap.stats = {**snap.stats, "rewritten": True, "manifest_records": mw.records}
                 save_counts(repo, snap, plan.stats, lock)
                 saved()
-        # Run again, the command finds nothing left to rewrite, so none of these to recount: said as it is.
-        recounted = (lambda done: f" ({len(plans)} snapshot(s) rewritten; the counts of {done} of the "
-                     f"{len(inherited)} snapshot(s) built on {'it' if len(plans) == 1 else 'them'} updated before "
-                     "it: the others still count what the rewrite removed)")
-        with _counted(len(inherited), "recounted", told=recounted) as saved:
-            for snap in inherited:
-                save_counts(repo, snap, count_tree(repo, snap, every), lock)
+        recounting = inherited + stale
+        recounted = (lambda done: f" ({len(plans)} snapshot(s) rewritten, and the counts of {done} of the "
+                     f"{len(recounting)} built on {'it' if len(plans) == 1 else 'them'} updated before it; the "
+                     "same command again updates the others)")
+        with _counted(len(recounting), "recounted", told=recounted if plans else None) as saved:
+            for snap in recounting:
+                save_counts(repo, snap, counts[snap.id], lock)
                 saved()
     return report
+
+
+def _counts_differ(snap: Snapshot, stats: ManifestStats) -> bool:
+    return (snap.stats.get("files"), snap.stats.get("dirs"), snap.stats.get("bytes")) != (
+        stats.files, stats.dirs, stats.bytes)
 
 
 @contextlib.contextmanager

@@ -402,11 +402,10 @@ def test_a_tag_or_rewrite_stopped_part_way_says_how_many_it_changed(tmp_path, co
         assert all(finished(repo, s) for s in repo.snapshots())
 
 
-def test_a_rewrite_stopped_while_recounting_the_differentials_on_it_says_so(tmp_path):
+def test_a_rewrite_stopped_while_recounting_the_differentials_on_it_counts_them_when_run_again(tmp_path):
     """The rewritten full written, the storage failing at the recount of the first differential built on
-    it: the error said "1 of 3 snapshot(s) rewritten ...; the same command again does the others", but the
-    same command again finds nothing to rewrite, so recounts nothing, and the differentials keep the counts
-    of the files the rewrite removed."""
+    it: the error says so, and the same command again, with nothing left to rewrite, counts the two
+    differentials again (they counted the file the rewrite removed, and no command put that right)."""
     from chunkvault.errors import StorageFull
     from chunkvault.remotes.local import LocalRemote
     from faults import FailingWrite
@@ -424,10 +423,20 @@ def test_a_rewrite_stopped_while_recounting_the_differentials_on_it_says_so(tmp_
     with Repository.open(failing, PASSWORD, ledger=False) as repo:
         with pytest.raises(StorageFull) as raised:
             repo.rewrite(["*.key"], [full], dry_run=False)
-    said = str(raised.value)
-    assert "the same command again" not in said
-    assert said.endswith("(1 snapshot(s) rewritten; the counts of 0 of the 2 snapshot(s) built on it updated "
-                         "before it: the others still count what the rewrite removed)")
+    assert str(raised.value).endswith("(1 snapshot(s) rewritten, and the counts of 0 of the 2 built on it updated "
+                                      "before it; the same command again updates the others)")
+
+    def counted(repo):
+        return {s.id: (s.stats["files"], s.stats["bytes"]) for s in repo.snapshots() if s.id != full}
+
     with Repository.open(path, PASSWORD, ledger=False) as repo:
-        again = repo.rewrite(["*.key"], [full], dry_run=False)  # as said: nothing left for it to do
-        assert again.rewritten == [] and again.inherited == []
+        diffs = sorted(counted(repo))
+        assert sorted(counted(repo).values()) == [(2, 2), (3, 3)]  # secret.key still counted
+        dry = repo.rewrite(["*.key"], [full])
+        assert dry.rewritten == [] and sorted(dry.recounted) == diffs
+        again = repo.rewrite(["*.key"], [full], dry_run=False)
+        assert again.rewritten == again.inherited == [] and sorted(again.recounted) == diffs
+        assert sorted(counted(repo).values()) == [(1, 1), (2, 2)]
+        assert repo.rewrite(["*.key"], [full], dry_run=False).recounted == []  # put right, they stay so
+        full_files = next(s for s in repo.snapshots() if s.id == full).stats["files"]
+    assert full_files == 0

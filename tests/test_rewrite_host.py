@@ -233,7 +233,7 @@ def test_rewrite_new_host_on_the_command_line(tmp_path):
         assert said in err and len(err.splitlines()) == 1 and "Traceback" not in err
     done = json.loads(cli("rewrite", "-r", repo, "--host", "old", "--new-host", "new", "--confirm", "REWRITE",
                           "--json").stdout)
-    assert done == {"dry_run": False, "rewritten": ids, "inherited": [], "removed": [], "new_host": "new",
+    assert done == {"dry_run": False, "rewritten": ids, "inherited": [], "recounted": [], "removed": [], "new_host": "new",
                     "renamed": [{"snapshot": sid, "host": "old"} for sid in ids], "joined": []}
     listed = json.loads(cli("snapshots", "-r", repo, "--json", "--host", "new").stdout)
     assert [(s["id"], s["stats"][FORMER_HOSTS]) for s in listed] == [(sid, ["old"]) for sid in ids]
