@@ -19,8 +19,9 @@ import warnings
 from datetime import datetime, timedelta, timezone
 from typing import TYPE_CHECKING, Any, BinaryIO, Callable, Collection, Iterable, Iterator, TypeVar
 
-from . import __version__, interrupts, passwords
+from . import interrupts, passwords
 from .argparsing import dashes_value
+from .console import version_line
 from .display import LIST_LETTERS, one_line, shown_name, warn
 from .progress import JsonProgress, Progress
 from .remotes.layer import StopRequest, stop_request
@@ -2444,7 +2445,7 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
                              "(auto), JSON lines on stderr about once a second and at the end (json), or none")
 
     p = _Parser(prog="chunkvault", description="Encrypted, deduplicating backups with full and differential snapshots.")
-    p.add_argument("--version", action="version", version=f"chunkvault {__version__}")
+    p.add_argument("--version", action="version", version=version_line())
     sub = _OnlyCommand(p.add_subparsers(dest="command", required=True, parser_class=_Parser), only)
 
     s = sub.add_parser("init", parents=[common], help="create a repository")

@@ -20,7 +20,19 @@ def _stop_now(signum: int, frame: FrameType | None) -> None:
     os._exit(128 + signum)
 
 
+def version_line() -> str:
+    from . import __version__
+
+    return f"chunkvault {__version__}"
+
+
 def main() -> int:
+    if sys.argv[1:] == ["--version"]:  # what installers and scripts ask: answered without loading the command
+        try:
+            os.write(1, f"{version_line()}\n".encode())
+            return 0
+        except OSError:
+            pass  # output closed or full: the command says so as it does for any output
     for signum in _SAID:
         if signal.getsignal(signum) is not signal.SIG_IGN:  # a hangup `nohup` ignores stays ignored
             signal.signal(signum, _stop_now)

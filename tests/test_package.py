@@ -66,6 +66,20 @@ def test_every_entry_point_runs_the_same_command(argv, tmp_path):
     assert no_repo.returncode == 2 and no_repo.stderr.startswith("chunkvault: "), no_repo.stderr
 
 
+def test_version_is_answered_without_loading_the_command(tmp_path):
+    """Installers and scripts ask it: the command's modules took a tenth of a second to say one line.
+    Output that cannot be written still gets the command's own message and exit code."""
+    asked = _run([sys.executable, "-c", "import sys; sys.argv[1:] = ['--version']; "
+                  "from chunkvault.console import main; code = main(); print('chunkvault.cli' in sys.modules, code)"],
+                 tmp_path)
+    assert asked.stdout.splitlines()[-1] == "False 0"
+    if os.path.exists("/dev/full"):
+        with open("/dev/full", "w") as full:
+            said = subprocess.run([sys.executable, "-m", "chunkvault", "--version"], stdout=full, stderr=subprocess.PIPE,
+                                  text=True)
+        assert said.returncode == 14 and "no space left on device" in said.stderr
+
+
 def test_version_is_the_distributions():
     import chunkvault
 
