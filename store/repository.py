@@ -110,14 +110,15 @@ class PreparedBlob(NamedTuple):
 
 class _LRU:
     """Plaintext blob cache bounded in bytes (delta bases, manifest pieces).  A blob put ``once`` (read ahead
-    for one reader) leaves at its first hit: a chain's manifests read ahead stayed up to the cache's size,
-    pushing out the delta bases it is for."""
+    for one reader) leaves at its first hit, or at the last of as many as readers ``expect`` it: a chain's
+    manifests read ahead stayed up to the cache's size, pushing out the delta bases it is for, and a diff's
+    two chains share theirs (one walk's hit took a blob the other had been promised)."""
 
     def __init__(self, max_bytes: int):
         self.max_bytes = max_bytes
         self.size = 0
         self.items: OrderedDict[bytes, Plaintext] = OrderedDict()
-        self.once: set[bytes] = set()
+        self.once: dict[bytes, int] = {}  # hits left before the blob leaves
         self.lock = threading.Lock()
 
     def get(self, key: bytes) -> Plaintext | None:
@@ -125,10 +126,13 @@ class _LRU:
             v = self.items.get(key)
             if v is None:
                 return None
-            if key in self.once:
-                self._pop(key)
-            else:
+            left = self.once.get(key)
+            if left is None:
                 self.items.move_to_end(key)
+            elif left > 1:
+                self.once[key] = left - 1
+            else:
+                self._pop(key)
             return v
 
     def put(self, key: bytes, value: Plaintext, *, once: bool = False) -> None:
@@ -136,13 +140,26 @@ class _LRU:
             return
         with self.lock:
             if key in self.items:
+                if once:
+                    self._promise(key)
                 return
             self.items[key] = value
             self.size += len(value)
             if once:
-                self.once.add(key)
+                self.once[key] = 1
             while self.size > self.max_bytes:
                 self._pop(next(iter(self.items)))
+
+    def expect(self, keys: Iterable[bytes]) -> list[bytes]:
+        """One more hit promised for each of ``keys`` the cache holds; the others, to be read and ``put``."""
+        with self.lock:
+            missing = []
+            for key in keys:
+                if key in self.items:
+                    self._promise(key)
+                else:
+                    missing.append(key)
+            return missing
 
     def drop(self, keys: Iterable[bytes]) -> None:
         with self.lock:
@@ -150,9 +167,13 @@ class _LRU:
                 if key in self.items:
                     self._pop(key)
 
+    def _promise(self, key: bytes) -> None:
+        if key in self.once:  # a blob kept for every reader stays so
+            self.once[key] += 1
+
     def _pop(self, key: bytes) -> None:
         self.size -= len(self.items.pop(key))
-        self.once.discard(key)
+        self.once.pop(key, None)
 
 
 #: A ranged read of a pack: its key, the range [start, end), and the (offset, length, blob id, raw length) of
@@ -1480,8 +1501,10 @@ class Repo:
         is raised at once and stops the reads not yet begun: left to the reads in order, each read queued here
         waited out the remote's retry time first, one group of readers after another, then the first read in
         order waited it again."""
-        wanted = [b for b in dict.fromkeys(blob_ids) if b not in self._cache.items]
-        if len(wanted) < 2 or self.remote.cheap_ranges:
+        if self.remote.cheap_ranges:
+            return
+        wanted = self._cache.expect(dict.fromkeys(blob_ids))
+        if len(wanted) < 2:
             return
 
         def read(blob_id: bytes) -> None:

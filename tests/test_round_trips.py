@@ -113,6 +113,19 @@ def test_the_manifests_of_a_chain_are_read_together(chain_of_twelve, within):
     assert remote.in_a_row <= 2
 
 
+def test_a_diff_reads_the_manifests_its_two_chains_share_once(chain_of_twelve):
+    """The two trees of a diff in one chain are read ahead and walked together: the first walk's hit took
+    each shared manifest blob out of the cache the other had found it in, and the other read it again,
+    one round trip after another (51 in a row for a diff in a chain of 41, where 16 will do)."""
+    remote = InARow(LocalRemote(chain_of_twelve))
+    with Repository.open(remote, PASSWORD, ledger=False) as repo:
+        chain = sorted(repo.store.snapshots(), key=lambda s: s.time)
+        changes = list(repo.diff(chain[5].id, chain[11].id))
+        assert {bytes.fromhex(s.manifest[0]) for s in chain}.isdisjoint(repo.store._cache.items)
+    assert len(changes) == 6 and remote.gets == 12  # one manifest blob each
+    assert remote.in_a_row <= 3
+
+
 class DataDown(FaultyRemote):
     """A remote whose packs stop answering once ``down`` is set; counts each read asked for (key, offset)."""
 
