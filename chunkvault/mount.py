@@ -95,10 +95,13 @@ def _fuse() -> Any:
 class _Chunks:
     """Chunk plaintexts for the mount's reads: each checked against its id and kept in the repository's
     cache; the chunk after the one a read ends in is decoded ahead on a worker thread, so a file read
-    from start to end (cp, tar, a checksum) finds each chunk ready (decoding releases the interpreter)."""
+    from start to end (cp, tar, a checksum) finds each chunk ready (decoding releases the interpreter).
+    Only while a worker is free: queued without bound, the reads ahead of random reads (several readers, a
+    backup tool's) were decoded for nothing, and a read of a chunk queued there waited for all before it."""
 
     def __init__(self, repo: Repository, workers: int = 2):
         self.store = repo.store
+        self.workers = workers
         self.pool = ThreadPoolExecutor(workers, thread_name_prefix="mount-ahead")
         self.pending: dict[bytes, Future[Any]] = {}
         self.lock = threading.Lock()
@@ -113,7 +116,7 @@ class _Chunks:
 
     def ahead(self, cid: bytes) -> None:
         with self.lock:
-            if cid in self.pending:
+            if cid in self.pending or len(self.pending) >= self.workers:  # each read ahead at once has its worker
                 return
             fut = self.pending[cid] = self.pool.submit(self._read, cid)
         fut.add_done_callback(lambda _f: self._forget(cid))

@@ -466,6 +466,40 @@ def test_a_tree_entered_by_several_readers_at_once_is_read_once(repo_with, monke
     fs.destroy("/")
 
 
+
+def test_reads_ahead_are_bounded_by_the_threads_that_make_them(repo_with, source, monkeypatch):
+    """Each read asked for the chunk after its own on two threads, with no bound: random reads (several
+    readers, a backup tool's) queued hundreds, decoded for nothing, and a read of a chunk queued there waited
+    for every one before it (from a remote that stopped answering, each for the retry time)."""
+    import threading
+
+    from chunkvault import mount
+
+    repo, _, first, _ = repo_with
+    fs = mount.SnapshotFS(repo)
+    path = f"/snapshots/{Layout(repo.snapshots()).names[first.id]}/etc/deep/big.bin"
+    fh = fs.open(path, os.O_RDONLY)
+    f = fs._files[fh]
+    release = threading.Event()
+    read = fs._chunks._read
+
+    def held_ahead(cid):
+        if threading.current_thread().name.startswith("mount-ahead"):
+            release.wait(60)
+        return read(cid)
+
+    monkeypatch.setattr(fs._chunks, "_read", held_ahead)
+    want = (source / "etc" / "deep" / "big.bin").read_bytes()
+    try:
+        for i in range(0, len(f.ids) - 1, 2):  # every other chunk, each asking for the next one ahead
+            assert fs.read(path, 100, f.starts[i], fh) == want[f.starts[i]:f.starts[i] + 100]
+        assert len(f.ids) > 8 and len(fs._chunks.pending) <= 2
+    finally:
+        release.set()
+    assert fs.read(path, 100, f.starts[1], fh) == want[f.starts[1]:f.starts[1] + 100]
+    fs.destroy("/")
+
+
 # --- a real mount ----------------------------------------------------------------------------------
 
 needs_fuse = pytest.mark.skipif(not os.path.exists("/dev/fuse") or not shutil.which("fusermount3") and not
