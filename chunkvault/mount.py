@@ -30,6 +30,7 @@ from .display import shown_name, warn
 from .errors import ChunkvaultError, MountFailed, RemoteUnavailable, UsageError
 from .mountview import InSnapshot, Layout, Link, Node, SnapshotTree, VirtualDir
 from .repository import Repository
+from .store.chain import meets
 from .store.manifest import T_BLOCKDEV, T_CHARDEV, T_DIR, T_FIFO, T_FILE, T_HARDLINK, T_SYMLINK, Entry, unread
 from .store.owners import OwnerMap
 from .store.snapshot import Snapshot
@@ -215,6 +216,7 @@ class SnapshotFS:
             self.repo.store.drop_stale()
             layout = Layout(self.repo.snapshots(), self._given)
             self._given.update(layout.names)
+            self._drop_changed(self._layout.snapshots, layout.snapshots)
         except ChunkvaultError as exc:
             # The snapshots listed before still show (the mount's lock keeps their data), listed again a
             # refresh later: a failed listing failed every lookup with EINVAL, each waiting out the retries.
@@ -224,6 +226,21 @@ class SnapshotFS:
                 self._listing = None
                 self._layout, self._listed = layout, time.monotonic()
             listed.set()
+
+    def _drop_changed(self, before: list[Snapshot], now: list[Snapshot]) -> None:
+        """Forget the trees and owners kept of the snapshots whose manifest changed since the last listing, and
+        of the differentials built on them: a rewrite or a repair keeps a snapshot's id, and its tree, kept by
+        id, showed the paths it removed until an unmount (their bytes readable until a prune, to a mount
+        reading without a lock)."""
+        old = {s.id: (s.manifest, s.parent) for s in before}
+        changed = {s.id for s in now if old.get(s.id, (s.manifest, s.parent)) != (s.manifest, s.parent)}
+        if not changed:
+            return
+        stale = meets({s.id: s.parent for s in now}, changed)
+        with self._lock:
+            for kept in (self._trees, self._owner_maps):
+                for sid in [sid for sid in kept if stale.get(sid)]:
+                    del kept[sid]
 
     def _tree(self, snap: Snapshot) -> SnapshotTree:
         with self._lock:

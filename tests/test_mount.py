@@ -280,6 +280,32 @@ def test_a_snapshot_another_command_made_reads_after_the_refresh(repo_with, sour
 
 
 
+
+def test_a_snapshot_rewritten_meanwhile_shows_its_new_tree_after_the_refresh(repo_with, tmp_path):
+    """A rewrite keeps the snapshot's id: its tree, kept by id, showed a path the rewrite removed (a secret
+    backed up by mistake) until an unmount, its bytes readable until a prune, to a mount that reads without
+    a lock (a read-only token).  Its differentials lose the path too."""
+    from chunkvault import Repository
+    from chunkvault.mount import SnapshotFS
+
+    _, url, first, second = repo_with
+    copy = tmp_path / "repo"
+    shutil.copytree(url, copy)
+    repo = Repository.open(str(copy), PASSWORD)
+    fs = SnapshotFS(repo, refresh=0.0)
+    names = Layout(repo.snapshots()).names
+    roots = [f"/snapshots/{names[s.id]}" for s in (first, second)]
+    assert all("empty" in listing(fs, root) for root in roots)
+    with Repository.open(str(copy), PASSWORD) as other:
+        other.rewrite(["empty"], [first.id], dry_run=False)
+    for root in roots:
+        assert "empty" not in listing(fs, root) and "etc" in listing(fs, root)
+        with pytest.raises(OSError) as info:
+            fs.getattr(f"{root}/empty")
+        assert info.value.errno == errno.ENOENT
+    fs.destroy("/")
+
+
 def test_owners_that_could_not_be_read_are_asked_again(repo_with, monkeypatch, capsys):
     """A snapshot's owners that the remote did not deliver (it stopped answering) were kept as none, so its
     files showed their recorded ids until an unmount: they are asked again once the remote may answer."""
