@@ -135,6 +135,14 @@ class _LRU:
                 self._pop(key)
             return v
 
+    def peek(self, key: bytes) -> Plaintext | None:
+        """The blob without taking a hit promised to a reader (a delta's base looked up on the way)."""
+        with self.lock:
+            v = self.items.get(key)
+            if v is not None and key not in self.once:
+                self.items.move_to_end(key)
+            return v
+
     def put(self, key: bytes, value: Plaintext, *, once: bool = False) -> None:
         if len(value) > self.max_bytes:
             return
@@ -809,7 +817,7 @@ class Repo:
         """(plaintext, delta depth) of a blob already decoded in this call or cached."""
         plain = memo.get(blob_id)
         if plain is None:
-            plain = self._cache.get(blob_id)
+            plain = self._cache.peek(blob_id)
         return None if plain is None else (plain, self.delta_depth(blob_id))
 
     def _walk_chain(self, blob_id: bytes, envs: dict[bytes, tuple[bytes, int]],
