@@ -360,11 +360,11 @@ class Repo:
             if self.key_name not in names:
                 raise UsageError("the key this repository was opened with is gone (another command removed it): "
                                  "nothing removed")
-            matches = [k for k in names + list(damaged) if k.startswith(name)]
+            matches = _keys_named(name, names + list(damaged))
             if not matches:
                 raise UsageError(f"no key {name!r} (`key list` shows them)")
             if len(matches) > 1:
-                raise UsageError(f"key {name!r} is ambiguous: {', '.join(sorted(k[:12] for k in matches))}")
+                raise UsageError(f"key {name!r} is ambiguous: {', '.join(_distinct_prefixes(matches))}")
             if matches[0] == self.key_name:
                 raise UsageError("refusing to remove the key this repository was opened with (use another password)")
             if not [k for k in names if k != matches[0]]:
@@ -2119,3 +2119,15 @@ class CountingWriter(BlobWriter):
 
     def close(self) -> None:
         pass
+
+
+def _keys_named(name: str, keys: list[str]) -> list[str]:
+    """The keys ``name`` names: the one it is in full, else those it begins.  A name another begins with (a
+    copy kept beside a key file, ``ID.bak``) made the full id ambiguous, and that key impossible to name."""
+    return [name] if name in keys else [k for k in keys if k.startswith(name)]
+
+
+def _distinct_prefixes(keys: list[str]) -> list[str]:
+    """``keys`` sorted, each by its first 12 characters where those tell it from the others, else in full."""
+    short = Counter(k[:12] for k in keys)
+    return [k[:12] if short[k[:12]] == 1 else k for k in sorted(keys)]

@@ -838,6 +838,21 @@ def test_a_refused_password_change_leaves_no_generated_secret_and_removals_name_
     assert out == {"removed": ids[1]}
 
 
+def test_a_key_named_in_full_is_removed_though_another_name_starts_with_it(tmp_path, new_repo, cli):
+    """A copy of a key file kept beside it (``keys/ID.bak``) made ``key remove ID``, the full id, ambiguous, and
+    the refusal named both by the same twelve characters: neither could be named at all."""
+    repo = new_repo(str(tmp_path / "repo"))
+    r = str(tmp_path / "repo")
+    other = repo.add_key("other password", kdf_seconds=0)
+    keys = tmp_path / "repo" / "keys"
+    (keys / f"{other}.bak").write_bytes((keys / other).read_bytes())
+    err = cli("key", "remove", "-r", r, other[:12], check=2).stderr.decode()
+    assert f"is ambiguous: {other}, {other}.bak" in err
+    assert json.loads(cli("key", "remove", "-r", r, other, "--json").stdout) == {"removed": other}
+    assert sorted(p.name for p in keys.iterdir()) == sorted([repo.store.key_name, f"{other}.bak"])
+    assert json.loads(cli("key", "remove", "-r", r, f"{other}.bak", "--json").stdout) == {"removed": f"{other}.bak"}
+
+
 def test_two_password_changes_at_once_tell_the_loser_what_opens_the_repository(tmp_path, new_repo, password):
     """Both opened with one key and each replaced it: the second found it gone, but said "no unique key"
     and "the password is unchanged", while the old password opened nothing any more."""
