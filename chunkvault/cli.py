@@ -2116,7 +2116,9 @@ def _key_export(args: argparse.Namespace, data: bytes) -> None:
     try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         try:
-            os.write(fd, data)
+            view = memoryview(data)
+            while view:  # a write of part of it (a file size limit, a disk filling) is no error: the next one is
+                view = view[os.write(fd, view):]
             os.fsync(fd)
         finally:
             os.close(fd)

@@ -262,6 +262,19 @@ def test_cli_export_to_a_file_or_standard_output_and_import_from_either(backed_u
     assert restores_exactly(path, src, tmp_path)
 
 
+def test_a_key_export_cut_short_by_its_file_system_is_a_failure_and_leaves_no_file(backed_up, tmp_path, cli):
+    """A write of part of the export (a file size limit, a disk filling as it is written) was taken as all of
+    it: the truncated file was renamed into place and reported exported, exit 0, an export that opens nothing."""
+    path, _, _ = backed_up
+    kit = tmp_path / "kit.json"
+    r = cli("key", "export", "-r", str(path), str(kit), password="pw", wrap=("prlimit", "--fsize=300"), check=14)
+    err = r.stderr.decode().strip()
+    assert len(err.splitlines()) == 1 and f"writing the key export {kit}" in err, err
+    assert not kit.exists() and [p.name for p in tmp_path.iterdir() if p.name.startswith(".kit")] == []
+    cli("key", "export", "-r", str(path), str(kit), password="pw")
+    assert KeyExport.decode(kit.read_bytes(), "kit").repo_id
+
+
 def test_import_over_the_backup_service(tmp_path, http_server, monkeypatch):
     monkeypatch.setenv("CHUNKVAULT_CACHE_DIR", str(tmp_path / "cache"))
     src = tmp_path / "src"
