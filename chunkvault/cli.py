@@ -2087,7 +2087,8 @@ def cmd_key(args: argparse.Namespace) -> int:
                     f"{k['created'][:19]}  {k['user']}@{k['host']}")))
     elif args.key_cmd == "add":
         name = _with_new_key(args, True, lambda password: repo.add_key(password, kdf_seconds=args.kdf_time))
-        _report_key(args, {"id": name}, f"added key {name[:12]}")
+        _report_key(args, {"id": name}, f"added key {name[:12]}" if repo.store.key_found is None else
+                    f"key {name[:12]} opens with this password already: nothing added (`key passwd` changes it)")
     elif args.key_cmd == "remove":
         removed = repo.remove_key(args.key_id, wait=args.wait)
         _report_key(args, {"removed": removed}, f"removed key {removed[:12]}")

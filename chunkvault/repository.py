@@ -2256,7 +2256,8 @@ class Repository:
 
     @_stoppable
     def add_key(self, password: str | bytes, *, kdf_seconds: float = 0.5) -> str:
-        """A new key file for ``password``; a ``chunkvault.new_secret()`` gets one that opens without stretching."""
+        """A new key file for ``password``; a ``chunkvault.new_secret()`` gets one that opens without stretching.
+        Where a key opens with ``password`` already, its id, and none is added."""
         check_kdf_seconds(kdf_seconds)
         return self._repo.add_key(_password(password), kdf_seconds=kdf_seconds)
 

@@ -216,6 +216,7 @@ class Repo:
         self.config = config
         self.key_name = key_name
         self.key_left: str | None = None  # a key a failed password change stored and did not take back
+        self.key_found: str | None = None  # the key `add_key` found its password opens already, adding none
         self.sealer = Sealer(material.enc_key)
         self.blob_id = BlobHasher(material.id_key)
         self.chunker_params = ChunkerParams.from_dict(config.settings.chunker)
@@ -336,6 +337,13 @@ class Repo:
         return sorted(out, key=lambda k: (k.created, k.name)), damaged
 
     def add_key(self, password: bytes, *, kdf_seconds: float = 0.5, kdf_log_n: int | None = None) -> str:
+        """A key file for ``password``; where a key opens with it already, that key's id, none added (``key_found``
+        says so): a second key for one password outlived a `key passwd` of it, which replaces the key it opened
+        with, so the old password still opened.  Run again after a crash, it finds the key the first run added."""
+        readable, _ = self.list_keys()
+        self.key_found = self._key_opened_by(readable, password)
+        if self.key_found is not None:
+            return self.key_found
         name, data = self._key_file(password, kdf_seconds, kdf_log_n)
         self.remote.put(f"keys/{name}", data, if_absent=True)
         return name
@@ -428,8 +436,13 @@ class Repo:
         to the same password left when it was stopped between storing the new key and removing the old one.
         Run again, the change keeps that key rather than adding a second one for the same password."""
         created = next(k.created for k in keys if k.name == old)
+        return self._key_opened_by([k for k in keys if k.name != old and k.created >= created], password)
+
+    def _key_opened_by(self, keys: list[KeyFile], password: bytes) -> str | None:
+        """The first of ``keys`` that ``password`` opens to this repository's key (one derivation a key tried;
+        a key asking for more than chunkvault writes is not tried)."""
         for kf in keys:
-            if kf.name == old or kf.created < created or kf.cost_problem() is not None:
+            if kf.cost_problem() is not None:
                 continue
             try:
                 material = kf.unwrap(password_for(kf, password), self.config.repo_id)

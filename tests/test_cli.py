@@ -853,6 +853,26 @@ def test_a_key_named_in_full_is_removed_though_another_name_starts_with_it(tmp_p
     assert json.loads(cli("key", "remove", "-r", r, f"{other}.bak", "--json").stdout) == {"removed": f"{other}.bak"}
 
 
+def test_no_second_key_is_added_for_one_password_so_a_password_change_retires_it(tmp_path, new_repo, cli):
+    """`key add` made a second key for a password a key had already: `key passwd` with that password replaced the
+    key it opened with and said the password was changed, while the other key still opened with the old one."""
+    repo = new_repo(str(tmp_path / "repo"))
+    r = str(tmp_path / "repo")
+    (tmp_path / "other").write_text("other password\n")
+    (tmp_path / "new").write_text("new password\n")
+    add = ("key", "add", "-r", r, "--new-password-file", str(tmp_path / "other"), "--kdf-time", "0")
+    other = json.loads(cli(*add, "--json").stdout)["id"]
+    out = cli(*add).stdout.decode().strip()
+    assert out == f"key {other[:12]} opens with this password already: nothing added (`key passwd` changes it)"
+    assert json.loads(cli(*add, "--json", env={"CHUNKVAULT_PASSWORD": "other password"}).stdout) == {"id": other}
+    assert len(repo.keys()) == 2
+    cli("key", "passwd", "-r", r, "--new-password-file", str(tmp_path / "new"), "--kdf-time", "0",
+        env={"CHUNKVAULT_PASSWORD": "other password"})
+    assert b"wrong password" in cli("snapshots", "-r", r, env={"CHUNKVAULT_PASSWORD": "other password"},
+                                    check=11).stderr
+    cli("snapshots", "-r", r, env={"CHUNKVAULT_PASSWORD": "new password"})
+
+
 def test_two_password_changes_at_once_tell_the_loser_what_opens_the_repository(tmp_path, new_repo, password):
     """Both opened with one key and each replaced it: the second found it gone, but said "no unique key"
     and "the password is unchanged", while the old password opened nothing any more."""
