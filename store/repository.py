@@ -413,7 +413,7 @@ class Repo:
         if old not in [k.name for k in keys]:
             raise UsageError("the key this repository was opened with is gone (another command replaced it): "
                              "nothing changed; use the password that command set")
-        left = self._key_left_by_a_stopped_change(keys, old, password)
+        left = self._key_opened_by([k for k in keys if k.name != old], password)
         if left is not None:
             lock.ensure_held()
             self.remote.delete(f"keys/{old}")
@@ -431,16 +431,12 @@ class Repo:
             raise exc.explained(f"; {left}") from None
         return new
 
-    def _key_left_by_a_stopped_change(self, keys: list[KeyFile], old: str, password: bytes) -> str | None:
-        """A key newer than ``old`` that ``password`` already opens to this repository's keys: what a change
-        to the same password left when it was stopped between storing the new key and removing the old one.
-        Run again, the change keeps that key rather than adding a second one for the same password."""
-        created = next(k.created for k in keys if k.name == old)
-        return self._key_opened_by([k for k in keys if k.name != old and k.created >= created], password)
-
     def _key_opened_by(self, keys: list[KeyFile], password: bytes) -> str | None:
         """The first of ``keys`` that ``password`` opens to this repository's key (one derivation a key tried;
-        a key asking for more than chunkvault writes is not tried)."""
+        a key asking for more than chunkvault writes is not tried).  A password change to a password a key has
+        already keeps that key and removes the old, adding none: what a change stopped between storing the new
+        key and removing the old one left, or an older key, which a second key for its password would outlive
+        the next change of it."""
         for kf in keys:
             if kf.cost_problem() is not None:
                 continue

@@ -873,6 +873,23 @@ def test_no_second_key_is_added_for_one_password_so_a_password_change_retires_it
     cli("snapshots", "-r", r, env={"CHUNKVAULT_PASSWORD": "new password"})
 
 
+def test_a_password_changed_to_one_an_older_key_has_keeps_that_key_and_adds_none(tmp_path, new_repo, password):
+    """A change to the password of a key older than the one changed added a second key for it (only a newer key,
+    what a stopped change leaves, was looked for): a change of that password later left the other opening."""
+    from chunkvault import Repository
+
+    repo = new_repo(str(tmp_path / "repo"))
+    first = repo.store.key_name
+    repo.add_key("second", kdf_seconds=0)
+    with Repository.open(str(tmp_path / "repo"), "second") as other:
+        assert other.change_password(password, kdf_seconds=0)[0] == first
+    assert [k["id"] for k in repo.keys()] == [first]
+    with Repository.open(str(tmp_path / "repo"), password) as again:
+        again.change_password("third", kdf_seconds=0)
+    with pytest.raises(WrongPassword):
+        Repository.open(str(tmp_path / "repo"), password)
+
+
 def test_two_password_changes_at_once_tell_the_loser_what_opens_the_repository(tmp_path, new_repo, password):
     """Both opened with one key and each replaced it: the second found it gone, but said "no unique key"
     and "the password is unchanged", while the old password opened nothing any more."""
