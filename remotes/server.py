@@ -1270,7 +1270,7 @@ class Handler(BaseHTTPRequestHandler):
             # Refused before anything else the command would store; and such a lock may take the disk's
             # reserve, kept for the forget or prune that frees a full disk.
             return self._fail(403, f"{self._append_only()}: an exclusive lock is for forget, prune, aggregate, tag, "
-                                   "rewrite, the repairs, archive-expire, config set and key passwd and remove, "
+                                   "rewrite, the repairs, archive-expire, config set and key passwd, remove and import, "
                                    "which change or delete what is stored")
         length = self._unread
         limit = self.server.settings.max_object_size

@@ -13,7 +13,7 @@ from chunkvault.errors import (ChunkvaultError, CorruptObject, RepositoryNotFoun
                                WrongPassword)
 from chunkvault.store.config import FORMAT_VERSION
 from chunkvault.store.keyexport import EXPORT_MAGIC, KeyExport
-from servers_http import FULL_TOKEN, http_server, serve_factory  # noqa: F401
+from servers_http import APPEND_TOKEN, FULL_TOKEN, http_server, serve_factory  # noqa: F401
 from treeutil import describe
 
 PASSWORD = b"pw"
@@ -286,6 +286,9 @@ def test_import_over_the_backup_service(tmp_path, http_server, monkeypatch):
     for key in (http_server.path / "keys").iterdir():
         key.write_bytes(b"garbage")
     (http_server.path / "config").unlink()
+    with pytest.raises(ChunkvaultError, match="exclusive lock is for .*key passwd, remove and import") as refused:
+        Repository.import_key(http_server.url, kit, PASSWORD, token=APPEND_TOKEN)  # it takes the exclusive lock
+    assert refused.value.exit_code == 14 and not (http_server.path / "config").exists()
     result = Repository.import_key(http_server.url, kit, PASSWORD, token=FULL_TOKEN)
     assert sorted(result.restored) == ["config", f"keys/{result.key}"]
     with Repository.open(http_server.url, PASSWORD, token=FULL_TOKEN) as repo:
