@@ -12,9 +12,13 @@ import argparse
 import os
 import sys
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from .errors import UsageError, process_end
 from .localfiles import capped, read_capped
+
+if TYPE_CHECKING:
+    import subprocess
 
 
 @dataclass(frozen=True)
@@ -140,7 +144,7 @@ def run_password_command(command: str, cwd: str | None = None) -> bytes:
     with proc:
         assert proc.stdout is not None
         try:
-            output = proc.stdout.read(PASSWORD_FILE_LIMIT + 1)  # as a password file's: `yes` filled memory
+            output = _output_until_exit(proc, PASSWORD_FILE_LIMIT + 1)  # as a password file's: `yes` filled memory
         except BaseException:  # a stop: not left running, as subprocess.run leaves none
             proc.kill()
             raise
@@ -152,6 +156,29 @@ def run_password_command(command: str, cwd: str | None = None) -> bytes:
     if returncode != 0:
         raise UsageError(f"password command `{command}` {process_end(returncode)}")
     return output.rstrip(b"\r\n")
+
+
+def _output_until_exit(proc: "subprocess.Popen[bytes]", limit: int) -> bytes:
+    """What ``proc`` writes to its standard output until it exits (or ``limit`` bytes), and what it left in the
+    pipe.  Not until the pipe's end: a process it started that keeps the pipe (an agent it launches, ``cmd &``)
+    held the password back until that process ended too."""
+    import select
+
+    assert proc.stdout is not None
+    fd = proc.stdout.fileno()
+    os.set_blocking(fd, False)
+    output = bytearray()
+    while len(output) < limit:
+        ended = proc.poll() is not None  # before the look: what it wrote before it ended is in the pipe by then
+        if not select.select([fd], [], [], 0 if ended else 0.1)[0]:
+            if ended:
+                break
+            continue
+        piece = os.read(fd, limit - len(output))
+        if not piece:
+            break
+        output += piece
+    return bytes(output)
 
 
 def prompt(text: str, confirm: bool) -> bytes:

@@ -140,6 +140,27 @@ def test_a_command_that_prints_without_end_is_refused_past_the_limit_of_a_passwo
         assert str(e.value) == f"password command `{command}` printed more than 1 MiB: no password"
 
 
+def test_a_command_that_leaves_a_child_holding_its_output_gives_its_password_when_it_ends(env, tmp_path):
+    """A command that starts a process which keeps its standard output (an agent it launches, ``cmd &``) made the
+    command wait for that process to end too, the password printed long before."""
+    import threading
+
+    release = tmp_path / "release"
+    os.mkfifo(release)
+    command = f"sh -c 'echo from-command; cat {shlex.quote(str(release))} &'"  # cat waits for the fifo
+    got: list[bytes] = []
+    thread = threading.Thread(target=lambda: got.append(passwords.REPOSITORY.given(args(password_command=command))),
+                              daemon=True)
+    thread.start()
+    thread.join(60)
+    try:
+        assert got == [b"from-command"]
+    finally:
+        with open(release, "w"):  # the child ends
+            pass
+        thread.join()
+
+
 def test_a_command_killed_by_a_signal_says_so(env):
     with pytest.raises(UsageError, match=r"was killed by signal 9 \(SIGKILL\)"):
         passwords.REPOSITORY.given(args(password_command="sh -c 'kill -9 $$'"))
