@@ -413,6 +413,10 @@ class Repo:
         if old not in [k.name for k in keys]:
             raise UsageError("the key this repository was opened with is gone (another command replaced it): "
                              "nothing changed; use the password that command set")
+        try:  # the old key's deletion denied once the new one is stored: both would open, and the new be left
+            self.require_deletes(f"keys/{'0' * 32}", "key passwd")
+        except ChunkvaultError as exc:
+            raise exc.explained("; the password is unchanged") from None
         left = self._key_opened_by([k for k in keys if k.name != old], password)
         if left is not None:
             lock.ensure_held()

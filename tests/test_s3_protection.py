@@ -166,6 +166,27 @@ def test_a_backup_that_may_not_delete_its_lock_says_who_holds_the_repository(run
     assert len(mine) == 1 and mine[0]["released"] is True
 
 
+def test_a_password_change_that_may_not_delete_the_old_key_is_refused_before_it_adds_one(run, cli, moto_s3,
+                                                                                     s3_bucket_factory, tmp_path):
+    """It stored the new key, was denied the old one's deletion and its own key's taking back, and said the old
+    password "may no longer open", exit 14: both passwords opened, and each try added one more key."""
+    client = moto_s3.client()
+    bucket = s3_bucket_factory()
+    run(bucket, "init")
+    keys = lambda: sorted(o["Key"] for o in client.list_objects_v2(  # noqa: E731
+        Bucket=bucket.name, Prefix=f"{bucket.prefix}/keys/").get("Contents", []))
+    before = keys()
+    _deny_delete(client, bucket, ("keys/",))
+    (tmp_path / "new").write_text("new password\n")
+    for _ in range(2):
+        err = cli("key", "passwd", "-r", bucket.url, "--new-password-file", str(tmp_path / "new"), "--kdf-time",
+                  "0", env={**bucket.env, "CHUNKVAULT_RETRY_TIME": "0"}, check=14).stderr.decode()
+        assert len(err.splitlines()) == 1 and "key passwd deletes objects" in err, err
+        assert err.rstrip().endswith("the password is unchanged") and keys() == before
+    run(bucket, "snapshots")
+    run(bucket, "snapshots", env={"CHUNKVAULT_PASSWORD": "new password"}, check=11)
+
+
 @pytest.mark.slow
 def test_credentials_that_may_delete_only_locks(run, moto_s3, s3_bucket_factory, source, tmp_path):
     """The setup to recommend: deleting allowed under locks/ only; nothing is left behind, and what deletes
