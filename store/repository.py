@@ -19,11 +19,13 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, NamedTuple,
 
 from chunkvault.chunker import Chunker, ChunkerParams
 from chunkvault.errors import (
+    AmbiguousId,
     ChunkvaultError,
     CorruptObject,
     LockLost,
     MissingObject,
     NewerObject,
+    NoSuchObject,
     ObjectExists,
     ObjectNotFound,
     PermissionDenied,
@@ -370,9 +372,9 @@ class Repo:
                                  "nothing removed")
             matches = _keys_named(name, names + list(damaged))
             if not matches:
-                raise UsageError(f"no key {name!r} (`key list` shows them)")
+                raise NoSuchObject(f"no key {name!r} (`key list` shows them)")
             if len(matches) > 1:
-                raise UsageError(f"key {name!r} is ambiguous: {', '.join(_distinct_prefixes(matches))}")
+                raise AmbiguousId(f"key {name!r} is ambiguous: {', '.join(_distinct_prefixes(matches))}")
             if matches[0] == self.key_name:
                 raise UsageError("refusing to remove the key this repository was opened with (use another password)")
             if not [k for k in names if k != matches[0]]:

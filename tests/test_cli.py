@@ -831,9 +831,9 @@ def test_a_refused_password_change_leaves_no_generated_secret_and_removals_name_
     ids = [repo.add_key(f"pw {i}", kdf_seconds=0) for i in range(16)]  # 17 keys: two share a first digit
     first = Counter(k[0] for k in ids + [repo.store.key_name]).most_common(1)[0][0]
     shared = [k for k in ids + [repo.store.key_name] if k[0] == first]
-    err = cli("key", "remove", "-r", r, first, check=2).stderr.decode()
+    err = cli("key", "remove", "-r", r, first, check=12).stderr.decode()
     assert f"key '{first}' is ambiguous: " in err and all(k[:12] in err for k in shared)
-    assert b"no key 'zz'" in cli("key", "remove", "-r", r, "zz", check=2).stderr
+    assert b"no key 'zz'" in cli("key", "remove", "-r", r, "zz", check=12).stderr  # as an unknown snapshot
     out = json.loads(cli("key", "remove", "-r", r, ids[1][:6], "--json").stdout)
     assert out == {"removed": ids[1]}
 
@@ -846,7 +846,7 @@ def test_a_key_named_in_full_is_removed_though_another_name_starts_with_it(tmp_p
     other = repo.add_key("other password", kdf_seconds=0)
     keys = tmp_path / "repo" / "keys"
     (keys / f"{other}.bak").write_bytes((keys / other).read_bytes())
-    err = cli("key", "remove", "-r", r, other[:12], check=2).stderr.decode()
+    err = cli("key", "remove", "-r", r, other[:12], check=12).stderr.decode()
     assert f"is ambiguous: {other}, {other}.bak" in err
     assert json.loads(cli("key", "remove", "-r", r, other, "--json").stdout) == {"removed": other}
     assert sorted(p.name for p in keys.iterdir()) == sorted([repo.store.key_name, f"{other}.bak"])
