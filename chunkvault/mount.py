@@ -185,6 +185,7 @@ class SnapshotFS:
         self._listed = time.monotonic()
         self._trees: OrderedDict[str, SnapshotTree] = OrderedDict()
         self._building: dict[str, Future[SnapshotTree]] = {}  # snapshot id -> its tree, being read (``_tree``)
+        self._trees_dropped = 0  # how many listings have dropped kept trees (``_drop_changed``)
         self._files: dict[int, _File] = {}
         self._chunks = _Chunks(repo)
         self._ended = threading.Event()  # unmounted
@@ -216,7 +217,6 @@ class SnapshotFS:
             self.repo.store.drop_stale()
             layout = Layout(self.repo.snapshots(), self._given)
             self._given.update(layout.names)
-            self._drop_changed(self._layout.snapshots, layout.snapshots)
         except ChunkvaultError as exc:
             # The snapshots listed before still show (the mount's lock keeps their data), listed again a
             # refresh later: a failed listing failed every lookup with EINVAL, each waiting out the retries.
@@ -224,6 +224,7 @@ class SnapshotFS:
         finally:
             with self._lock:
                 self._listing = None
+                self._drop_changed(self._layout.snapshots, layout.snapshots)  # with the layout: none in between
                 self._layout, self._listed = layout, time.monotonic()
             listed.set()
 
@@ -231,16 +232,16 @@ class SnapshotFS:
         """Forget the trees and owners kept of the snapshots whose manifest changed since the last listing, and
         of the differentials built on them: a rewrite or a repair keeps a snapshot's id, and its tree, kept by
         id, showed the paths it removed until an unmount (their bytes readable until a prune, to a mount
-        reading without a lock)."""
+        reading without a lock).  Called holding the lock; a tree being read meanwhile is not kept (``_tree``)."""
         old = {s.id: (s.manifest, s.parent) for s in before}
         changed = {s.id for s in now if old.get(s.id, (s.manifest, s.parent)) != (s.manifest, s.parent)}
         if not changed:
             return
         stale = meets({s.id: s.parent for s in now}, changed)
-        with self._lock:
-            for kept in (self._trees, self._owner_maps):
-                for sid in [sid for sid in kept if stale.get(sid)]:
-                    del kept[sid]
+        self._trees_dropped += 1
+        for kept in (self._trees, self._owner_maps):
+            for sid in [sid for sid in kept if stale.get(sid)]:
+                del kept[sid]
 
     def _tree(self, snap: Snapshot) -> SnapshotTree:
         with self._lock:
@@ -251,6 +252,7 @@ class SnapshotFS:
             # One thread reads it, the others entering it meanwhile wait for that one: each read its own copy
             # (a snapshot of a million files entered by several readers at once, as many times 200 MB).
             building = self._building.get(snap.id)
+            dropped = self._trees_dropped
             if building is None:
                 building = self._building[snap.id] = Future()
                 mine = True
@@ -267,7 +269,12 @@ class SnapshotFS:
             raise
         with self._lock:
             del self._building[snap.id]
-            self._trees[snap.id] = tree
+            # Not kept if a listing found a manifest in its chain changed while it was read, or the snapshot
+            # as listed now has another manifest than the one it was read from (found in the listing before):
+            # kept by id, the old tree showed what a rewrite removed until an unmount.
+            shown = self._layout.by_name.get(self._layout.names.get(snap.id, ""))
+            if dropped == self._trees_dropped and (shown is None or shown.manifest == snap.manifest):
+                self._trees[snap.id] = tree
             while len(self._trees) > 1 and (len(self._trees) > TREES_KEPT or sum(
                     t.nbytes for t in self._trees.values()) > TREE_BYTES_KEPT):
                 self._trees.popitem(last=False)

@@ -306,6 +306,36 @@ def test_a_snapshot_rewritten_meanwhile_shows_its_new_tree_after_the_refresh(rep
     fs.destroy("/")
 
 
+def test_a_tree_read_while_the_listing_finds_its_snapshot_rewritten_is_not_kept(repo_with, tmp_path, monkeypatch):
+    """The listing that finds a snapshot rewritten forgets the tree kept of it; one being read from the old
+    manifest meanwhile was kept once read, after that, and showed the removed path until an unmount."""
+    import threading
+
+    from chunkvault import Repository
+    from chunkvault.mount import SnapshotFS
+
+    _, url, first, _ = repo_with
+    copy = tmp_path / "repo"
+    shutil.copytree(url, copy)
+    repo = Repository.open(str(copy), PASSWORD)
+    fs = SnapshotFS(repo, refresh=3600.0)
+    root = f"/snapshots/{Layout(repo.snapshots()).names[first.id]}"
+    read_tree = repo.tree
+
+    def listed_meanwhile(snap, *args, **kwargs):
+        records = list(read_tree(snap, *args, **kwargs))  # the old manifest, read
+        monkeypatch.setattr(repo, "tree", read_tree)
+        with Repository.open(str(copy), PASSWORD) as other:
+            other.rewrite(["empty"], [first.id], dry_run=False)
+        fs._list_again(threading.Event())  # the refresh, while this tree is being built
+        return iter(records)
+
+    monkeypatch.setattr(repo, "tree", listed_meanwhile)
+    assert "empty" in [name for name, _, _ in fs.readdir(root)]  # as the operation found it, begun before
+    assert "empty" not in listing(fs, root) and "etc" in listing(fs, root)
+    fs.destroy("/")
+
+
 def test_owners_that_could_not_be_read_are_asked_again(repo_with, monkeypatch, capsys):
     """A snapshot's owners that the remote did not deliver (it stopped answering) were kept as none, so its
     files showed their recorded ids until an unmount: they are asked again once the remote may answer."""
