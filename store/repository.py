@@ -171,6 +171,17 @@ class _LRU:
                     missing.append(key)
             return missing
 
+    def forgo(self, keys: Iterable[bytes]) -> None:
+        """One hit promised for each of ``keys`` taken back (the walk it was promised to failed): kept, each
+        later walk's promise and hit left it counting that one, and it stayed in the cache for good."""
+        with self.lock:
+            for key in keys:
+                left = self.once.get(key)
+                if left is not None and left > 1:
+                    self.once[key] = left - 1
+                elif left is not None:
+                    self._pop(key)
+
     def drop(self, keys: Iterable[bytes]) -> None:
         with self.lock:
             for key in keys:
@@ -1526,17 +1537,26 @@ class Repo:
         order waited it again."""
         if self.remote.cheap_ranges:
             return
-        wanted = self._cache.expect(dict.fromkeys(blob_ids))
+        keys = list(dict.fromkeys(blob_ids))
+        wanted = self._cache.expect(keys)
         if len(wanted) < 2:
             return
+        missing = set(wanted)
+        promised = [k for k in keys if k not in missing]
+        put: list[bytes] = []
 
         def read(blob_id: bytes) -> None:
             with contextlib.suppress(CorruptObject):  # damage: named by the reads in order
                 self._cache.put(blob_id, self.read_blob(blob_id), once=True)
+                put.append(blob_id)
 
         workers = min(OBJECT_READERS, len(wanted))
-        for _ in parallel_map(read, wanted, workers=workers, max_in_flight=workers):
-            pass
+        try:
+            for _ in parallel_map(read, wanted, workers=workers, max_in_flight=workers):
+                pass
+        except BaseException:  # the walk these were for fails with it: none of their hits will come
+            self._cache.forgo([*promised, *put])
+            raise
 
     def _prefetch(self, ids: list[bytes], window: int = 4) -> Iterator[bytes]:
         """Blobs in order, fetched a few ahead in parallel."""

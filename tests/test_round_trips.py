@@ -155,6 +155,34 @@ def test_the_manifests_read_ahead_give_up_with_the_remote(chain_of_twelve):
     assert remote.asked and max(remote.asked.values()) == 1
 
 
+def test_the_manifests_read_ahead_for_a_walk_that_failed_leave_the_cache_once_read(chain_of_twelve):
+    """A read-ahead stopped by the remote (out of reach) left the blobs it had read, and those it had been
+    promised, counting a hit of the walk that failed: every later walk was promised one more and took one,
+    so they stayed in the cache for good (up to its size, pushing out the delta bases it is for)."""
+    remote = DataDown(LocalRemote(chain_of_twelve))
+    with Repository.open(remote, PASSWORD, ledger=False) as repo:
+        cache = repo.store._cache
+        chain = repo.store.snapshots()
+        assert not remote.cheap_ranges and len(chain) == 12
+        cache.items.clear()
+        reads = remote.get
+
+        def down_after_five(key, start=None, length=None):
+            remote.data_down = remote.data_down or key.startswith("data/") and remote.asked.total() >= 5
+            if key.startswith("data/") and not remote.data_down:
+                remote.asked[(key, start)] += 1
+            return reads(key, start, length)
+
+        remote.get = down_after_five
+        with pytest.raises(RemoteUnavailable):
+            list(repo.tree("latest"))
+        assert remote.asked.total() >= 5  # read before the remote stopped answering
+        remote.data_down = False
+        remote.get = reads
+        assert len(list(repo.tree("latest"))) == 51
+        assert {bytes.fromhex(s.manifest[0]) for s in chain}.isdisjoint(cache.items)
+
+
 class Counted(InARow):
     """``InARow`` for snapshot objects too, counted apart."""
 
