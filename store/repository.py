@@ -128,13 +128,10 @@ class _LRU:
             v = self.items.get(key)
             if v is None:
                 return None
-            left = self.once.get(key)
-            if left is None:
-                self.items.move_to_end(key)
-            elif left > 1:
-                self.once[key] = left - 1
+            if key in self.once:
+                self._take(key)
             else:
-                self._pop(key)
+                self.items.move_to_end(key)
             return v
 
     def peek(self, key: bytes) -> Plaintext | None:
@@ -176,17 +173,21 @@ class _LRU:
         later walk's promise and hit left it counting that one, and it stayed in the cache for good."""
         with self.lock:
             for key in keys:
-                left = self.once.get(key)
-                if left is not None and left > 1:
-                    self.once[key] = left - 1
-                elif left is not None:
-                    self._pop(key)
+                if key in self.once:
+                    self._take(key)
 
     def drop(self, keys: Iterable[bytes]) -> None:
         with self.lock:
             for key in keys:
                 if key in self.items:
                     self._pop(key)
+
+    def _take(self, key: bytes) -> None:
+        """One promised hit of ``key`` had or given up: the last leaves the cache."""
+        if self.once[key] > 1:
+            self.once[key] -= 1
+        else:
+            self._pop(key)
 
     def _promise(self, key: bytes) -> None:
         if key in self.once:  # a blob kept for every reader stays so
@@ -827,12 +828,16 @@ class Repo:
         cached = self._cache.get(blob_id)
         if cached is not None:
             return cached
-        data = self._resolve(blob_id, self._chain_ahead([blob_id]), {}, set())
+        data = self._decode(blob_id)
         if verify:
             self.check_id(blob_id, data)
         if cache:
             self._cache.put(blob_id, data)
         return data
+
+    def _decode(self, blob_id: bytes) -> Plaintext:
+        """A blob read off the remote and decoded (its delta chain too), past the blob cache."""
+        return self._resolve(blob_id, self._chain_ahead([blob_id]), {}, set())
 
     def check_id(self, blob_id: bytes, plain: Plaintext) -> None:
         """CorruptObject unless ``plain`` hashes to ``blob_id`` (what the AEAD cannot tell: a writer's bug)."""
@@ -1547,7 +1552,9 @@ class Repo:
 
         def read(blob_id: bytes) -> None:
             with contextlib.suppress(CorruptObject):  # damage: named by the reads in order
-                self._cache.put(blob_id, self.read_blob(blob_id), once=True)
+                # Looked up without a hit: one another walk put meanwhile was promised to that walk.
+                plain = self._cache.peek(blob_id)
+                self._cache.put(blob_id, self._decode(blob_id) if plain is None else plain, once=True)
                 put.append(blob_id)
 
         workers = min(OBJECT_READERS, len(wanted))

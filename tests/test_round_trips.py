@@ -126,6 +126,18 @@ def test_a_diff_reads_the_manifests_its_two_chains_share_once(chain_of_twelve):
     assert remote.in_a_row <= 3
 
 
+def test_a_blob_another_walk_read_ahead_meanwhile_keeps_its_hit(chain_of_twelve, monkeypatch):
+    """Found missing, then put by another walk's read-ahead before this one's reader came to it: the reader
+    took that walk's hit as it looked the blob up, and the other walk read it again."""
+    with Repository.open(InARow(LocalRemote(chain_of_twelve)), PASSWORD, ledger=False) as repo:
+        store = repo.store
+        ids = [bytes.fromhex(s.manifest[0]) for s in store.snapshots()]
+        store._cache.put(ids[0], store.read_blob(ids[0]), once=True)  # the other walk's, as this one began
+        monkeypatch.setattr(store._cache, "expect", lambda keys: list(keys))  # looked before it came
+        store._read_ahead(ids)
+        assert store._cache.once[ids[0]] == 2 and all(store._cache.once[i] == 1 for i in ids[1:])
+
+
 class DataDown(FaultyRemote):
     """A remote whose packs stop answering once ``down`` is set; counts each read asked for (key, offset)."""
 
