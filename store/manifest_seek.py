@@ -18,7 +18,10 @@ from chunkvault.errors import CorruptObject
 from .chain import ancestors
 from .manifest import _HEAD, Record, decode_records, iter_records, sort_key
 
-_CACHED_BLOBS = 16
+#: Blobs kept as read: the binary search keeps each blob's first key apart, so these serve only the next look-ups
+#: near the last (a diff's, in path order); sixteen per seeker, kept for a whole diff across a chain of 24, held
+#: some 100 MiB.
+_CACHED_BLOBS = 4
 #: Blobs kept decoded: a blob's records as objects take some five times its bytes, and a chain's seekers each
 #: kept sixteen (a diff of a chain of 24 looking up hard links across a large tree: gigabytes).
 _DECODED_BLOBS = 2
