@@ -2,7 +2,8 @@
 
 Importing the command takes about a tenth of a second; a Ctrl-C, SIGTERM or SIGQUIT then
 ended it with a traceback (or no word at all) instead of the line and exit code
-it gives once running.  Nothing has been touched by then, so it stops at once.
+it gives once running.  Nothing has been touched by then, so it stops at once, with ``--json`` printing
+the error document a later stop prints too (a program reading stdout found it empty).
 """
 from __future__ import annotations
 
@@ -11,12 +12,31 @@ import signal
 import sys
 from types import FrameType
 
-_SAID = {signal.SIGINT: b"chunkvault: interrupted\n", signal.SIGTERM: b"chunkvault: terminated\n",
-         signal.SIGHUP: b"chunkvault: hung up\n", signal.SIGQUIT: b"chunkvault: quit\n"}
+_WORDS = {signal.SIGINT: "interrupted", signal.SIGTERM: "terminated", signal.SIGHUP: "hung up",
+          signal.SIGQUIT: "quit"}
+_SAID = {signum: f"chunkvault: {word}\n".encode() for signum, word in _WORDS.items()}
+
+
+def _error_document(signum: int) -> bytes:
+    """The ``--json`` document of a command stopped by ``signum``, as ``cli`` prints it (indent 1, keys sorted),
+    written out by hand: the json module is not loaded yet."""
+    word = _WORDS[signum]
+    kind = word.title().replace(" ", "")
+    return (f'{{\n "error": {{\n  "exit_code": {128 + signum},\n  "message": "{word}",\n  "type": "{kind}"\n }}\n}}\n'
+            .encode())
+
+
+_loading = [True]  # the command has not begun: once it has, it prints its own document (then one is too many)
 
 
 def _stop_now(signum: int, frame: FrameType | None) -> None:
     os.write(2, _SAID[signum])
+    words = sys.argv[1:]
+    if _loading[0] and "--json" in (words[:words.index("--")] if "--" in words else words):  # not a --stdin-from-command's
+        try:
+            os.write(1, _error_document(signum))
+        except OSError:
+            pass  # no standard output: the line on stderr says it
     os._exit(128 + signum)
 
 
@@ -38,6 +58,7 @@ def main() -> int:
             signal.signal(signum, _stop_now)
     from .cli import main as run  # installs its own handlers while the command runs
 
+    _loading[0] = False
     return run()
 
 

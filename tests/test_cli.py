@@ -646,6 +646,56 @@ sys.exit(console.main())
     assert proc.returncode == code and proc.stderr.strip() == said, proc.stderr
 
 
+@pytest.mark.parametrize("signame, code, kind", [("SIGINT", 130, "Interrupted"), ("SIGTERM", 143, "Terminated"),
+                                                 ("SIGHUP", 129, "HungUp")])
+def test_with_json_a_stop_while_the_command_is_still_loading_prints_the_error_document(signame, code, kind):
+    """A program reading ``--json`` output gets the document a stop later gives, not an empty stdout."""
+    import subprocess
+    import sys
+
+    program = f"""
+import os, signal, sys, time, types
+import chunkvault.console as console
+sys.argv[1:] = ["snapshots", "--json"]
+loading = types.ModuleType("chunkvault.cli")
+def __getattr__(name):
+    os.kill(os.getpid(), signal.{signame})
+    time.sleep(30)
+loading.__getattr__ = __getattr__
+sys.modules["chunkvault.cli"] = loading
+sys.exit(console.main())
+"""
+    proc = subprocess.run([sys.executable, "-c", program], capture_output=True, timeout=60)
+    assert proc.returncode == code, proc.stderr
+    word = {"Interrupted": "interrupted", "Terminated": "terminated", "HungUp": "hung up"}[kind]
+    assert json.loads(proc.stdout) == {"error": {"type": kind, "exit_code": code, "message": word}}
+    assert proc.stderr.strip() == f"chunkvault: {word}".encode()
+
+
+def test_with_json_a_stop_after_the_command_printed_its_document_adds_no_second_one():
+    """A stop landing once the command is done (its handlers gone, the interpreter ending) prints the line
+    and exits 130, but the document on stdout stays the one the command printed."""
+    import subprocess
+    import sys
+
+    program = """
+import os, signal, sys, types
+import chunkvault.console as console
+sys.argv[1:] = ["snapshots", "--json"]
+done = types.ModuleType("chunkvault.cli")
+def main():
+    os.write(1, b"[]\\n")
+    os.kill(os.getpid(), signal.SIGINT)
+    return 0
+done.main = main
+sys.modules["chunkvault.cli"] = done
+sys.exit(console.main())
+"""
+    proc = subprocess.run([sys.executable, "-c", program], capture_output=True, timeout=60)
+    assert proc.returncode == 130 and proc.stderr.strip() == b"chunkvault: interrupted", proc.stderr
+    assert json.loads(proc.stdout) == []
+
+
 def test_the_snapshots_table_shows_whole_host_names(tmp_path, cli, setup):
     """Cut at 12 characters, db-production-server-01 and -02 both read db-productio."""
     repo, src = setup
