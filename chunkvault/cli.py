@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any, BinaryIO, Callable, Collection, Iterable,
 
 from . import interrupts, passwords
 from .argparsing import dashes_value
-from .console import version_line
+from .console import STOP_WORDS, version_line
 from .display import LIST_LETTERS, one_line, shown_name, warn
 from .progress import JsonProgress, Progress
 from .remotes.layer import StopRequest, stop_request
@@ -3035,10 +3035,6 @@ class _Terminated(KeyboardInterrupt):
     def __str__(self) -> str:
         return STOP_WORDS.get(_STOPPED_BY[0] if _STOPPED_BY else signal.SIGTERM, "terminated")
 
-
-#: What a command stopped by each signal says (and a scheduled run's hooks are told).
-STOP_WORDS = {signal.SIGINT: "interrupted", signal.SIGTERM: "terminated", signal.SIGHUP: "hung up",
-              signal.SIGQUIT: "quit"}
 
 _STOPPED_BY: list[int] = []  # the stop signals received: what else the command then raises is their doing
 

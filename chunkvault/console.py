@@ -12,15 +12,16 @@ import signal
 import sys
 from types import FrameType
 
-_WORDS = {signal.SIGINT: "interrupted", signal.SIGTERM: "terminated", signal.SIGHUP: "hung up",
-          signal.SIGQUIT: "quit"}
-_SAID = {signum: f"chunkvault: {word}\n".encode() for signum, word in _WORDS.items()}
+#: What a command stopped by each signal says (and a scheduled run's hooks are told).
+STOP_WORDS = {signal.SIGINT: "interrupted", signal.SIGTERM: "terminated", signal.SIGHUP: "hung up",
+              signal.SIGQUIT: "quit"}
+_SAID = {signum: f"chunkvault: {word}\n".encode() for signum, word in STOP_WORDS.items()}
 
 
 def _error_document(signum: int) -> bytes:
     """The ``--json`` document of a command stopped by ``signum``, as ``cli`` prints it (indent 1, keys sorted),
     written out by hand: the json module is not loaded yet."""
-    word = _WORDS[signum]
+    word = STOP_WORDS[signum]
     kind = word.title().replace(" ", "")
     return (f'{{\n "error": {{\n  "exit_code": {128 + signum},\n  "message": "{word}",\n  "type": "{kind}"\n }}\n}}\n'
             .encode())
