@@ -46,12 +46,15 @@ class ManifestSeeker:
         data = self._blobs.get(i)
         if data is None:
             data = self._read(self.ids[i])
-            self._blobs[i] = data
-            if len(self._blobs) > _CACHED_BLOBS:
-                self._blobs.popitem(last=False)
+            self._keep(i, data)
         else:
             self._blobs.move_to_end(i)
         return data
+
+    def _keep(self, i: int, data: bytes) -> None:
+        self._blobs[i] = data
+        if len(self._blobs) > _CACHED_BLOBS:
+            self._blobs.popitem(last=False)
 
     def _pieces(self, i: int, offset: int) -> Iterator[bytes]:
         yield self._blob(i)[offset:]
@@ -77,12 +80,21 @@ class ManifestSeeker:
     def _records_from(self, key: bytes) -> Iterator[Record]:
         """Records from the last blob whose first record sorts at or before ``key``."""
         lo, hi = 0, len(self._seekable)
+        # The blobs the search ends between, as their probes read them: probed early, they were pushed out of
+        # the few blobs kept by the probes after (in a manifest of more than 16 blobs) and read again for their
+        # records, a round trip more per look-up in each manifest of a chain.
+        bounds: dict[bool, tuple[int, bytes | None]] = {}  # above ``key``, and at or before it: the last probed
         while lo < hi:  # first seekable blob whose first key is above ``key``
             mid = (lo + hi) // 2
-            if self._first_key(self._seekable[mid]) <= key:
+            at_or_before = self._first_key(self._seekable[mid]) <= key
+            if at_or_before:
                 lo = mid + 1
             else:
                 hi = mid
+            bounds[at_or_before] = (self._seekable[mid], self._blobs.get(self._seekable[mid]))
+        for i, data in [bounds[side] for side in (False, True) if side in bounds]:  # where the records begin, last
+            if data is not None and i not in self._blobs:
+                self._keep(i, data)
         if lo == 0:
             return iter_records(self._pieces(0, 0), self.what) if self.ids else iter(())
         return self._decoded_from(self._seekable[lo - 1])

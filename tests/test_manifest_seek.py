@@ -53,6 +53,21 @@ def test_seeker_agrees_with_a_scan_and_reads_few_blobs(new_repo):
         assert slow.find(recs[-1].path) == recs[-1] and slow.find(b"zzz") is None
 
 
+def test_a_lookup_reads_each_manifest_blob_once(new_repo):
+    """The blob a binary search ends in was probed early and pushed out of the few blobs a seeker keeps by the
+    probes after it, then read again for its records: a round trip more per look-up in each manifest of a
+    chain, over a slow link (``diff``'s look-ups of hard-linked files, ``restore`` of one path)."""
+    repo = new_repo(chunker=SMALL).store
+    recs = [r for r in _records(random.Random(3), 1500) if len(r.entry.chunks) < 400 * 32]  # none spans 4 blobs
+    ids, mw = store_manifest(repo, recs)
+    assert len(ids) > 100
+    for rec in random.Random(4).sample(recs, 200):
+        reads = []
+        seeker = ManifestSeeker(lambda bid: reads.append(bid) or repo.read_blob(bid), ids, mw.starts, "test manifest")
+        assert seeker.find(rec.path) == rec
+        assert len(reads) == len(set(reads)), rec.path
+
+
 def test_records_on_the_way_to_a_directory_agree_with_a_scan_and_read_few_blobs(new_repo):
     repo = new_repo(chunker=SMALL).store
     recs = _records(random.Random(6), 1500)
