@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any, BinaryIO, Callable, Collection, Iterable,
 
 from . import interrupts, passwords
 from .argparsing import dashes_value
-from .console import STOP_WORDS, version_line
+from .console import STOP_WORDS, begun, version_line
 from .display import LIST_LETTERS, one_line, shown_name, warn
 from .progress import JsonProgress, Progress
 from .remotes.layer import StopRequest, stop_request
@@ -3124,6 +3124,7 @@ def main(argv: list[str] | None = None) -> int:
         sys.stderr = _BestEffortErrors(stderr)  # type: ignore[assignment]
     try:
         with interrupts.handled(stop_signals()):
+            begun()
             args = _parse(sys.argv[1:] if argv is None else argv)
             with warnings.catch_warnings(), contextlib.ExitStack() as args.held:
                 args.held.enter_context(_cache_settings(args))

@@ -30,6 +30,13 @@ def _error_document(signum: int) -> bytes:
 _loading = [True]  # the command has not begun: once it has, it prints its own document (then one is too many)
 
 
+def begun() -> None:
+    """The command's own stop handlers are in (``cli.main``): a stop from now on prints its document, so the
+    handler here, once they are gone again, prints none.  Not at the end of the import: a stop before they
+    were in (the allocator tuned, the output wrapped) printed no document at all."""
+    _loading[0] = False
+
+
 def _stop_now(signum: int, frame: FrameType | None) -> None:
     os.write(2, _SAID[signum])
     words = sys.argv[1:]
@@ -57,9 +64,8 @@ def main() -> int:
     for signum in _SAID:
         if signal.getsignal(signum) is not signal.SIG_IGN:  # a hangup `nohup` ignores stays ignored
             signal.signal(signum, _stop_now)
-    from .cli import main as run  # installs its own handlers while the command runs
+    from .cli import main as run  # installs its own handlers while the command runs (and calls ``begun``)
 
-    _loading[0] = False
     return run()
 
 

@@ -672,6 +672,27 @@ sys.exit(console.main())
     assert proc.stderr.strip() == f"chunkvault: {word}".encode()
 
 
+def test_with_json_a_stop_before_the_command_has_its_own_handlers_prints_the_error_document():
+    """Loaded, the command tunes the allocator and wraps its output before its handlers are in: a stop there
+    found the entry point's handler told the command had begun, and printed no document."""
+    import subprocess
+    import sys
+
+    program = """
+import os, signal, sys, time
+import chunkvault.console as console, chunkvault.memory as memory
+sys.argv[1:] = ["snapshots", "--json"]
+def tune_allocator():
+    os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(30)
+memory.tune_allocator = tune_allocator
+sys.exit(console.main())
+"""
+    proc = subprocess.run([sys.executable, "-c", program], capture_output=True, timeout=60)
+    assert proc.returncode == 143 and proc.stderr.strip() == b"chunkvault: terminated", proc.stderr
+    assert json.loads(proc.stdout) == {"error": {"type": "Terminated", "exit_code": 143, "message": "terminated"}}
+
+
 def test_with_json_a_stop_after_the_command_printed_its_document_adds_no_second_one():
     """A stop landing once the command is done (its handlers gone, the interpreter ending) prints the line
     and exits 130, but the document on stdout stays the one the command printed."""
@@ -684,6 +705,7 @@ import chunkvault.console as console
 sys.argv[1:] = ["snapshots", "--json"]
 done = types.ModuleType("chunkvault.cli")
 def main():
+    console.begun()  # as the command does once its handlers are in
     os.write(1, b"[]\\n")
     os.kill(os.getpid(), signal.SIGINT)
     return 0
