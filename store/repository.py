@@ -454,9 +454,10 @@ class Repo:
         a key asking for more than chunkvault writes is not tried).  A password change to a password a key has
         already keeps that key and removes the old, adding none: what a change stopped between storing the new
         key and removing the old one left, or an older key, which a second key for its password would outlive
-        the next change of it."""
-        for kf in keys:
-            if kf.cost_problem() is not None:
+        the next change of it.  Cheapest first, and none made for another repository (its id in clear), which
+        never opens this one: each was derived, one planted at the largest cost allowed a minute."""
+        for kf in sorted(keys, key=lambda k: k.work):
+            if kf.cost_problem() is not None or (kf.repo and kf.repo != self.config.repo_id):
                 continue
             try:
                 material = kf.unwrap(password_for(kf, password), self.config.repo_id)

@@ -96,6 +96,22 @@ def test_opening_with_a_secret_runs_no_password_derivation(tmp_path, monkeypatch
         Repository.open(url, new_secret())
 
 
+def test_key_add_derives_no_key_of_another_repository_to_look_for_its_password(tmp_path, monkeypatch):
+    """Looking for a key the new password opens already, ``key add`` derived every key, one made for another
+    repository (its id in clear) too, which never opens this one: planted at the largest cost allowed, a minute
+    at each ``key add`` and ``key passwd``."""
+    url = str(tmp_path / "repo")
+    repo = Repository.init(url, "a password", kdf_seconds=0)
+    with Repository.init(str(tmp_path / "other"), "a password", kdf_seconds=0) as other:
+        planted = other.store.key_name
+    (tmp_path / "repo" / "keys" / planted).write_bytes((tmp_path / "other" / "keys" / planted).read_bytes())
+    tried = []
+    real = KeyFile.unwrap
+    monkeypatch.setattr(KeyFile, "unwrap", lambda self, *a: tried.append(self.name) or real(self, *a))
+    added = repo.add_key("another password", kdf_seconds=0)
+    assert tried == [repo.store.key_name] and added not in (planted, repo.store.key_name)
+
+
 def test_a_repository_made_with_a_secret_backs_up_and_restores(tmp_path):
     src = tmp_path / "src"
     src.mkdir()
