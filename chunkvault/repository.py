@@ -1792,7 +1792,7 @@ class Repository:
     def _content(self, e: Entry, name: bytes | None = None) -> BinaryIO:
         raw = _ChunkStream(self._repo, e.chunk_ids(), os.fsdecode(e.path if name is None else name), e,
                            self._still_open)
-        return io.BufferedReader(raw, buffer_size=1 << 20)
+        return _CheckedReader(raw, buffer_size=1 << 20)
 
     def is_directory(self, snapshot: str | Snapshot, path: str | bytes, *, subtree: str | bytes | None = None) -> bool:
         """Whether ``path`` of the snapshot (of its ``subtree``, as ``dump`` takes it) is a directory (``dump``
@@ -2551,6 +2551,37 @@ class _WholeWrites:
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._out, name)
+
+
+class _CheckedReader(io.BufferedReader):
+    """A ``_ChunkStream`` read through a buffer: each read asks ``still_open`` first, for one served from the
+    buffer (read ahead a MiB, a small file's whole) came on after ``close`` or a stop."""
+
+    raw: "_ChunkStream"
+
+    def read(self, size: int | None = -1) -> bytes:
+        self.raw.still_open()
+        return super().read(size)
+
+    def read1(self, size: int = -1) -> bytes:
+        self.raw.still_open()
+        return super().read1(size)
+
+    def readinto(self, b: Any) -> int:
+        self.raw.still_open()
+        return super().readinto(b)
+
+    def readinto1(self, b: Any) -> int:
+        self.raw.still_open()
+        return super().readinto1(b)
+
+    def peek(self, size: int = 0) -> bytes:
+        self.raw.still_open()
+        return super().peek(size)
+
+    def readline(self, size: int | None = -1) -> bytes:
+        self.raw.still_open()
+        return super().readline(size)
 
 
 class _ChunkStream(io.RawIOBase):

@@ -601,6 +601,21 @@ def test_a_closed_repository_refuses_every_call_on_any_storage(tmp_path, tree, r
     assert len(os.listdir(os.path.join(stored, "snapshots"))) == 1 and not (tmp_path / "o").exists()
 
 
+def test_a_stream_begun_before_close_refuses_even_what_it_had_buffered(tmp_path, tree, new_repo):
+    """A stream reads ahead a MiB: the rest of a small file (all of it, a line at a time too) came from that
+    buffer after close, while a read that fetched was refused."""
+    repo = new_repo()
+    repo.backup([str(tree)])
+    stream, lines = repo.open_file("latest", "a"), repo.open_file("latest", "b")
+    assert len(stream.read(10)) == 10 and stream.tell() == 10
+    assert lines.peek(1)
+    repo.close()
+    for call in (stream.read, lambda: stream.read1(5), lambda: stream.readinto(bytearray(5)),
+                 lambda: stream.peek(1), stream.readline, lambda: next(lines), lines.readlines):
+        with pytest.raises(UsageError, match="was closed"):
+            call()
+
+
 @pytest.mark.parametrize("storage", ["local", "http"])
 def test_a_close_inside_a_reading_block_or_beside_one_leaves_no_lock(tmp_path, tree, request, storage):
     """Over HTTP the block's lock was removed after the remote had closed, so it stayed, and a prune waited
