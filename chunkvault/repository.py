@@ -41,7 +41,7 @@ from .store.config import Settings, check_kdf_seconds, check_settings
 from .store.crypto import KEY_SIZE
 from .store.manifest import T_DIR, T_FILE, T_HARDLINK, Entry, Record, unread
 from .store.objects import BlobInfo, unique_name
-from .store.repository import NOT_INDEXED, Repo, pack_key
+from .store.repository import NOT_INDEXED, AheadWalk, Repo, pack_key
 from .store.confinement import confined
 from .store.subtree import Subtree, in_subtree
 from .store.restore import (Relocation, Restorer, RestoreOptions, RestoreResult, check_content, check_overwrite,
@@ -1883,10 +1883,16 @@ class Repository:
                 return None if rec is None else rec.entry
             return find
 
-        def tree(snap: Snapshot, sub: Subtree) -> Iterator[Record]:
-            return sub.records(self._repo.tree_within(snap, sub.root) if sub.root else self._repo.tree(snap))
+        def walk(snap: Snapshot, sub: Subtree) -> AheadWalk:
+            return self._repo.tree_within(snap, sub.root) if sub.root else self._repo.tree(snap)
 
-        return self._guarded(diff_trees(tree(sa, ta), tree(sb, tb), holder(ta), holder(tb)))
+        def changes() -> Iterator[tuple[str, Entry | None, Entry | None]]:
+            wa, wb = walk(sa, ta), walk(sb, tb)
+            wa.begin()  # both read ahead before either walks: their chains share blobs
+            wb.begin()
+            yield from diff_trees(ta.records(wa), tb.records(wb), holder(ta), holder(tb))
+
+        return self._guarded(changes())
 
     @_stoppable
     def check(self, *, read_data: bool = False, subset: str | None = None,

@@ -1638,13 +1638,14 @@ class Repo:
         return find
 
     def tree_within(self, snap: Snapshot, directory: bytes, snapshots: Iterable[Snapshot] | None = None
-                    ) -> Iterator[Record]:
+                    ) -> "AheadWalk":
         """The records of ``tree`` of ``directory``, its subtree and the directories above it, reading only
         the manifest blobs that hold them: a restore of a few files from a large tree reads no more."""
         (first, full), *diffs = self._seekers(snap, snapshots)
-        self._read_ahead([bytes.fromhex(s.manifest[0]) for s, _ in [(first, full), *diffs] if len(s.manifest) == 1])
-        return chain.resolve(_nothing_deleted(full.within(directory), first, snap),
-                             [seeker.within(directory) for s, seeker in diffs if s.manifest])
+        ahead = [bytes.fromhex(s.manifest[0]) for s, _ in [(first, full), *diffs] if len(s.manifest) == 1]
+        return AheadWalk(lambda: self._read_ahead(ahead), lambda: chain.resolve(
+            _nothing_deleted(full.within(directory), first, snap),
+            [seeker.within(directory) for s, seeker in diffs if s.manifest]))
 
     def manifest_records_within(self, snap: Snapshot, directory: bytes) -> Iterator[Record]:
         """The records of ``manifest_records`` on the way to ``directory`` (``chain.on_way_to``), found by
@@ -1668,13 +1669,42 @@ class Repo:
                 raise _manifest_damage(exc, snap, needed_by) from None
         return read
 
-    def tree(self, snap: Snapshot, snapshots: Iterable[Snapshot] | None = None) -> Iterator[Record]:
+    def tree(self, snap: Snapshot, snapshots: Iterable[Snapshot] | None = None) -> "AheadWalk":
         """The complete tree of a snapshot, its chain resolved (ENTRY records, sorted)."""
         snaps = self.chain_of(snap, snapshots)
-        self._read_ahead([bytes.fromhex(s.manifest[0]) for s in snaps if s.manifest])
         # A differential with no records (nothing changed) changes nothing: no merge layer for it.
-        return chain.resolve(_nothing_deleted(self.manifest_records(snaps[0], snap), snaps[0], snap),
-                             [self.manifest_records(s, snap) for s in snaps[1:] if s.manifest])
+        ahead = [bytes.fromhex(s.manifest[0]) for s in snaps if s.manifest]
+        return AheadWalk(lambda: self._read_ahead(ahead), lambda: chain.resolve(
+            _nothing_deleted(self.manifest_records(snaps[0], snap), snaps[0], snap),
+            [self.manifest_records(s, snap) for s in snaps[1:] if s.manifest]))
+
+
+class AheadWalk:
+    """A tree's records, its manifests' first blobs read ahead as the first record is asked for (or ``begin``):
+    read ahead when the walk was made, a walk dropped unread (a listing given up, a diff left before its first
+    change) left each blob counting a hit that never came, so every later walk was promised one more and took
+    one, and they stayed in the cache for good.  The first record takes the hits: the merge reads each
+    manifest's first blob to begin.  A diff begins both its walks before either's first record, for their
+    chains share blobs: read ahead one after the other, the first walk's hits took the shared blobs out of
+    the cache the second then read them again."""
+
+    def __init__(self, ahead: Callable[[], None], walk: Callable[[], Iterator[Record]]):
+        self._ahead = ahead
+        self._walk = walk
+        self._records: Iterator[Record] | None = None
+
+    def begin(self) -> None:
+        if self._records is None:
+            self._ahead()
+            self._records = self._walk()
+
+    def __iter__(self) -> "AheadWalk":
+        return self
+
+    def __next__(self) -> Record:
+        self.begin()
+        assert self._records is not None
+        return next(self._records)
 
 
 def _lost_pack(key: str, blob_id: bytes) -> MissingObject:

@@ -195,6 +195,22 @@ def test_the_manifests_read_ahead_for_a_walk_that_failed_leave_the_cache_once_re
         assert {bytes.fromhex(s.manifest[0]) for s in chain}.isdisjoint(cache.items)
 
 
+def test_a_walk_never_begun_leaves_no_blob_read_ahead_in_the_cache(chain_of_twelve):
+    """``tree`` read its chain's manifests ahead when called: a reader made and dropped unread (a listing a
+    service began and gave up, a ``diff`` left before its first change) left each blob counting a hit that
+    never came, so every later walk was promised one more and took one, and they stayed in the cache for good."""
+    remote = InARow(LocalRemote(chain_of_twelve))
+    with Repository.open(remote, PASSWORD, ledger=False) as repo:
+        cache = repo.store._cache
+        firsts = {bytes.fromhex(s.manifest[0]) for s in repo.store.snapshots()}
+        cache.items.clear()
+        with repo.reading():
+            unread = [repo.tree("latest"), repo.tree("latest", "f3"), repo.diff("latest", "latest")]
+            unread.clear()
+            assert len(list(repo.tree("latest"))) == 51
+        assert firsts.isdisjoint(cache.items) and not cache.once
+
+
 class Counted(InARow):
     """``InARow`` for snapshot objects too, counted apart."""
 
