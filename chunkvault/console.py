@@ -40,7 +40,8 @@ def begun() -> None:
 def _stop_now(signum: int, frame: FrameType | None) -> None:
     os.write(2, _SAID[signum])
     words = sys.argv[1:]
-    if _loading[0] and "--json" in (words[:words.index("--")] if "--" in words else words):  # not a --stdin-from-command's
+    own = words[:words.index("--")] if "--" in words else words  # not a --stdin-from-command's
+    if _loading[0] and "--json" in own:
         try:
             os.write(1, _error_document(signum))
         except OSError:

@@ -75,8 +75,8 @@ def test_version_is_answered_without_loading_the_command(tmp_path):
     assert asked.stdout.splitlines()[-1] == "False 0"
     if os.path.exists("/dev/full"):
         with open("/dev/full", "w") as full:
-            said = subprocess.run([sys.executable, "-m", "chunkvault", "--version"], stdout=full, stderr=subprocess.PIPE,
-                                  text=True)
+            said = subprocess.run([sys.executable, "-m", "chunkvault", "--version"], stdout=full,
+                                  stderr=subprocess.PIPE, text=True)
         assert said.returncode == 14 and "no space left on device" in said.stderr
 
 
