@@ -623,17 +623,16 @@ def test_a_wrong_confirmation_word_is_a_usage_error_and_changes_nothing(tmp_path
     assert [p.name for p in target.iterdir()] == ["keep"]
 
 
-@pytest.mark.parametrize("signame, code, said", [("SIGINT", 130, b"chunkvault: interrupted"),
-                                                 ("SIGTERM", 143, b"chunkvault: terminated"),
-                                                 ("SIGQUIT", 131, b"chunkvault: quit")])
-def test_a_stop_signal_while_the_command_is_still_loading_ends_it_as_later(signame, code, said):
-    """The signal lands while the command's modules are imported (here: when the entry point asks for them)."""
+def _stopped_while_loading(signame: str, *argv: str):
+    """The command of ``argv`` run through the entry point, ``signame`` landing while the command's modules are
+    imported (here: when the entry point asks for them)."""
     import subprocess
     import sys
 
     program = f"""
 import os, signal, sys, time, types
 import chunkvault.console as console
+sys.argv[1:] = {list(argv)!r}
 loading = types.ModuleType("chunkvault.cli")
 def __getattr__(name):
     os.kill(os.getpid(), signal.{signame})
@@ -642,30 +641,22 @@ loading.__getattr__ = __getattr__
 sys.modules["chunkvault.cli"] = loading
 sys.exit(console.main())
 """
-    proc = subprocess.run([sys.executable, "-c", program], capture_output=True, timeout=60)
-    assert proc.returncode == code and proc.stderr.strip() == said, proc.stderr
+    return subprocess.run([sys.executable, "-c", program], capture_output=True, timeout=60)
+
+
+@pytest.mark.parametrize("signame, code, said", [("SIGINT", 130, b"chunkvault: interrupted"),
+                                                 ("SIGTERM", 143, b"chunkvault: terminated"),
+                                                 ("SIGQUIT", 131, b"chunkvault: quit")])
+def test_a_stop_signal_while_the_command_is_still_loading_ends_it_as_later(signame, code, said):
+    proc = _stopped_while_loading(signame, "snapshots")
+    assert proc.returncode == code and proc.stderr.strip() == said and proc.stdout == b"", proc.stderr
 
 
 @pytest.mark.parametrize("signame, code, kind", [("SIGINT", 130, "Interrupted"), ("SIGTERM", 143, "Terminated"),
                                                  ("SIGHUP", 129, "HungUp")])
 def test_with_json_a_stop_while_the_command_is_still_loading_prints_the_error_document(signame, code, kind):
     """A program reading ``--json`` output gets the document a stop later gives, not an empty stdout."""
-    import subprocess
-    import sys
-
-    program = f"""
-import os, signal, sys, time, types
-import chunkvault.console as console
-sys.argv[1:] = ["snapshots", "--json"]
-loading = types.ModuleType("chunkvault.cli")
-def __getattr__(name):
-    os.kill(os.getpid(), signal.{signame})
-    time.sleep(30)
-loading.__getattr__ = __getattr__
-sys.modules["chunkvault.cli"] = loading
-sys.exit(console.main())
-"""
-    proc = subprocess.run([sys.executable, "-c", program], capture_output=True, timeout=60)
+    proc = _stopped_while_loading(signame, "snapshots", "--json")
     assert proc.returncode == code, proc.stderr
     word = {"Interrupted": "interrupted", "Terminated": "terminated", "HungUp": "hung up"}[kind]
     assert json.loads(proc.stdout) == {"error": {"type": kind, "exit_code": code, "message": word}}
