@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any, BinaryIO, Callable, Collection, Iterable,
 
 from . import interrupts, passwords
 from .argparsing import dashes_value
-from .console import STOP_WORDS, begun, version_line
+from .console import STOP_WORDS, begun, stopped_as, version_line
 from .display import LIST_LETTERS, one_line, shown_name, warn
 from .progress import JsonProgress, Progress
 from .remotes.layer import StopRequest, stop_request
@@ -3048,9 +3048,9 @@ def _stopped(args: argparse.Namespace | None, argv: list[str] | None) -> int:
     """What a command stopped by SIGTERM (143), SIGHUP (129), SIGQUIT (131) or Ctrl-C (130) says, on stderr
     and, with --json, stdout."""
     signum = next((n for n in _STOPPED_BY if n != signal.SIGINT), signal.SIGINT)
-    word, code = STOP_WORDS[signum], 128 + signum
+    kind, code, word = stopped_as(signum)
     _error_line(word)
-    _emit_error_json(args, argv, word.title().replace(" ", ""), code, word)
+    _emit_error_json(args, argv, kind, code, word)
     return code
 
 

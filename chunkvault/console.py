@@ -18,13 +18,17 @@ STOP_WORDS = {signal.SIGINT: "interrupted", signal.SIGTERM: "terminated", signal
 _SAID = {signum: f"chunkvault: {word}\n".encode() for signum, word in STOP_WORDS.items()}
 
 
+def stopped_as(signum: int) -> tuple[str, int, str]:
+    """(error type, exit code, message) of a command ``signum`` stopped, as its line and ``--json`` say them."""
+    word = STOP_WORDS[signum]
+    return word.title().replace(" ", ""), 128 + signum, word
+
+
 def _error_document(signum: int) -> bytes:
     """The ``--json`` document of a command stopped by ``signum``, as ``cli`` prints it (indent 1, keys sorted),
     written out by hand: the json module is not loaded yet."""
-    word = STOP_WORDS[signum]
-    kind = word.title().replace(" ", "")
-    return (f'{{\n "error": {{\n  "exit_code": {128 + signum},\n  "message": "{word}",\n  "type": "{kind}"\n }}\n}}\n'
-            .encode())
+    kind, code, word = stopped_as(signum)
+    return f'{{\n "error": {{\n  "exit_code": {code},\n  "message": "{word}",\n  "type": "{kind}"\n }}\n}}\n'.encode()
 
 
 _loading = [True]  # the command has not begun: once it has, it prints its own document (then one is too many)
