@@ -2080,14 +2080,19 @@ def cmd_key(args: argparse.Namespace) -> int:
         if args.json:
             _emit_json(keys)
         else:
+            from .store.repository import short_key_names
+
+            shown = short_key_names(k["id"] for k in keys)
             for k in keys:  # a key file's fields are not sealed: anyone who can write the storage chooses them
-                print(one_line(f"{'*' if k['current'] else ' '} {k['id'][:12]}  {k['kdf']:8}  " + (
-                    k["problem"] + (f" (`key remove {k['id'][:12]}`)" if k["kdf"] == "damaged" else "")
+                name = shown[k["id"]]
+                print(one_line(f"{'*' if k['current'] else ' '} {name}  {k['kdf']:8}  " + (
+                    k["problem"] + (f" (`key remove {name}`)" if k["kdf"] == "damaged" else "")
                     if "problem" in k else
                     f"{k['created'][:19]}  {k['user']}@{k['host']}")))
     elif args.key_cmd == "add":
         name = _with_new_key(args, True, lambda password: repo.add_key(password, kdf_seconds=args.kdf_time))
-        _report_key(args, {"id": name}, f"added key {name[:12]}" if repo.store.key_found is None else
+        added = repo.store.key_found is None
+        _report_key(args, {"id": name, "added": added}, f"added key {name[:12]}" if added else
                     f"key {name[:12]} opens with this password already: nothing added (`key passwd` changes it)")
     elif args.key_cmd == "remove":
         removed = repo.remove_key(args.key_id, wait=args.wait)

@@ -31,7 +31,8 @@ from .indexfile import IndexColumns
 from .manifest import T_FILE, T_HARDLINK, Record, unread
 from .pack import (PACK_FIXED_OVERHEAD, PackEntry, decode_entries, delta_entries_and_readable_bases, fetch_header,
                    header_bytes, read_windows)
-from .repository import NOT_INDEXED, OBJECT_READERS, WORKERS, Repo, pack_id_of, pack_key, superseded_names
+from .repository import (NOT_INDEXED, OBJECT_READERS, WORKERS, Repo, pack_id_of, pack_key, short_key_names,
+                         superseded_names)
 from .snapshot import Snapshot
 from .unlock import KEY_IMPORT_HINT
 from .walarchive import PUSH_AGAIN, WAL_PREFIX, WalFile, load_all
@@ -271,22 +272,23 @@ class Checker:
         except ChunkvaultError as exc:
             self.problem("config", (exc.reason if isinstance(exc, CorruptObject) else str(exc)) + KEY_IMPORT_HINT)
         readable = 0
-        for k in repo.remote.list("keys/"):
+        shown = short_key_names(k.key.split("/", 1)[1] for k in repo.remote.list("keys/"))
+        for name, short in shown.items():
+            key = f"keys/{name}"
             try:
-                kf = KeyFile.decode(k.key.split("/", 1)[1], repo.remote.get(k.key))
+                kf = KeyFile.decode(name, repo.remote.get(key))
             except NOT_DAMAGE:
                 raise
             except NewerObject as exc:  # a host that upgraded added it: not damage
                 self.report.warnings.append(f"{exc}; not checked")
             except ChunkvaultError as exc:
-                name = k.key.split("/", 1)[1]
-                self.problem(k.key, f"{exc.reason if isinstance(exc, CorruptObject) else exc}: its password opens "
-                                    f"nothing; `key remove {name[:12]}` removes it (`key add`, with a password that "
-                                    "opens, gives that password a key again)")
+                self.problem(key, f"{exc.reason if isinstance(exc, CorruptObject) else exc}: its password opens "
+                                  f"nothing; `key remove {short}` removes it (`key add`, with a password that "
+                                  "opens, gives that password a key again)")
             else:
                 beyond = kf.cost_problem()
                 if beyond is not None:  # never derived: nothing opens with it
-                    self.problem(k.key, f"{beyond}: never derived, so nothing opens with it (`key remove` it)")
+                    self.problem(key, f"{beyond}: never derived, so nothing opens with it (`key remove` it)")
                     continue
                 readable += not kf.repo or kf.repo == repo.config.repo_id
         if not readable:

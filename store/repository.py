@@ -2200,7 +2200,15 @@ def _keys_named(name: str, keys: list[str]) -> list[str]:
     return [name] if name in keys else [k for k in keys if k.startswith(name)]
 
 
-def _distinct_prefixes(keys: list[str]) -> list[str]:
-    """``keys`` sorted, each by its first 12 characters where those tell it from the others, else in full."""
+def short_key_names(keys: Iterable[str]) -> dict[str, str]:
+    """Each key's name to show: its first 12 characters where only it begins with them (so `key remove` takes
+    them), else in full (beside a copy ``ID.bak`` the 12 characters name both, and the full id names one)."""
+    keys = list(keys)
     short = Counter(k[:12] for k in keys)
-    return [k[:12] if short[k[:12]] == 1 else k for k in sorted(keys)]
+    return {k: k[:12] if short[k[:12]] == 1 else k for k in keys}
+
+
+def _distinct_prefixes(keys: list[str]) -> list[str]:
+    """``keys`` sorted, each as ``short_key_names`` shows it."""
+    shown = short_key_names(keys)
+    return [shown[k] for k in sorted(keys)]

@@ -911,6 +911,13 @@ def test_a_key_named_in_full_is_removed_though_another_name_starts_with_it(tmp_p
     (keys / f"{other}.bak").write_bytes((keys / other).read_bytes())
     err = cli("key", "remove", "-r", r, other[:12], check=12).stderr.decode()
     assert f"is ambiguous: {other}, {other}.bak" in err
+    listed = cli("key", "list", "-r", r).stdout.decode().split()
+    assert other in listed and f"{other}.bak" in listed and repo.store.key_name[:12] in listed  # each names one
+    (keys / f"{other}.bak").write_bytes(b"damaged")
+    listed = cli("key", "list", "-r", r).stdout.decode()
+    assert f"(`key remove {other}.bak`)" in listed
+    checked = cli("check", "-r", r, check=False)
+    assert f"`key remove {other}.bak` removes it" in (checked.stdout + checked.stderr).decode()
     assert json.loads(cli("key", "remove", "-r", r, other, "--json").stdout) == {"removed": other}
     assert sorted(p.name for p in keys.iterdir()) == sorted([repo.store.key_name, f"{other}.bak"])
     assert json.loads(cli("key", "remove", "-r", r, f"{other}.bak", "--json").stdout) == {"removed": f"{other}.bak"}
@@ -924,10 +931,13 @@ def test_no_second_key_is_added_for_one_password_so_a_password_change_retires_it
     (tmp_path / "other").write_text("other password\n")
     (tmp_path / "new").write_text("new password\n")
     add = ("key", "add", "-r", r, "--new-password-file", str(tmp_path / "other"), "--kdf-time", "0")
-    other = json.loads(cli(*add, "--json").stdout)["id"]
+    added = json.loads(cli(*add, "--json").stdout)
+    other = added["id"]
+    assert added == {"id": other, "added": True}
     out = cli(*add).stdout.decode().strip()
     assert out == f"key {other[:12]} opens with this password already: nothing added (`key passwd` changes it)"
-    assert json.loads(cli(*add, "--json", env={"CHUNKVAULT_PASSWORD": "other password"}).stdout) == {"id": other}
+    found = json.loads(cli(*add, "--json", env={"CHUNKVAULT_PASSWORD": "other password"}).stdout)
+    assert found == {"id": other, "added": False}
     assert len(repo.keys()) == 2
     cli("key", "passwd", "-r", r, "--new-password-file", str(tmp_path / "new"), "--kdf-time", "0",
         env={"CHUNKVAULT_PASSWORD": "other password"})

@@ -202,7 +202,7 @@ def test_key_commands_print_one_json_object(setup, cli, tmp_path):
     newer.write_text("yet another password\n")
     added = json.loads(cli("key", "add", "-r", repo, "--new-password-file", str(new), "--kdf-time", "0",
                            "--json").stdout)
-    assert set(added) == {"id"}
+    assert added == {"id": added["id"], "added": True}
     changed = json.loads(cli("key", "passwd", "-r", repo, "--password-file", str(new), "--new-password-file",
                              str(newer), "--kdf-time", "0", "--json", password=None).stdout)
     assert changed["removed"] == added["id"] and changed["id"] != added["id"]
