@@ -304,13 +304,15 @@ def test_an_unused_delta_in_a_kept_pack_keeps_its_base(tmp_path, new_repo):
     repo = new_repo()
     (src / "a").write_bytes(os.urandom(1_000_000))
     (src / "b").write_bytes(os.urandom(4_000_000))
-    repo.backup([str(src)])  # one pack: a's chunks and b's
+    (src / "d").write_bytes(os.urandom(2_000_000))  # gone with a: the pack is repacked whichever of a's chunks changes
+    repo.backup([str(src)])  # one pack: the chunks of a, b and d
     a = bytearray((src / "a").read_bytes())
     a[500_000:504_096] = bytes(4096)
     (src / "a").write_bytes(a)
     (src / "c").write_bytes(os.urandom(1_000_000))
     assert repo.backup([str(src)]).snapshot.stats["delta_blobs"] >= 1  # a pack: a's changed chunk(s), c
     (src / "a").unlink()
+    (src / "d").unlink()
     last = repo.backup([str(src)]).snapshot
     repo.forget([s.id for s in repo.snapshots() if s.id != last.id])
     plan = repo.prune()
