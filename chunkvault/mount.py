@@ -554,6 +554,10 @@ def mount(repo: Repository, mountpoint: str, *, allow_other: bool = False, wait:
         ops = SnapshotFS(repo, refresh, on_mounted, numeric_owner, end_retries)
         options: dict[str, Any] = {"use_ino": True,  # getattr's inode numbers: hard links share theirs
                                    "entry_timeout": refresh, "attr_timeout": refresh, "kernel_cache": True}
+        if getattr(fuse, "fuse_version_major", 2) >= 3:
+            # libfuse 3.14's own default (unlimited) fails its own check, and it said so at every mount; 10 is
+            # its default of threads at most, so no idle thread is ended either way (libfuse 2 lacks the option)
+            options["max_idle_threads"] = 10
         if allow_other:
             options.update(allow_other=True, default_permissions=True)
         # libfuse unmounts on SIGTERM and SIGHUP with handlers of its own, which it installs only over the

@@ -615,6 +615,19 @@ def test_a_mounted_repository_reads_like_the_source_and_unmounts_on_sigterm(repo
 
 
 @needs_fuse
+def test_a_mount_says_one_line_and_nothing_of_libfuse_s_own(repo_with, tmp_path):
+    """libfuse 3.14 (Debian 12's) took its own default of idle threads for an invalid value and said so on
+    stderr at every mount ("Ignoring invalid max threads value 4294967295 > max (100000).")."""
+    _, url, *_ = repo_with
+    mnt = tmp_path / "mnt"
+    with _cli_mount(url, mnt) as proc:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+        lines = proc.stderr.read().decode().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("snapshots mounted at"), lines
+
+
+@needs_fuse
 def test_sigquit_unmounts_as_sigterm_does(repo_with, tmp_path):
     """libfuse handles SIGTERM, SIGHUP and SIGINT, not SIGQUIT: its Python handler waited for libfuse's loop to
     end, and the mount stayed."""
