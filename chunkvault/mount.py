@@ -13,6 +13,7 @@ REFRESH_SECONDS.
 from __future__ import annotations
 
 import bisect
+import contextlib
 import ctypes
 import errno
 import hashlib
@@ -549,9 +550,19 @@ def mount(repo: Repository, mountpoint: str, *, allow_other: bool = False, wait:
     as a restore would set them: the local ids of their recorded names, unless ``numeric_owner``."""
     _check_mountpoint(mountpoint)
     fuse = _fuse()
+    home = _working_directory()
+
+    def mounted() -> None:
+        _return_to(home)
+        if on_mounted is not None:
+            on_mounted()
+
     # the lock is given back (``reading``) while the retries are still ended: to a remote gone, at once
-    with repo.retries_ended_by() as end_retries, repo.reading("mount", wait=wait):
-        ops = SnapshotFS(repo, refresh, on_mounted, numeric_owner, end_retries)
+    with contextlib.ExitStack() as stack, repo.retries_ended_by() as end_retries, repo.reading("mount", wait=wait):
+        if home is not None:
+            stack.callback(os.close, home)
+            stack.callback(_return_to, home)
+        ops = SnapshotFS(repo, refresh, mounted, numeric_owner, end_retries)
         options: dict[str, Any] = {"use_ino": True,  # getattr's inode numbers: hard links share theirs
                                    "entry_timeout": refresh, "attr_timeout": refresh, "kernel_cache": True}
         if getattr(fuse, "fuse_version_major", 2) >= 3:
@@ -577,6 +588,23 @@ def mount(repo: Repository, mountpoint: str, *, allow_other: bool = False, wait:
                 relay.close()
             for signum, handler in previous.items():
                 signal.signal(signum, handler)
+
+
+def _working_directory() -> int | None:
+    """The working directory, held open: libfuse 3 changes to / as it mounts, in the foreground too, where
+    the caller (a relative mount point's --json document, a program going on after the mount) keeps its own."""
+    try:
+        return os.open(".", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError:
+        return None
+
+
+def _return_to(home: int | None) -> None:
+    if home is not None:
+        try:
+            os.fchdir(home)
+        except OSError:
+            pass
 
 
 def _mount_failed(mountpoint: str, exc: RuntimeError, served: bool) -> MountFailed:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import json
 import os
 import random
 import shutil
@@ -625,6 +626,39 @@ def test_a_mount_says_one_line_and_nothing_of_libfuse_s_own(repo_with, tmp_path)
         assert proc.wait(timeout=30) == 0
         lines = proc.stderr.read().decode().splitlines()
     assert len(lines) == 1 and lines[0].startswith("snapshots mounted at"), lines
+
+
+@needs_fuse
+def test_a_mount_leaves_the_working_directory_where_it_was(repo_with, tmp_path):
+    """libfuse 3 changes to / as it mounts, in the foreground too: a relative mount point's --json document
+    named /mnt, and a program that mounted went on in /, its relative paths elsewhere."""
+    _, url, *_ = repo_with
+    (tmp_path / "mnt").mkdir()
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("CHUNKVAULT_")},
+           "CHUNKVAULT_PASSWORD": PASSWORD}
+    proc = subprocess.Popen([sys.executable, "-m", "chunkvault.cli", "mount", "-r", url, "mnt", "--json"],
+                            cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        wait_for(lambda: proc.poll() is not None or os.path.isdir(tmp_path / "mnt" / "snapshots"), timeout=30)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0, proc.stderr.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        _unmount(str(tmp_path / "mnt"))
+    assert json.loads(proc.stdout.read())["mountpoint"] == str(tmp_path / "mnt")
+    program = ("import os, signal, sys\n"
+               "from chunkvault import Repository\n"
+               "from chunkvault.mount import mount\n"
+               "def mounted():\n"
+               "    print(os.getcwd(), flush=True)\n"
+               "    os.kill(os.getpid(), signal.SIGTERM)\n"
+               "mount(Repository.open(sys.argv[1], sys.argv[2]), 'mnt', on_mounted=mounted)\n"
+               "print(os.getcwd())\n")
+    done = subprocess.run([sys.executable, "-c", program, url, PASSWORD], cwd=tmp_path, capture_output=True,
+                          timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.decode().splitlines() == [str(tmp_path)] * 2
 
 
 @needs_fuse
