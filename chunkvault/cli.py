@@ -2830,8 +2830,10 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
 
     s = sub.add_parser("repair", parents=[common],
                        help="rebuild the index, salvage damaged packs, or drop files whose data is gone")
-    s.add_argument("what", choices=["index", "packs", "snapshots"])
-    s.add_argument("packs", nargs="*", metavar="PACK", help="repair packs: the damaged packs' ids (or prefixes)")
+    # the choices as the name errors give (not the inner "what"); no PACK among what they call missing
+    s.add_argument("what", choices=["index", "packs", "snapshots"], metavar="{index,packs,snapshots}")
+    s.add_argument("packs", nargs="*", default=[], metavar="PACK",
+                   help="repair packs: the damaged packs' ids (or prefixes)")
     s.add_argument("--confirm", metavar="REPAIR", help="repair packs or snapshots: really do it")
     _wait_option(s, 3600.0, "running backups and reads")
     s.set_defaults(func=cmd_repair)
