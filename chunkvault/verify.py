@@ -45,6 +45,7 @@ from .processes import become_subreaper, carries, children, kill_group, stop_bei
 from .store.manifest import (
     T_BLOCKDEV, T_CHARDEV, T_DIR, T_FIFO, T_FILE, T_HARDLINK, T_SYMLINK, TYPE_NAMES, Entry, sort_key, unread,
 )
+from .store.backup import hash_file
 from .store.chronology import chronological_key
 from .store.snapshot import Snapshot, of_source, parse_time
 from .store.restore import setid_bits_for_others, time_step
@@ -395,15 +396,11 @@ def walk_sorted(root: bytes, errors: list[tuple[bytes, str]], opener: OpenedForR
 
 
 def file_digest(path: bytes) -> bytes:
-    """BLAKE3 of a file's bytes, read here (not taken from the restore)."""
+    """BLAKE3 of a file's bytes, read here (not taken from the restore); its holes hashed as zeros, unread."""
     hasher = blake3.blake3(max_threads=blake3.blake3.AUTO)
     fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
     try:
-        while True:
-            block = os.read(fd, _READ_BLOCK)
-            if not block:
-                break
-            hasher.update(block)
+        hash_file(fd, hasher, _READ_BLOCK)
     finally:
         os.close(fd)
     return hasher.digest()
