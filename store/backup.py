@@ -448,7 +448,7 @@ class _HoleSkippingReader:
         return offset
 
 
-def _sparse(st: os.stat_result) -> bool:
+def may_have_holes(st: os.stat_result) -> bool:
     """Whether a file may have holes: fewer blocks than its size takes (or compressed by its file system)."""
     return st.st_blocks * 512 < st.st_size - 4096
 
@@ -458,7 +458,7 @@ def hash_file(fd: int, hasher: "blake3.blake3", block: int = 1 << 20) -> int:
     reads it (one read only front to back, from where it is); the number of bytes fed.  A restored sparse file
     read whole to check it (20 GiB holding a few MiB) took 20 times its restore, all of it the kernel making
     zeros."""
-    holes = _HoleSkippingReader(fd) if _sparse(os.fstat(fd)) and _seekable(fd) else None
+    holes = _HoleSkippingReader(fd) if may_have_holes(os.fstat(fd)) and _seekable(fd) else None
     buf = memoryview(bytearray(block))
     pos = 0
     while True:
@@ -903,7 +903,7 @@ class Backup:
         try:
             e.xattrs = self._xattrs(fd, path, st, T_FILE, prev, notes)
             try:
-                reader = _HoleSkippingReader(fd) if _sparse(st) and _seekable(fd) else _FdReader(fd)
+                reader = _HoleSkippingReader(fd) if may_have_holes(st) and _seekable(fd) else _FdReader(fd)
                 e.digest, e.chunks, e.size = self._read_stream(reader, e.path, prev, st.st_size, report=False)
             except OSError as exc:
                 return self._unreadable_file(e, path, prev, notes, exc)

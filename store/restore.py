@@ -47,6 +47,7 @@ from .target_dirs import TargetDirs, closed_to_owner, mount_points, proc_path, r
 from .posix_acl import ACL_KEYS
 from .xattrs import decode_xattrs, read_xattrs, write_xattrs
 from . import writefiles
+from .backup import hash_file, may_have_holes
 from .writefiles import NO_SPACE as _FULL, reserve, write_sparse
 
 ACL_ACCESS = ACL_KEYS[0]
@@ -344,6 +345,15 @@ def _shorten(fd: int, st: os.stat_result) -> None:
     that length (a truncation frees it, also to the same length)."""
     os.ftruncate(fd, st.st_size)
     os.utime(fd, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+
+def _hole_at(fd: int, pos: int) -> int:
+    """How many bytes from ``pos`` the file open at ``fd`` is a hole (reads as zeros); 0 at data, or where the
+    file system cannot tell."""
+    try:
+        return os.lseek(fd, pos, os.SEEK_DATA) - pos
+    except OSError as exc:
+        return MAX_FILE_OFFSET if exc.errno == errno.ENXIO else 0  # ENXIO: no data from there on
 
 
 def _write_ranges(fd: int, ranges: list[tuple[int, Plaintext]], zeros_from: int) -> None:
@@ -1328,13 +1338,10 @@ class Restorer:
 
     @staticmethod
     def _holds(fd: int, e: Entry) -> bool:
-        """Whether the file open at ``fd`` holds exactly the entry's content (size and digest)."""
+        """Whether the file open at ``fd`` holds exactly the entry's content (size and digest); its holes are
+        hashed as zeros, unread."""
         hasher = blake3.blake3()
-        pos = 0
-        while block := os.pread(fd, 1 << 20, pos):
-            hasher.update(block)
-            pos += len(block)
-        return pos == e.size and hasher.digest() == e.digest
+        return hash_file(fd, hasher) == e.size and hasher.digest() == e.digest
 
     def _meta_matches(self, e: Entry) -> bool:
         """Whether what a restore sets on the file (mode, time, owner, attributes) is already so."""
@@ -1350,11 +1357,19 @@ class Restorer:
         counted as rewritten)."""
         assert isinstance(self.repo, Repo)
         pos = 0
+        holes = may_have_holes(os.fstat(fd))  # else no seek per chunk (a round trip on NFS)
+        zeros: tuple[bytes, bytes] = (b"", b"")  # the last chunk of zeros a hole was taken for, and its id
         for cid in e.chunk_ids():
             loc = self.repo.locate(cid)
             length = loc.raw_length if loc is not None and pos + loc.raw_length <= size else 0
-            current = os.pread(fd, length, pos) if length else b""
-            if length and len(current) == length and self.repo.blob_id(current) == cid:
+            if length and holes and _hole_at(fd, pos) >= length:  # zeros, unread: the kernel would make them
+                if len(zeros[0]) != length:
+                    zeros = (bytes(length), self.repo.blob_id(bytes(length)))
+                current, current_id = zeros
+            else:
+                current = os.pread(fd, length, pos) if length else b""
+                current_id = self.repo.blob_id(current) if length and len(current) == length else b""
+            if current_id == cid:
                 data, held = current, True
             else:
                 data, held = self.repo.read_blob(cid), False
