@@ -53,6 +53,26 @@ def test_delta_rewrites_only_what_differs(snapshot_of_tree):
     assert got == {k: v for k, v in expected.items() if k != b"."}
 
 
+def test_delta_reads_a_file_of_another_size_once(snapshot_of_tree, monkeypatch):
+    """A file whose size is not the entry's cannot hold its content: it is read once, for the chunks it holds,
+    not first whole to tell it unchanged (a log or database file that grew was read twice)."""
+    repo, snap, src, expected = snapshot_of_tree
+    with open(src / "base" / "rel2", "ab") as f:
+        f.write(b"grown")
+    read = []
+    for name in ("read", "pread", "preadv", "readv"):
+        def counted(*args, _real=getattr(os, name)):
+            got = _real(*args)
+            read.append(got if isinstance(got, int) else len(got))
+            return got
+        monkeypatch.setattr(os, name, counted)
+    result = repo.restore(snap, str(src), force=True, delta=True, includes=["base/rel2"])
+    monkeypatch.undo()
+    assert result.unchanged_files == 0 and result.rewritten_bytes == 0
+    assert sum(read) <= 400_000
+    assert describe(src)[b"base/rel2"] == expected[b"base/rel2"]
+
+
 def test_delete_removes_what_the_snapshot_lacks(snapshot_of_tree):
     repo, snap, src, expected = snapshot_of_tree
     damage(src, random.Random(2))
