@@ -45,7 +45,7 @@ from .processes import become_subreaper, carries, children, kill_group, stop_bei
 from .store.manifest import (
     T_BLOCKDEV, T_CHARDEV, T_DIR, T_FIFO, T_FILE, T_HARDLINK, T_SYMLINK, TYPE_NAMES, Entry, sort_key, unread,
 )
-from .store.backup import hash_file
+from .store.holes import hash_file
 from .store.chronology import chronological_key
 from .store.snapshot import Snapshot, of_source, parse_time
 from .store.restore import setid_bits_for_others, time_step

@@ -47,7 +47,7 @@ from .target_dirs import TargetDirs, closed_to_owner, mount_points, proc_path, r
 from .posix_acl import ACL_KEYS
 from .xattrs import decode_xattrs, read_xattrs, write_xattrs
 from . import writefiles
-from .backup import hash_file, may_have_holes
+from .holes import hash_file, hole_at, may_have_holes
 from .writefiles import NO_SPACE as _FULL, reserve, write_sparse
 
 ACL_ACCESS = ACL_KEYS[0]
@@ -345,15 +345,6 @@ def _shorten(fd: int, st: os.stat_result) -> None:
     that length (a truncation frees it, also to the same length)."""
     os.ftruncate(fd, st.st_size)
     os.utime(fd, ns=(st.st_atime_ns, st.st_mtime_ns))
-
-
-def _hole_at(fd: int, pos: int) -> int:
-    """How many bytes from ``pos`` the file open at ``fd`` is a hole (reads as zeros); 0 at data, or where the
-    file system cannot tell."""
-    try:
-        return os.lseek(fd, pos, os.SEEK_DATA) - pos
-    except OSError as exc:
-        return MAX_FILE_OFFSET if exc.errno == errno.ENXIO else 0  # ENXIO: no data from there on
 
 
 def _write_ranges(fd: int, ranges: list[tuple[int, Plaintext]], zeros_from: int) -> None:
@@ -1364,7 +1355,7 @@ class Restorer:
         for cid in e.chunk_ids():
             loc = self.repo.locate(cid)
             length = loc.raw_length if loc is not None and pos + loc.raw_length <= size else 0
-            if length and holes and _hole_at(fd, pos) >= length:  # zeros, unread: the kernel would make them
+            if length and holes and hole_at(fd, pos) >= length:  # zeros, unread: the kernel would make them
                 if len(zeros[0]) != length:
                     zeros = (bytes(length), self.repo.blob_id(bytes(length)))
                 current, current_id = zeros

@@ -16,7 +16,7 @@ import blake3
 import pytest
 
 from chunkvault.chunker.params import DEFAULT_PARAMS
-from chunkvault.store import backup
+from chunkvault.store import backup, holes
 from chunkvault.store.manifest import F_CHANGED_DURING_READ, T_FILE
 from chunkvault.verify import compare_tree
 
@@ -244,7 +244,7 @@ def test_a_sparse_file_s_holes_are_told_as_zeros(tmp_path):
     for size in (PAGE, 1000, 8 * MiB):
         fd = os.open(path, os.O_RDONLY)
         try:
-            reader, got, told = backup._HoleSkippingReader(fd), bytearray(), 0
+            reader, got, told = holes.HoleSkippingReader(fd), bytearray(), 0
             while True:
                 told += reader.zeros_ahead() >= size
                 piece = reader.read(size)
@@ -264,7 +264,7 @@ def test_a_sparse_file_cut_short_while_read_ends_where_it_ends_now(tmp_path):
     data = punched(path)
     fd = os.open(path, os.O_RDONLY)
     try:
-        reader, got = backup._HoleSkippingReader(fd), b""
+        reader, got = holes.HoleSkippingReader(fd), b""
         while not reader.zeros_ahead():  # the data's last block
             got += reader.read(PAGE)
         assert reader.zeros_ahead() > 2 * MiB
