@@ -1839,7 +1839,7 @@ class Repository:
         whole snapshot) as a tar or zip ``archive`` with names relative to the snapshot's root. Returns
         warnings (entries a zip cannot hold).  ``subtree``: a path of the snapshot taken as the root (as
         ``restore`` takes it): ``path`` and the archive's names are relative to it."""
-        from .store.archive import ARCHIVES, in_subtree, write_archive
+        from .store.archive import ARCHIVES, in_subtree, write_archive, zero_runs
 
         if archive not in ARCHIVES:
             raise UsageError(f"unknown archive format {archive!r} (tar or zip)")
@@ -1866,7 +1866,19 @@ class Repository:
                     raise UsageError(f"no '{os.fsdecode(target)}' in snapshot {snap.short_id}")
                 return rec.entry
 
-            return write_archive(out, archive, entries, rel, self._content, linked, self.owner_names(snap))
+            zero_id = functools.lru_cache(maxsize=16)(lambda n: self._repo.blob_id(bytes(n)))
+            cut = len(self._repo.chunker.zero_chunk)
+
+            def holes(e: Entry) -> list[tuple[int, int]]:
+                chunks = []
+                for cid in e.chunk_ids():
+                    loc = self._repo.locate(cid)
+                    if loc is None:  # its read names it
+                        return []
+                    chunks.append((cid, loc.raw_length))
+                return zero_runs(chunks, zero_id, cut)
+
+            return write_archive(out, archive, entries, rel, self._content, linked, self.owner_names(snap), holes)
 
     def diff(self, a: str | Snapshot, b: str | Snapshot, *, subtree_a: str | bytes | None = None,
              subtree_b: str | bytes | None = None) -> Iterator[tuple[str, Entry | None, Entry | None]]:
@@ -2609,6 +2621,7 @@ class _ChunkStream(io.RawIOBase):
         self.pos = 0
         self.buf = memoryview(b"")
         self._starts: list[int] | None = None
+        self._last: tuple[bytes, bytes] = (b"", b"")  # the chunk fetched last and its id: a hole's repeats it
 
     def readable(self) -> bool:
         return True
@@ -2624,7 +2637,9 @@ class _ChunkStream(io.RawIOBase):
                     check_content(self.entry, self.pos, hasher.digest())
                 return 0
             self.still_open()
-            self.buf = memoryview(self.repo.read_blob(self.ids[self.i]))[self.skip:]
+            if self._last[0] != self.ids[self.i]:
+                self._last = (self.ids[self.i], self.repo.read_blob(self.ids[self.i]))
+            self.buf = memoryview(self._last[1])[self.skip:]
             self.i += 1
             self.skip = 0
         n = min(len(b), len(self.buf))

@@ -37,15 +37,18 @@ def in_subtree(path: bytes, root: bytes) -> bool:
 
 def write_archive(out: BinaryIO, fmt: str, entries: Iterable[Entry], root: bytes,
                   content: Callable[[Entry], BinaryIO], linked: Callable[[bytes], Entry],
-                  names: tuple[Mapping[int, str], Mapping[int, str]] = ({}, {})) -> list[str]:
+                  names: tuple[Mapping[int, str], Mapping[int, str]] = ({}, {}),
+                  holes: Callable[[Entry], list[tuple[int, int]]] = lambda e: []) -> list[str]:
     """Write the entries below ``root`` (``entries``: a snapshot's tree in order; ``b""``: all of it) to
     ``out`` as ``fmt``; returns warnings (what the format cannot hold). ``content(entry)`` streams a
     file's bytes; ``linked(path)`` is the file entry a hard link names (for a link whose file lies
-    outside the subtree, or in a zip); ``names``: the user and group names of owner ids, for a tar."""
+    outside the subtree, or in a zip); ``names``: the user and group names of owner ids, for a tar;
+    ``holes(entry)``: a file's runs of zeros, (offset, length) in order, that a tar leaves out (a sparse
+    member) rather than writing them."""
     if fmt not in ARCHIVES:
         raise ValueError(f"unknown archive format {fmt!r}")
     warnings: list[str] = []
-    writer = _Tar(out, names) if fmt == "tar" else _Zip(out)
+    writer = _Tar(out, names, holes) if fmt == "tar" else _Zip(out)
     complete = False
     # A file whose first path lies outside the subtree: its first link inside carries the data, and the
     # others link to that one (each carried a copy of the data).
@@ -78,43 +81,108 @@ def write_archive(out: BinaryIO, fmt: str, entries: Iterable[Entry], root: bytes
 _KIND_NAMES = {T_FIFO: "FIFO", T_CHARDEV: "character device", T_BLOCKDEV: "block device"}
 
 
+def zero_runs(chunks: list[tuple[bytes, int]], zero_id: Callable[[int], bytes], cut: int, least: int = 1 << 20
+              ) -> list[tuple[int, int]]:
+    """Pure: the (offset, length) of each run of at least ``least`` bytes of a file's chunks that hold only
+    zeros, told by their ids, unread.  ``chunks``: (id, length) in order; ``zero_id(n)``: the id of n zeros.
+    It is asked only of a chunk ``cut`` long (what the chunker cuts a run of zeros into) or one whose id its
+    neighbour repeats (a hole in fixed-size chunks): never of every length a file's chunks have."""
+    runs: list[tuple[int, int]] = []
+    pos = 0
+    for i, (blob_id, n) in enumerate(chunks):
+        repeated = (i and chunks[i - 1][0] == blob_id) or (i + 1 < len(chunks) and chunks[i + 1][0] == blob_id)
+        if n and (n == cut or repeated) and blob_id == zero_id(n):
+            if runs and sum(runs[-1]) == pos:
+                runs[-1] = (runs[-1][0], runs[-1][1] + n)
+            else:
+                runs.append((pos, n))
+        pos += n
+    return [run for run in runs if run[1] >= least]
+
+
+def _data_regions(holes: list[tuple[int, int]], size: int) -> list[tuple[int, int]] | None:
+    """Pure: the (offset, length) of the data between ``holes`` in a file of ``size`` bytes, the last one
+    empty (at ``size``) where a hole ends the file; None where there is no hole.  Each hole is narrowed to
+    whole blocks (its edges written as data, zeros): GNU tar reads each region's data in whole blocks, and
+    Python's tarfile reads the regions back to back, so they agree only on regions of whole blocks (but the
+    last)."""
+    regions: list[tuple[int, int]] = []
+    pos = 0
+    for start, n in holes:
+        if n <= 0 or start < pos or start + n > size:
+            raise ValueError(f"holes out of order or out of the file: {holes!r}")
+        end = start + n if start + n == size else (start + n) // tarformat.BLOCK * tarformat.BLOCK
+        start = -(-start // tarformat.BLOCK) * tarformat.BLOCK
+        if end <= start:
+            continue
+        if start > pos:
+            regions.append((pos, start - pos))
+        pos = end
+    if not pos:
+        return None
+    regions.append((pos, size - pos))  # the data after the last hole, or none at the end
+    return regions
+
+
 class _Tar:
     hard_links = True
     exact_names = True
     _KINDS = {T_DIR: tarformat.DIRECTORY, T_SYMLINK: tarformat.SYMLINK, T_HARDLINK: tarformat.HARD_LINK,
               T_FIFO: tarformat.FIFO, T_CHARDEV: tarformat.CHAR_DEVICE, T_BLOCKDEV: tarformat.BLOCK_DEVICE}
 
-    def __init__(self, out: BinaryIO, names: tuple[Mapping[int, str], Mapping[int, str]]):
+    def __init__(self, out: BinaryIO, names: tuple[Mapping[int, str], Mapping[int, str]],
+                 holes: Callable[[Entry], list[tuple[int, int]]] = lambda e: []):
         self.out = out
         self.written = 0
         self.names = names
+        self.holes = holes
 
     def _write(self, data: bytes | memoryview) -> None:
         self.out.write(data)
         self.written += len(data)
 
-    def _header(self, e: Entry, kind: bytes, size: int = 0) -> None:
+    def _header(self, e: Entry, kind: bytes, size: int = 0, real_size: int | None = None) -> None:
         link = e.target if e.type in (T_SYMLINK, T_HARDLINK) else b""
         device = e.type in (T_CHARDEV, T_BLOCKDEV)
         self._write(tarformat.header(kind, e.path, mode=e.mode, uid=e.uid, gid=e.gid, size=size,
                                      mtime_ns=e.mtime_ns, link=link, major=os.major(e.rdev) if device else 0,
                                      minor=os.minor(e.rdev) if device else 0,
-                                     xattrs=decode_xattrs(e.xattrs) if e.xattrs else None, names=self.names))
+                                     xattrs=decode_xattrs(e.xattrs) if e.xattrs else None, names=self.names,
+                                     real_size=real_size))
 
     def file(self, e: Entry, data: BinaryIO) -> None:
-        self._header(e, tarformat.REGULAR, e.size)
-        left = e.size
-        while left:
-            block = data.read(min(left, 1 << 20))
-            if not block:
-                raise CorruptObject(f"file {os.fsdecode(e.path)}", f"its chunks hold {e.size - left} bytes, "
-                                                                 f"not the {e.size} its entry records")
-            self._write(block)
-            left -= len(block)
+        """The file's member: its data regions only where it has holes (a 20 GiB database file holding a few
+        MiB was 20 GiB of tar).  The holes are read too, and dropped: the reader checks the whole content
+        against the entry's digest at its end."""
+        regions = _data_regions(self.holes(e), e.size)
+        if regions is None:
+            self._header(e, tarformat.REGULAR, e.size)
+            stored = e.size
+        else:
+            sparse_map = tarformat.sparse_map(regions)
+            stored = len(sparse_map) + sum(n for _, n in regions)
+            self._header(e, tarformat.REGULAR, stored, real_size=e.size)
+            self._write(sparse_map)
+        pos = 0
+        for start, n in regions or [(0, e.size)]:  # the last ends at the file's end
+            self._copy(e, data, start - pos, False)
+            self._copy(e, data, n, True)
+            pos = start + n
         if data.read(1):  # to the end: the reader checks the content against the entry's digest there
             raise CorruptObject(f"file {os.fsdecode(e.path)}", f"its chunks hold more than the {e.size} bytes its "
                                 "entry records")
-        self._write(tarformat.padding(e.size))
+        self._write(tarformat.padding(stored))
+
+    def _copy(self, e: Entry, data: BinaryIO, n: int, keep: bool) -> None:
+        """The next ``n`` bytes of the file's content, written (``keep``) or read past."""
+        while n:
+            block = data.read(min(n, 1 << 20))
+            if not block:
+                raise CorruptObject(f"file {os.fsdecode(e.path)}", "its chunks hold fewer bytes than the "
+                                                                 f"{e.size} its entry records")
+            if keep:
+                self._write(block)
+            n -= len(block)
 
     def other(self, e: Entry) -> bool:
         self._header(e, self._KINDS[e.type])

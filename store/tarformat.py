@@ -90,16 +90,24 @@ def _block(kind: bytes, name: bytes, mode: bytes, uid: bytes, gid: bytes, size: 
 def header(kind: bytes, name: bytes, *, mode: int = 0o644, uid: int = 0, gid: int = 0, size: int = 0,
            mtime_ns: int = 0, link: bytes = b"", major: int = 0, minor: int = 0,
            xattrs: dict[bytes, bytes] | None = None,
-           names: tuple[Mapping[int, str], Mapping[int, str]] = ({}, {})) -> bytes:
+           names: tuple[Mapping[int, str], Mapping[int, str]] = ({}, {}), real_size: int | None = None) -> bytes:
     """The header blocks of one member (a pax extended header first when needed); a file's data follows,
     padded to a whole block (``padding``). A directory's name gets its trailing slash here.  ``names``:
-    the user and group names of ids, which `tar -x` as root sets owners (and ACL entries) by."""
+    the user and group names of ids, which `tar -x` as root sets owners (and ACL entries) by.
+    ``real_size``: the member is a sparse file of that size, stored as pax sparse format 1.0 (GNU tar's and
+    bsdtar's): ``size`` bytes of its ``sparse_map`` and then its data regions."""
     users, groups = names
     if kind == DIRECTORY and not name.endswith(b"/"):
         name += b"/"
     xattrs = xattrs or {}
     pax: list[bytes] = []
-    name_field = _text(name, 100, b"path", pax)
+    if real_size is not None:  # a tar that knows no sparse files extracts it as this, the map and data within
+        head, _, tail = name.rpartition(b"/")
+        name_field = _text(head + b"/" * bool(head) + b"GNUSparseFile.0/" + tail, 100, b"path", pax)
+        pax += [record(b"GNU.sparse.major", b"1"), record(b"GNU.sparse.minor", b"0"),
+                record(b"GNU.sparse.name", name), record(b"GNU.sparse.realsize", b"%d" % real_size)]
+    else:
+        name_field = _text(name, 100, b"path", pax)
     link_field = _text(link, 100, b"linkpath", pax)
     seconds, frac = divmod(mtime_ns, 1_000_000_000)
     if frac:
@@ -151,6 +159,15 @@ def acl_text(value: bytes, users: Mapping[int, str] | None = None, groups: Mappi
             who = _ACL_WHO[tag]
         out.append(who + b":" + bytes(b"rwx"[i] if perm & (4 >> i) else ord("-") for i in range(3)))
     return b",".join(out)
+
+
+def sparse_map(regions: list[tuple[int, int]]) -> bytes:
+    """A sparse member's map (pax sparse format 1.0), padded to a whole block: the number of data regions,
+    then each one's offset and length, in decimal lines.  A file that ends in a hole ends with a region of
+    no bytes at its size, as GNU tar writes it: a tar that reads no realsize still makes it that long."""
+    lines = [b"%d\n" % len(regions)] + [b"%d\n%d\n" % region for region in regions]
+    text = b"".join(lines)
+    return text + padding(len(text))
 
 
 def padding(size: int) -> bytes:

@@ -4,6 +4,7 @@ import json
 import struct
 import os
 import pty
+import shutil
 import stat
 import subprocess
 import sys
@@ -11,6 +12,7 @@ import tarfile
 import zipfile
 
 import pytest
+from hypothesis import given, settings, strategies as st
 
 from conftest import PASSWORD
 from treeutil import describe, refusing_open
@@ -425,3 +427,95 @@ def test_dump_without_a_path_says_so(cli, tmp_path):
     proc = cli("dump", "-r", repo, "latest", "--path", "a.txt", check=2)
     assert proc.stderr.decode().startswith("chunkvault: dump takes a snapshot, then a PATH")
     assert cli("dump", "-r", repo, "latest", "a.txt", "--path", "a.txt").stdout == b"data"
+
+
+# --- sparse files: their holes left out of a tar (pax sparse format 1.0) ------------------------------
+
+def _sparse_layout(path, size: int, data_at: list[int], length: int = 100_000) -> bytes:
+    """A file of ``size`` bytes holding random data at ``data_at`` (holes between); its content."""
+    content = bytearray(size)
+    with open(path, "wb") as f:
+        for at in data_at:
+            piece = os.urandom(min(length, size - at))
+            f.seek(at)
+            f.write(piece)
+            content[at:at + len(piece)] = piece
+        f.truncate(size)
+    return bytes(content)
+
+
+def test_a_sparse_file_is_dumped_as_its_data_and_unpacks_whole_and_sparse(new_repo, tmp_path):
+    """A tar of a file that is mostly holes held every zero of them (a 20 GiB database file holding a few MiB
+    was 20 GiB of tar); it now holds the data regions, and GNU tar, bsdtar and Python's tarfile make the same
+    file of them, its holes holes again."""
+    src = tmp_path / "src"
+    src.mkdir()
+    MiB = 1 << 20
+    files = {"middle": _sparse_layout(src / "middle", 96 * MiB, [0, 40 * MiB + 123, 95 * MiB]),
+             "tail": _sparse_layout(src / "tail", 64 * MiB, [5]),  # ends in a hole
+             "hole": _sparse_layout(src / "hole", 48 * MiB, []),   # nothing but
+             "dense": os.urandom(3 * MiB)}
+    (src / "dense").write_bytes(files["dense"])
+    repo = new_repo()
+    snap = repo.backup([str(src)]).snapshot
+    data, warnings = dumped(repo, snap, "/")
+    assert not warnings and len(data) < 16 * MiB  # the chunks holding data, not 211 MiB of zeros
+    members = {m.name: m for m in tarfile.open(fileobj=io.BytesIO(data))}
+    assert members["dense"].sparse is None and members["middle"].sparse
+    assert members["hole"].sparse == [(48 * MiB, 0)]
+    extractors = {"tarfile": lambda into: tarfile.open(fileobj=io.BytesIO(data)).extractall(into, filter="tar")}
+    if shutil.which("tar"):
+        extractors["gnu tar"] = lambda into: subprocess.run(["tar", "-x", "-f", "-", "-C", str(into)], input=data,
+                                                            check=True)
+    if shutil.which("bsdtar"):
+        extractors["bsdtar"] = lambda into: subprocess.run(["bsdtar", "-x", "-f", "-", "-C", str(into)], input=data,
+                                                           check=True)
+    for name, extract in extractors.items():
+        into = tmp_path / name
+        into.mkdir()
+        extract(into)
+        for path, content in files.items():
+            assert (into / path).read_bytes() == content, (name, path)
+        if name != "tarfile":  # it writes the regions but punches no holes where it seeks past none
+            assert os.stat(into / "hole").st_blocks * 512 < MiB, name
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.booleans(), st.integers(1, 3000)), max_size=12), st.sampled_from([1, 512, 700]))
+def test_a_sparse_member_reads_back_as_its_file(segments, least):
+    """Any layout of data and zeros, written as a sparse member of its runs of zero chunks as holes (narrowed
+    to whole blocks), reads back through Python's tarfile as the file's bytes."""
+    from chunkvault.store.archive import _Tar, zero_runs
+    from chunkvault.store.manifest import T_FILE, Entry
+
+    content = b"".join(bytes(n) if zero else bytes((i % 255) + 1 for i in range(n)) for zero, n in segments)
+    chunks = [(b"z%d" % n if zero else os.urandom(8), n) for zero, n in segments]
+    holes = zero_runs(chunks, lambda n: b"z%d" % n, 0, least)
+    holes += zero_runs(chunks, lambda n: b"z%d" % n, 700, least)  # asked of a chunk the chunker's cut long
+    holes = sorted(set(holes))
+    assert all(content[a:a + n] == bytes(n) for a, n in holes)
+    out = io.BytesIO()
+    e = Entry(path=b"f", type=T_FILE, mode=0o644, size=len(content))
+    tar = _Tar(out, ({}, {}), lambda _: holes)
+    tar.file(e, io.BytesIO(content))
+    tar.close(True)
+    member = tarfile.open(fileobj=io.BytesIO(out.getvalue())).getmember("f")
+    assert member.size == len(content)
+    assert tarfile.open(fileobj=io.BytesIO(out.getvalue())).extractfile(member).read() == content
+
+
+def test_zero_runs_asks_only_of_the_lengths_zeros_are_cut_into_or_repeated():
+    """The id of n zeros is a hash of n bytes: asked of every chunk's length, a dump would hash as much as
+    the file again."""
+    from chunkvault.store.archive import zero_runs
+
+    asked = []
+
+    def zero_id(n):
+        asked.append(n)
+        return b"zero"
+
+    chunks = [(b"a", 10), (b"zero", 4), (b"zero", 4), (b"b", 3), (b"zero", 6), (b"c", 5), (b"zero", 7)]
+    assert zero_runs(chunks, zero_id, 6, least=1) == [(10, 8), (21, 6)]
+    assert sorted(asked) == [4, 4, 6]
+    assert zero_runs(chunks, zero_id, 6, least=7) == [(10, 8)]
