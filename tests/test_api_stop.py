@@ -234,7 +234,8 @@ def _running_commands(marker: str) -> list[str]:
     return found
 
 
-def test_a_silent_command_and_a_wait_for_a_lock_end_when_stopped(tmp_path, new_repo):
+def test_a_silent_command_and_a_wait_for_a_lock_end_when_stopped(tmp_path, new_repo, monkeypatch):
+    from chunkvault.store import locks
     from chunkvault.store.locks import EXCLUSIVE, RepoLock
 
     path = str(tmp_path / "repo")
@@ -247,11 +248,14 @@ def test_a_silent_command_and_a_wait_for_a_lock_end_when_stopped(tmp_path, new_r
     command.join(60)
     assert not command.is_alive() and isinstance(out[0], Stopped), out
     assert _running_commands(marker) == [] and repo.snapshots() == []
+    waits = threading.Event()
+    monkeypatch.setattr(locks, "announce_wait", lambda *_: waits.set())
     with RepoLock(repo.store.remote, EXCLUSIVE, "prune"):  # another command's prune, for as long as it takes
         src = tmp_path / "src"
         src.mkdir()
         waiting, out = _in_thread(lambda: repo.backup([str(src)], wait=600))
-        waiting.join(1.0)  # waiting by then (or not yet: a stop before the wait ends it as well)
+        # begun: a stop before the call would leave it to run as usual (a second passed for it, under load)
+        assert waits.wait(60)
         repo.stop()
         waiting.join(60)
         assert not waiting.is_alive() and isinstance(out[0], Stopped), out
