@@ -47,7 +47,7 @@ from .target_dirs import TargetDirs, closed_to_owner, mount_points, proc_path, r
 from .posix_acl import ACL_KEYS
 from .xattrs import decode_xattrs, read_xattrs, write_xattrs
 from . import writefiles
-from .holes import hash_file, hole_at, may_have_holes
+from .holes import hole_at, may_have_holes
 from .writefiles import NO_SPACE as _FULL, reserve, write_sparse
 
 ACL_ACCESS = ACL_KEYS[0]
@@ -669,6 +669,7 @@ class Restorer:
         self._run: list[tuple[int, bytes, Plaintext, Entry]] = []
         self._run_bytes = 0
         self._kept_linked: set[tuple[int, int]] = set()  # --delta: files with other links kept as they were
+        self._zero_ids: dict[int, bytes] = {}  # --delta: the id of zeros of each length a hole held a chunk of
         # --overwrite never/if-newer: the files this restore wrote (a hard link to another is linked to a copy
         # of the snapshot's content, not to what the target kept), the directories kept with their metadata
         # as found (stat), the key of a directory entry kept as something else (what lies below is not
@@ -1327,14 +1328,21 @@ class Restorer:
         unread (restic's); --delta reads every file."""
         return self.opt.overwrite == "if-changed" and st.st_size == e.size and st.st_mtime_ns == e.mtime_ns
 
-    @staticmethod
-    def _holds(fd: int, e: Entry) -> bool:
-        """Whether the file open at ``fd`` holds exactly the entry's content (size and digest); its holes are
-        hashed as zeros, unread.  One of another size is not read: the chunks it holds are, next."""
+    def _holds(self, fd: int, e: Entry) -> bool:
+        """Whether the file open at ``fd`` holds exactly the entry's content: its size, and each chunk at its
+        offset (a chunk's id is its content's keyed hash), read up to the first that differs.  Hashed whole
+        first, a changed file of the same size (a database's, written in place) was read twice: here to
+        the end, then again for the chunks it holds."""
         if os.fstat(fd).st_size != e.size:
             return False
-        hasher = blake3.blake3()
-        return hash_file(fd, hasher) == e.size and hasher.digest() == e.digest
+        holes = may_have_holes(os.fstat(fd))
+        pos = 0
+        for cid in e.chunk_ids():
+            current = self._held_at(fd, cid, pos, e.size, holes)
+            if current is None:
+                return False
+            pos += len(current)
+        return pos == e.size
 
     def _meta_matches(self, e: Entry) -> bool:
         """Whether what a restore sets on the file (mode, time, owner, attributes) is already so."""
@@ -1348,27 +1356,32 @@ class Restorer:
         """The entry's chunks in order, each with whether the file open at ``fd`` already holds it at its
         offset within its first ``size`` bytes (then read from there) or not (read from the repository, and
         counted as rewritten)."""
-        assert isinstance(self.repo, Repo)
-        pos = 0
         holes = may_have_holes(os.fstat(fd))  # else no seek per chunk (a round trip on NFS)
-        zeros: tuple[bytes, bytes] = (b"", b"")  # the last chunk of zeros a hole was taken for, and its id
+        pos = 0
         for cid in e.chunk_ids():
-            loc = self.repo.locate(cid)
-            length = loc.raw_length if loc is not None and pos + loc.raw_length <= size else 0
-            if length and holes and hole_at(fd, pos) >= length:  # zeros, unread: the kernel would make them
-                if len(zeros[0]) != length:
-                    zeros = (bytes(length), self.repo.blob_id(bytes(length)))
-                current, current_id = zeros
-            else:
-                current = os.pread(fd, length, pos) if length else b""
-                current_id = self.repo.blob_id(current) if length and len(current) == length else b""
-            if current_id == cid:
-                data, held = current, True
-            else:
-                data, held = self.repo.read_blob(cid), False
+            data = self._held_at(fd, cid, pos, size, holes)
+            held = data is not None
+            if data is None:
+                data = self.repo.read_blob(cid)
                 self.result.rewritten_bytes += len(data)
             yield data, held
             pos += len(data)
+
+    def _held_at(self, fd: int, cid: bytes, pos: int, size: int, holes: bool) -> bytes | None:
+        """Chunk ``cid`` as the file open at ``fd`` holds it at ``pos``, within its first ``size`` bytes; None
+        where it does not.  ``holes``: the file may have some, and a chunk lying in one is compared as
+        zeros, unread (the kernel would make them), by the id of zeros of its length, found once."""
+        assert isinstance(self.repo, Repo)
+        loc = self.repo.locate(cid)
+        if loc is None or pos + loc.raw_length > size:
+            return None
+        length = loc.raw_length
+        if holes and hole_at(fd, pos) >= length:
+            if length not in self._zero_ids:
+                self._zero_ids[length] = self.repo.blob_id(bytes(length))
+            return bytes(length) if self._zero_ids[length] == cid else None
+        current = os.pread(fd, length, pos)
+        return current if len(current) == length and self.repo.blob_id(current) == cid else None
 
     def _make_room(self, rel: bytes, is_dir: bool, keep_file: bool = False) -> tuple[int, bytes]:
         """Make sure ``rel``'s directory exists and nothing else is in its place; where it lies (``at``).

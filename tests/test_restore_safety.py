@@ -1168,13 +1168,13 @@ def test_delta_writes_into_the_file_it_judged_not_into_a_link_put_at_its_name(tm
     before = victim.stat()
     holds = Restorer._holds
 
-    def swapped(fd, e):
-        found = holds(fd, e)
+    def swapped(self, fd, e):
+        found = holds(self, fd, e)
         os.rename(target / "big", target / "big.moved")
         os.link(victim, target / "big")
         return found
 
-    monkeypatch.setattr(Restorer, "_holds", staticmethod(swapped))
+    monkeypatch.setattr(Restorer, "_holds", swapped)
     repo.restore("latest", str(target), force=True, delta=True)
     after = victim.stat()
     assert victim.read_bytes() == b"not the restore's" and (after.st_mode, after.st_uid) == (before.st_mode,
