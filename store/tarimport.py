@@ -53,15 +53,23 @@ def member_path(name: str, strip: int = 0, link_of: str | None = None) -> bytes 
     ``link_of``: the member ``name`` is the hard link target of (named first in the refusal)."""
     raw = os.fsencode(name)
     parts = [p for p in raw.split(b"/") if p]
-    if b".." in parts:  # names quoted as text, not repr(): the console shows a byte no UTF-8 holds as \xff
-        what = f"tar member '{name}'" if link_of is None else \
-            f"tar member '{link_of}' is a hard link to '{name}', which"
+    # names quoted as text, not repr(): the console shows a byte no UTF-8 holds as \xff
+    what = f"tar member '{name}'" if link_of is None else f"tar member '{link_of}' is a hard link to '{name}', which"
+    if b".." in parts:
         raise UsageError(f"{what} has a '..' component: refused (it leads out of the tree)")
+    _refuse_nul(raw, what)
     if strip:
         if len(parts) <= strip:
             return None
         parts = parts[strip:]
     return b"/".join(p for p in parts if p != b".")
+
+
+def _refuse_nul(raw: bytes, what: str) -> None:
+    """A NUL in a pax path or link target (a ustar field ends at one) is refused: no file or link can hold one,
+    and the snapshot it made failed ``check`` and every restore (a symbolic link's: an internal error)."""
+    if b"\0" in raw:
+        raise UsageError(f"{what} has a NUL byte: refused (no file name or link holds one)")
 
 
 def pax_time_ns(text: str) -> int:
@@ -585,6 +593,7 @@ def read_members(tf: tarfile.TarFile, store: Store, strip: int = 0) -> Iterator[
                 e.type = T_DIR
             elif m.issym():
                 e.type, e.target = T_SYMLINK, os.fsencode(m.linkname)
+                _refuse_nul(e.target, f"tar member '{m.name}' is a symbolic link to '{m.linkname}', which")
                 e.size = len(e.target)
             elif m.isfifo():
                 e.type = T_FIFO

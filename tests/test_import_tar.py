@@ -585,11 +585,12 @@ def test_a_hard_link_to_nothing_or_a_directory_says_which(new_repo):
         new_repo().import_tar(io.BytesIO(out.getvalue()), "/src")
 
 
-def _refusal_of(cli, tmp_path, member: tarfile.TarInfo) -> list[str]:
-    """The lines import-tar says of a GNU tar holding ``member`` alone, which it must refuse (exit 2)."""
+def _refusal_of(cli, tmp_path, member: tarfile.TarInfo, fmt: int = tarfile.GNU_FORMAT) -> list[str]:
+    """The lines import-tar says of a GNU (or ``fmt``) tar holding ``member`` alone, which it must refuse
+    (exit 2)."""
     out = io.BytesIO()
-    with tarfile.open(fileobj=out, mode="w", format=tarfile.GNU_FORMAT) as t:
-        t.addfile(member)
+    with tarfile.open(fileobj=out, mode="w", format=fmt) as t:
+        t.addfile(member, io.BytesIO(bytes(member.size)))
     url = str(tmp_path / "repo")
     cli("init", "-r", url, "--kdf-time", "0")
     return cli("import-tar", "-r", url, "--path", "/x", "-", input=out.getvalue(), check=2).stderr.decode().splitlines()
@@ -682,3 +683,19 @@ def test_a_time_beyond_what_a_snapshot_holds_is_warned_of_as_a_backup_warns(new_
     assert result.warnings == [
         f"modification time before 1677 or after 2262, stored as the nearest of those ends: {name}"
         for name in ("late", "early")]
+
+
+@pytest.mark.parametrize("kind", ["file", "symlink"])
+def test_a_nul_in_a_pax_name_or_symlink_target_is_refused_naming_the_member(cli, tmp_path, kind):
+    """A pax path or linkpath may hold a NUL (a ustar field ends at one): the snapshot saved of a name with
+    one failed check, every restore and dump ("unsafe path"); of a symbolic link's target, each restore
+    (an internal error, exit 1)."""
+    i = tarfile.TarInfo("dir/member")
+    if kind == "file":
+        i.pax_headers = {"path": "dir/a\0b"}
+        said = "tar member 'dir/a\\x00b' has a NUL byte"
+    else:
+        i.type, i.pax_headers = tarfile.SYMTYPE, {"linkpath": "to\0where"}
+        said = "tar member 'dir/member' is a symbolic link to 'to\\x00where', which has a NUL byte"
+    assert _refusal_of(cli, tmp_path, i, tarfile.PAX_FORMAT) == [
+        f"chunkvault: {said}: refused (no file name or link holds one)"]
