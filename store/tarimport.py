@@ -42,6 +42,7 @@ GNUTYPE_VOLHDR = b"V"  # GNU tar's volume label (``tar -V``): tar -x makes nothi
 GNUTYPE_MULTIVOL = b"M"  # the rest of a file begun in the volume before (``tar -M``): tar -x refuses it alone
 _KNOWN_TYPES = frozenset(tarfile.SUPPORTED_TYPES) | {GNUTYPE_DUMPDIR, GNUTYPE_VOLHDR, GNUTYPE_MULTIVOL}
 ID_LIMIT = 2**32  # owner and group ids, as a snapshot holds them
+XATTR_NAME_MAX = 255  # an extended attribute's name: at least a byte, no NUL, at most this many (Linux's)
 DEVICE_LIMIT = 2**31  # device major and minor numbers: os.makedev takes a C int each (GNU tar's limit too)
 Store = Callable[[BinaryIO, bytes, int], "tuple[bytes, bytes, int]"]  # (stream, path, size) -> digest, ids, size
 
@@ -543,6 +544,10 @@ def _entry(m: tarfile.TarInfo, rel: bytes) -> Entry:
     e = Entry(rel, T_FILE, m.mode & 0o7777, m.uid, m.gid, ns, 0, ns)
     xattrs = {os.fsencode(k[len(_XATTR):].replace("%3D", "=").replace("%25", "%")):
               v.encode("utf-8", "surrogateescape") for k, v in m.pax_headers.items() if k.startswith(_XATTR)}
+    for name in xattrs:  # encode_xattrs raised (exit 1) on some, a restore on the others
+        if not 0 < len(name) <= XATTR_NAME_MAX or b"\0" in name:
+            raise UsageError(f"tar member '{m.name}' has an extended attribute named '{os.fsdecode(name)}', "
+                             "which no file can have: refused")
     if xattrs:
         e.xattrs = encode_xattrs(xattrs)
     return e

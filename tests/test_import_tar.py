@@ -699,3 +699,21 @@ def test_a_nul_in_a_pax_name_or_symlink_target_is_refused_naming_the_member(cli,
         said = "tar member 'dir/member' is a symbolic link to 'to\\x00where', which has a NUL byte"
     assert _refusal_of(cli, tmp_path, i, tarfile.PAX_FORMAT) == [
         f"chunkvault: {said}: refused (no file name or link holds one)"]
+
+
+@pytest.mark.parametrize("name", ["", "user.a\0b", "user." + "n" * 251])
+def test_an_extended_attribute_name_no_file_can_have_is_refused_naming_the_member(cli, tmp_path, new_repo, name):
+    """A pax record can name an attribute with no byte, over 255 or with a NUL: the first two were internal
+    errors (exit 1), the last saved, and each restore of it an internal error."""
+    i = tarfile.TarInfo("dir/member")
+    i.pax_headers = {"SCHILY.xattr." + name: "value"}
+    shown = name.replace("\0", "\\x00")
+    assert _refusal_of(cli, tmp_path, i, tarfile.PAX_FORMAT) == [
+        f"chunkvault: tar member 'dir/member' has an extended attribute named '{shown}', which no file can have: "
+        "refused"]
+    out = io.BytesIO()
+    with tarfile.open(fileobj=out, mode="w", format=tarfile.PAX_FORMAT) as t:
+        i.pax_headers = {"SCHILY.xattr.user." + "n" * 250: "value"}  # 255 bytes: Linux's longest
+        t.addfile(i)
+    snap = new_repo().import_tar(io.BytesIO(out.getvalue()), "/x").snapshot
+    assert snap is not None
