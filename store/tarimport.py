@@ -14,6 +14,7 @@ import gzip
 import lzma
 import math
 import os
+import re
 import tarfile
 import zlib
 from dataclasses import replace
@@ -514,7 +515,11 @@ def _not_dumped(f: BinaryIO) -> int:
 def _check_ids(m: tarfile.TarInfo) -> None:
     """A member's ids beyond a snapshot's 32 bits, and device numbers beyond 31 (a pax or GNU header can hold
     any), are refused, naming it: GNU tar rejects such values too (exit 2), and any owner or device given
-    instead would be made up."""
+    instead would be made up.  So is a pax id or size that is no number, which GNU tar calls malformed."""
+    for key in ("uid", "gid", "size"):  # tarfile reads one that is no number as 0 (root, or an empty file)
+        text = m.pax_headers.get(key)
+        if text is not None and not re.fullmatch(r"-?[0-9]+", text):
+            raise UsageError(f"tar member '{m.name}' has {key} {text}, which is no number: refused")
     named = [("uid", m.uid, ID_LIMIT), ("gid", m.gid, ID_LIMIT)]
     if m.ischr() or m.isblk():
         named += [("device major", m.devmajor, DEVICE_LIMIT), ("device minor", m.devminor, DEVICE_LIMIT)]
@@ -527,15 +532,20 @@ def _check_ids(m: tarfile.TarInfo) -> None:
 def _mtime_ns(m: tarfile.TarInfo) -> int:
     """``m``'s modification time in nanoseconds, one beyond what an entry holds at the nearest end.  A pax
     time tarfile reads as a float but that is no number ("inf", "nan") was an internal error (exit 1): it is
-    refused, naming the member, as GNU tar calls such a header malformed."""
+    refused, naming the member, as GNU tar calls such a header malformed; so is one that is no number at all
+    ("abc", "1.2.3"), which tarfile reads as 0 and was stored as 1970."""
     text = m.pax_headers.get("mtime")
     try:
-        return held_ns(pax_time_ns(text) if text else int(m.mtime) * 1_000_000_000)
-    except ValueError:  # a float tarfile read, in a notation pax_time_ns does not take ("1e30", "inf")
-        if not math.isfinite(m.mtime):
+        return held_ns(pax_time_ns(text) if text is not None else int(m.mtime) * 1_000_000_000)
+    except ValueError:  # a notation pax_time_ns does not take ("1e30", "inf"), or no number
+        try:
+            seconds = float(text)  # type: ignore[arg-type]
+        except ValueError:
+            seconds = math.nan
+        if not math.isfinite(seconds):
             raise UsageError(f"tar member '{m.name}' has modification time {text}, which is no time: "
                              "refused") from None
-        return held_ns(int(m.mtime * 1_000_000_000))
+        return held_ns(int(seconds * 1_000_000_000))
 
 
 def _entry(m: tarfile.TarInfo, rel: bytes) -> Entry:
