@@ -333,11 +333,16 @@ def open_tar(raw: BinaryIO) -> tarfile.TarFile:
 
 def _is_header(block: bytes) -> bool:
     """Whether ``block`` is a tar header block (its checksum holds)."""
+    return not _not_header(block)
+
+
+def _not_header(block: bytes) -> str:
+    """Why ``block`` is no tar header block, as tarfile says it ("bad checksum", "empty header"); "" if it is one."""
     try:
         tarfile.TarInfo.frombuf(block, "utf-8", "surrogateescape")
-    except tarfile.HeaderError:
-        return False
-    return True
+    except tarfile.HeaderError as exc:
+        return str(exc) or type(exc).__name__
+    return ""
 
 
 class _ZstdFrames:
@@ -621,6 +626,9 @@ def read_members(tf: tarfile.TarFile, store: Store, strip: int = 0) -> Iterator[
     # No member at all: tarfile read the end block before ``watched`` was in place (a header that did not
     # read there was "not a tar").
     if count and watched.last != bytes(tarfile.BLOCKSIZE):
+        if len(watched.last) == tarfile.BLOCKSIZE:  # tarfile ends quietly at a whole block that is no header
+            raise IncompleteSource(f"the tar breaks off after member {count}: the block that follows it is no "
+                                   f"tar header ({_not_header(watched.last)}): no snapshot saved")
         raise IncompleteSource(f"the tar ends after member {count} without its end-of-archive blocks (cut "
                                "short?): no snapshot saved")
     try:  # to its end: a compressed stream's check (gzip's CRC, zstd's checksum) comes last; a pipe's writer

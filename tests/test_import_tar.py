@@ -732,3 +732,22 @@ def test_a_pax_number_that_is_no_number_is_refused_naming_the_member(cli, tmp_pa
     i.size, i.pax_headers = 2, {key: value}
     assert _refusal_of(cli, tmp_path, i, tarfile.PAX_FORMAT) == [
         f"chunkvault: tar member 'dir/member' has {said}: refused"]
+
+
+def test_a_header_whose_checksum_fails_after_the_first_member_is_named_as_such(new_repo):
+    """tarfile ends quietly at a block that is no header, as at the end blocks: the import said the tar
+    ended without them ("cut short?"), of an archive whose damaged header had more members after it."""
+    out = io.BytesIO()
+    with tarfile.open(fileobj=out, mode="w", format=tarfile.USTAR_FORMAT) as t:
+        for name in ("first", "second", "third"):
+            i = tarfile.TarInfo(name)
+            i.size = 3
+            t.addfile(i, io.BytesIO(b"abc"))
+    data = bytearray(out.getvalue())
+    data[1024] ^= 1  # the name in the second header: its checksum no longer holds
+    repo = new_repo()
+    with pytest.raises(IncompleteSource, match=r"^the tar breaks off after member 1: the block that follows it is "
+                       r"no tar header \(bad checksum\): no snapshot saved$") as err:
+        repo.import_tar(io.BytesIO(bytes(data)), "/x")
+    assert err.value.exit_code == 20
+    assert repo.snapshots() == []
