@@ -427,7 +427,7 @@ class _ZstdReader:
 
 # What reading a damaged or cut archive raises: tarfile's errors, a decompressor's, a header's bad number
 # IndexError: tarfile parses a GNU sparse header's extension block cut short (a block of fewer than 512 bytes)
-_DAMAGE = (tarfile.TarError, EOFError, zlib.error, zstandard.ZstdError, OSError, ValueError, IndexError)
+_DAMAGE = (tarfile.TarError, EOFError, zlib.error, lzma.LZMAError, zstandard.ZstdError, OSError, ValueError, IndexError)
 
 
 class _MemberData:
