@@ -315,7 +315,7 @@ def open_tar(raw: BinaryIO) -> tarfile.TarFile:
     elif head.startswith(BZIP2_MAGIC):
         stream = bz2.BZ2File(stream)  # type: ignore[arg-type]
     elif head.startswith(XZ_MAGIC):
-        stream = lzma.LZMAFile(stream)  # type: ignore[arg-type]
+        stream = _XzReader(stream) if head.startswith(XZ_MAGIC[0]) else lzma.LZMAFile(stream)  # type: ignore[arg-type]
     elif head.startswith(ZSTD_MAGIC) or int.from_bytes(head[:4], "little") in ZSTD_SKIPPABLE:
         stream = _ZstdReader(stream)  # type: ignore[arg-type]
     first = b""
@@ -408,6 +408,40 @@ class _ZstdFrames:
                     yield -body
             if descriptor & 4:  # the content checksum
                 yield -4
+
+
+class _XzReader:
+    """An xz file decompressed as ``xz -d`` reads it: streams one after another, the zero bytes of stream
+    padding between and after them skipped (lzma.LZMAFile took padding for a stream cut short: exit 20 for a
+    file xz and GNU tar read); EOFError where the input ends within a stream."""
+
+    def __init__(self, raw: BinaryIO):
+        self._raw = raw
+        self._stream: lzma.LZMADecompressor | None = None  # None: between streams
+        self._input = b""  # read, not yet decompressed
+
+    def _more(self) -> bool:
+        self._input = self._raw.read(1 << 16)
+        return bool(self._input)
+
+    def read(self, n: int = -1) -> bytes:
+        while True:
+            if self._stream is None:
+                self._input = self._input.lstrip(b"\0")
+                if self._input:
+                    self._stream = lzma.LZMADecompressor(lzma.FORMAT_XZ)
+                elif not self._more():
+                    return b""
+                continue
+            if self._stream.eof:
+                self._input, self._stream = self._stream.unused_data, None
+                continue
+            if self._stream.needs_input and not self._input and not self._more():
+                raise EOFError("Compressed file ended before the end-of-stream marker was reached")  # as lzma says it
+            data = self._stream.decompress(self._input, n)
+            self._input = b""
+            if data or not n:
+                return data
 
 
 class _ZstdReader:

@@ -445,6 +445,22 @@ def test_a_zstd_stream_that_begins_with_a_skippable_frame_is_read(new_repo, tree
         repo.import_tar(io.BytesIO(skippable + frames[0] + frames[1][:-2]), "/src")
 
 
+@pytest.mark.parametrize("padding", [4, 4096])
+def test_an_xz_file_with_stream_padding_is_read_as_xz_reads_it(new_repo, tree, tmp_path, padding):
+    """xz lets zero bytes (a multiple of four) follow and separate its streams, as a tape's blocking leaves
+    them: lzma.LZMAFile took them for a stream cut short, and the import saved nothing (exit 20) of a file
+    that xz and GNU tar read."""
+    import lzma
+    data = gnu_tar(tree, "pax")
+    half = len(data) // 2
+    xz = [lzma.compress(part) for part in (data[:half], data[half:])]
+    repo = new_repo()
+    snap = repo.import_tar(Trickle(xz[0] + bytes(padding) + xz[1] + bytes(padding)), "/src").snapshot
+    same_tree(tree, restored(repo, snap, tmp_path / "out"))
+    with pytest.raises(IncompleteSource):  # still told when cut short
+        repo.import_tar(io.BytesIO(xz[0] + bytes(padding) + xz[1][:-4]), "/src")
+
+
 class Trickle(io.RawIOBase):
     """A pipe whose writer is slow: each read gives at most a few bytes."""
 
