@@ -577,14 +577,15 @@ def cmd_init(args: argparse.Namespace) -> int:
     return 0
 
 
-def _stdin_fd() -> int:
-    """Standard input's descriptor, open for reading: a stream backup of a closed one said "internal error"."""
+def _stdin_fd(remedy: str = "give --stdin a pipe or a file") -> int:
+    """Standard input's descriptor, open for reading: a stream backup of a closed one said "internal error".
+    ``remedy``: what the command's user does instead (import-tar has no --stdin)."""
     try:
         fd = sys.stdin.fileno()
         if fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE == os.O_WRONLY:
             raise OSError(errno.EBADF, "open for writing only")
     except (AttributeError, ValueError, OSError) as exc:
-        raise UsageError("standard input is closed or not readable: give --stdin a pipe or a file "
+        raise UsageError(f"standard input is closed or not readable: {remedy} "
                          f"({getattr(exc, 'strerror', None) or 'no descriptor'})") from None
     return fd
 
@@ -723,7 +724,7 @@ def cmd_import_tar(args: argparse.Namespace) -> int:
 
     tar: Any = args.file
     if tar == "-":
-        tar = PipeStream(_stdin_fd())
+        tar = PipeStream(_stdin_fd("pipe the tar into it, or name its file instead of -"))
     repo = _open(args)
     bar = _progress(args, "import-tar")
     result = repo.import_tar(tar, args.path, kind=args.type, tags=args.tag, host=args.host, parent=args.parent,

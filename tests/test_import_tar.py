@@ -11,6 +11,7 @@ from chunkvault.errors import IncompleteSource, UsageError
 from chunkvault.store.manifest import T_DIR, T_FILE, T_HARDLINK, Entry
 from chunkvault.store.tarimport import TarTree, member_path, pax_time_ns
 from chunkvault.store.xattrs import decode_xattrs
+from conftest import PASSWORD
 from treeutil import describe
 
 LONG = "l" * 60 + "/" + "ö" * 40 + "/" + "n" * 120  # past ustar's 100 and 155 byte fields: GNU or pax long names
@@ -241,6 +242,19 @@ def test_a_tar_cut_inside_a_gnu_sparse_header_s_extension_block_saves_no_snapsho
             repo.import_tar(io.BytesIO(cut), "/src")
         assert err.value.exit_code == 20 and "a header cut short" in str(err.value)
     assert repo.snapshots() == []
+
+
+def test_a_closed_standard_input_is_refused_saying_what_to_give_import_tar(cli, tmp_path):
+    """The refusal was backup's, which told the user to give --stdin a pipe: import-tar has no such option."""
+    import sys
+
+    url = str(tmp_path / "repo")
+    cli("init", "-r", url, "--kdf-time", "0")
+    argv = [sys.executable, "-m", "chunkvault.cli", "import-tar", "-r", url, "--path", "/x", "-"]
+    proc = subprocess.run(["sh", "-c", '"$@" <&-', "sh", *argv], capture_output=True, text=True,
+                          env={**os.environ, "CHUNKVAULT_PASSWORD": PASSWORD})
+    assert (proc.returncode, proc.stderr) == (2, "chunkvault: standard input is closed or not readable: pipe the "
+                                                 "tar into it, or name its file instead of - (no descriptor)\n")
 
 
 def test_truncated_and_refused_input_through_the_cli(cli, tree, tmp_path):
