@@ -92,7 +92,9 @@ def test_a_stop_with_nothing_running_stops_nothing_later(tmp_path, new_repo):
 
 
 @pytest.mark.parametrize("processes", [1, 2])
-def test_a_restore_and_a_check_stop_at_their_next_progress_point(tmp_path, new_repo, processes):
+def test_a_restore_and_a_check_stop_at_their_next_progress_point(tmp_path, new_repo, processes, monkeypatch):
+    from chunkvault.store import forked
+
     path = str(tmp_path / "repo")
     repo = new_repo(path, pack_size=64 << 10)
     src = tmp_path / "src"
@@ -106,8 +108,16 @@ def test_a_restore_and_a_check_stop_at_their_next_progress_point(tmp_path, new_r
         calls.append(counts)
         repo.stop()
 
+    sent = forked.Reporter.progress
+
+    def sent_then_held(self, state):  # until the parent, stopped, ends it: on a loaded machine a worker
+        sent(self, state)              # finished every file before the parent read its first progress
+        time.sleep(60)
+
+    monkeypatch.setattr(forked.Reporter, "progress", sent_then_held)
     with pytest.raises(Stopped):
         repo.restore("latest", str(tmp_path / "out"), progress=stop_at_first, processes=processes)
+    monkeypatch.undo()
     assert len(calls) == 1 and _locks(path) == []
     restored = sum(len(files) for _, _, files in os.walk(tmp_path / "out"))
     assert restored < 600
