@@ -1839,7 +1839,7 @@ class Repository:
         whole snapshot) as a tar or zip ``archive`` with names relative to the snapshot's root. Returns
         warnings (entries a zip cannot hold).  ``subtree``: a path of the snapshot taken as the root (as
         ``restore`` takes it): ``path`` and the archive's names are relative to it."""
-        from .store.archive import ARCHIVES, in_subtree, write_archive, zero_runs
+        from .store.archive import ARCHIVES, SPARSE_LEAST, in_subtree, write_archive, zero_runs
 
         if archive not in ARCHIVES:
             raise UsageError(f"unknown archive format {archive!r} (tar or zip)")
@@ -1870,6 +1870,8 @@ class Repository:
             cut = len(self._repo.chunker.zero_chunk)
 
             def holes(e: Entry) -> list[tuple[int, int]]:
+                if e.size < SPARSE_LEAST:
+                    return []
                 chunks = []
                 for cid in e.chunk_ids():
                     loc = self._repo.locate(cid)

@@ -29,6 +29,7 @@ from .manifest import T_BLOCKDEV, T_CHARDEV, T_DIR, T_FIFO, T_FILE, T_HARDLINK, 
 from .xattrs import decode_xattrs
 
 ARCHIVES = ("tar", "zip")
+SPARSE_LEAST = 1 << 20  # the shortest run of zeros a tar leaves out of a file (a sparse member's hole)
 
 
 def in_subtree(path: bytes, root: bytes) -> bool:
@@ -81,8 +82,8 @@ def write_archive(out: BinaryIO, fmt: str, entries: Iterable[Entry], root: bytes
 _KIND_NAMES = {T_FIFO: "FIFO", T_CHARDEV: "character device", T_BLOCKDEV: "block device"}
 
 
-def zero_runs(chunks: list[tuple[bytes, int]], zero_id: Callable[[int], bytes], cut: int, least: int = 1 << 20
-              ) -> list[tuple[int, int]]:
+def zero_runs(chunks: list[tuple[bytes, int]], zero_id: Callable[[int], bytes], cut: int,
+              least: int = SPARSE_LEAST) -> list[tuple[int, int]]:
     """Pure: the (offset, length) of each run of at least ``least`` bytes of a file's chunks that hold only
     zeros, told by their ids, unread.  ``chunks``: (id, length) in order; ``zero_id(n)``: the id of n zeros.
     It is asked only of a chunk ``cut`` long (what the chunker cuts a run of zeros into) or one whose id its
