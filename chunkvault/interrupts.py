@@ -10,7 +10,8 @@ while the main thread looks at a future does that about one time in three.
 ``handled`` runs the given handlers at once when the main thread is anywhere else, or blocked waiting
 inside the ``try`` that the standard library's waits keep for such exceptions (so that Ctrl-C still
 stops a long wait); when it is inside that code elsewhere, the handler is run a few milliseconds later
-(an interval timer), once the thread has left it.
+(an interval timer), once the thread has left it.  Within ``held``, handlers wait until it ends: for a
+step that must not be cut in two, such as starting a child process that is then to be ended again.
 """
 from __future__ import annotations
 
@@ -60,11 +61,15 @@ def _blocking_waits() -> frozenset[tuple[CodeType, int]]:
 
 
 _WAITS = _blocking_waits()
+_holding = [0]  # depth of ``held`` blocks on the main thread
+_run_waiting: list[Callable[[], None]] = []  # of each ``handled`` block entered, innermost last
 
 
 def safe_to_interrupt(frame: FrameType | None) -> bool:
-    """False while ``frame`` (the main thread's, as a handler gets it) or a caller of it is inside the
-    standard library's synchronisation code, but for its blocking waits."""
+    """False within ``held``, and while ``frame`` (the main thread's, as a handler gets it) or a caller of
+    it is inside the standard library's synchronisation code, but for its blocking waits."""
+    if _holding[0]:
+        return False
     if frame is not None and (frame.f_code, frame.f_lineno) in _WAITS:
         return True
     while frame is not None:
@@ -140,10 +145,29 @@ def handled(handlers: Mapping[int, Handler]) -> Iterator[None]:
     their_alarm = signal.getsignal(signal.SIGALRM)  # known before an alarm can reach on_alarm
     previous = {s: signal.signal(s, on_signal) for s in handlers}
     previous[signal.SIGALRM] = signal.signal(signal.SIGALRM, on_alarm)
+    _run_waiting.append(run_waiting)
     try:
         yield
         run_waiting()
     finally:
+        _run_waiting.remove(run_waiting)
         disarm()
         for s, h in previous.items():
             signal.signal(s, h)
+
+
+@contextlib.contextmanager
+def held() -> Iterator[None]:
+    """Within the block, the handlers of ``handled`` wait; a signal that came meanwhile is handled as it
+    ends (its handler raising there).  Starting a child process: a stop raised inside ``subprocess.Popen``,
+    after the child began, left the caller without the process to end, which ran on alone."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    _holding[0] += 1
+    try:
+        yield
+    finally:
+        _holding[0] -= 1
+    if not _holding[0] and _run_waiting:
+        _run_waiting[-1]()

@@ -7,6 +7,8 @@ import signal
 import subprocess
 from typing import Any, Mapping
 
+from . import interrupts
+
 _SECRET_WORDS = ("PASSWORD", "TOKEN", "SECRET")
 
 
@@ -16,6 +18,22 @@ def without_secrets(env: Mapping[str, str]) -> dict[str, str]:
     gets none, and cannot write one into what it backs up (a ``PGPASSWORD`` stays: it is the command's)."""
     return {k: v for k, v in env.items()
             if not (k.startswith("CHUNKVAULT_") and any(w in k for w in _SECRET_WORDS))}
+
+
+def start_session(command: Any, **kwargs: Any) -> subprocess.Popen:
+    """``subprocess.Popen(command, start_new_session=True, **kwargs)``, whole or not at all: a stop signal that
+    comes while it starts is handled once it has, and then ends the child's group before going on.  Handled
+    inside ``Popen``, after the child began, it left the child running (a hook's ``sleep``, a database it
+    started) with no one to end it, and what it had written unread."""
+    proc = None
+    try:
+        with interrupts.held():
+            proc = subprocess.Popen(command, start_new_session=True, **kwargs)
+        return proc
+    except BaseException:
+        if proc is not None:
+            kill_group(proc)
+        raise
 
 
 def kill_group(proc: subprocess.Popen) -> None:

@@ -73,7 +73,7 @@ from .localfiles import no_room_after
 from .errors import (ChunkvaultError, ChunkvaultWarning, Locked, NewerObject, OutputClosed, PartialBackup,
                      PermissionDenied, RemoteUnavailable, SourceCommandFailed, Stopped, UsageError, VerificationFailed,
                      process_end)
-from .processes import kill_group, without_secrets
+from .processes import kill_group, start_session, without_secrets
 from .remotes.layer import stop_request
 from .schedule import (CopyTarget, Policy, RetentionScope, Source, check_due, check_slice, dated_ahead, decide,
                        iso_time, next_wakeup, parse_iso_time, parse_policy, retention_scope, state_document,
@@ -285,12 +285,14 @@ def run_hook(command: str | tuple[str, ...], env: dict[str, str], cwd: str, time
     so a hook that leaves a background process holding its stdout cannot hang the run."""
     with tempfile.TemporaryFile() as out:
         try:
-            proc = subprocess.Popen(command, shell=isinstance(command, str), cwd=cwd, env=env,
-                                    stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                                    start_new_session=True)
+            proc = start_session(command, shell=isinstance(command, str), cwd=cwd, env=env,
+                                 stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT)
         except OSError as exc:  # a list's program not found (a string runs through /bin/sh, which says so)
             program = command if isinstance(command, str) else command[0]
             return 127, f"{label} hook could not start {program!r}: {exc.strerror or exc}"
+        except BaseException:  # stopped as it started (its group ended): what it said is logged as below
+            _log_output(out, log, label)
+            raise
         try:
             rc = proc.wait(timeout=timeout)
             error = None if rc == 0 else f"{label} hook {process_end(rc)}"

@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator
 
 import blake3
 
+from . import interrupts
 from .display import one_line, warn
 from .localfiles import abandoned, no_room_after
 from .errors import (ChunkvaultError, CorruptObject, MissingObject, NewerObject, SnapshotNotFound, StorageFull,
@@ -729,17 +730,20 @@ def run_command(command: str, env: dict[str, str], *, timeout: float | None = No
     env = {**env, "CHUNKVAULT_COMMAND_RUN": marker.split(b"=", 1)[1].decode()}
     try:
         with tempfile.TemporaryFile() as out:
-            proc = subprocess.Popen(command, shell=True, env=env, stdin=subprocess.DEVNULL, stdout=out,
-                                    stderr=subprocess.STDOUT, start_new_session=True)
+            proc: subprocess.Popen | None = None
             timed_out = False
             try:
+                with interrupts.held():  # a stop as it starts is raised here, where the command is known
+                    proc = subprocess.Popen(command, shell=True, env=env, stdin=subprocess.DEVNULL, stdout=out,
+                                            stderr=subprocess.STDOUT, start_new_session=True)
                 code: int | None = proc.wait(timeout=timeout)
             except subprocess.TimeoutExpired:
                 timed_out = True
                 kill_group(proc)
                 code = None
             except BaseException:  # interrupted: the command must not go on in a scratch directory about to go
-                _stop_interrupted(proc, before, marker, end_leftovers)
+                if proc is not None:
+                    _stop_interrupted(proc, before, marker, end_leftovers)
                 raise
             seconds = time.monotonic() - started
             left = end_leftovers and _end_leftovers(proc.pid, before, marker) and not timed_out
