@@ -1504,10 +1504,10 @@ def cmd_daemon(args: argparse.Namespace) -> int:
     def on_signal(signum: int) -> None:
         if stop.is_set():
             raise KeyboardInterrupt  # second signal: abort the step in progress
+        stop.set()  # before the line that says so: a signal sent on reading it is a second one
         signals_seen.append(signum)
         log.from_signal(f"{signal.Signals(signum).name} received: stopping after the step in progress "
                         "(the same signal again stops at once)")
-        stop.set()
         # A remote that is down has its retries given up within the stop request's grace, not retry-time's
         # 15 minutes past a service manager's stop timeout; one that answers still gets the backup's end.
         stop_request.request()

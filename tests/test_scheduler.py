@@ -994,6 +994,45 @@ def test_a_daemon_aborted_by_a_second_signal_says_so_in_its_json_lines(tmp_path,
         "error": {"type": "Interrupted", "exit_code": 130, "message": "aborted by a second signal"}}
 
 
+def test_a_signal_sent_on_reading_that_the_first_came_is_a_second_one(tmp_path, repo_url, tree, monkeypatch):
+    """The line saying that SIGTERM came was written before the daemon took it as its stop: a second SIGTERM
+    sent on reading it could be handled in between, as a first one, and the daemon went on to the hook's end."""
+    from chunkvault import scheduler
+
+    monkeypatch.setenv("CHUNKVAULT_PASSWORD", PASSWORD)
+    started, log = tmp_path / "pre-started", tmp_path / "d.log"
+    policy = write_policy(tmp_path / "p.toml", repo_url, [
+        {"name": "db", "paths": [str(tree)], "pre": f"touch {q(str(started))}; exec sleep 30"}],
+        top='full = "daily 02:00"\n')
+    said = scheduler._Log.from_signal
+
+    def said_then_signalled_again(self, line: str) -> None:
+        said(self, line)
+        if not again:
+            again.append(line)
+            os.kill(os.getpid(), signal.SIGTERM)  # the reader of the line, at once
+
+    again: list[str] = []
+
+    def first_signal() -> None:
+        deadline = time.monotonic() + 60
+        while not started.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(scheduler._Log, "from_signal", said_then_signalled_again)
+    sender = threading.Thread(target=first_signal)
+    sender.start()
+    began = time.monotonic()
+    try:
+        assert cli_main(["daemon", "--config", str(policy), "--log", str(log)]) == 130
+    finally:
+        sender.join()
+    assert time.monotonic() - began < 25  # not at the hook's end
+    assert "aborted by a second signal" in log.read_text()
+    assert [s.kind for s in snapshots(repo_url)] == []
+
+
 def test_a_source_a_reload_adds_is_backed_up_at_once(tmp_path, repo_url, tree):
     """The daemon slept on to the next slot of the policy it had: with weekly fulls, days without a backup
     of the new source, which `run --dry-run` said was due."""
