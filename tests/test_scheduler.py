@@ -1,6 +1,7 @@
 """The scheduler against real repositories: simulated days, hooks, the CLI, and a real daemon process."""
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -592,8 +593,11 @@ def test_exit_codes_of_a_report():
 # --------------------------------------------------------------------------- the command line
 
 
-def test_run_command_dry_run_then_run_then_nothing_due(tmp_path, repo_url, tree, monkeypatch, capsys):
+def test_run_command_dry_run_then_run_then_nothing_due(tmp_path, repo_url, tree, fake_time, monkeypatch, capsys):
     monkeypatch.setenv("CHUNKVAULT_PASSWORD", PASSWORD)
+    # the runs at one time: on the clock, an hour's slot could pass between the first and the third
+    clock = fake_time(FakeClock(datetime(2026, 3, 2, 10, 30, tzinfo=UTC)))
+    monkeypatch.setattr("chunkvault.scheduler.Runner", functools.partial(Runner, clock=clock))
     policy = write_policy(tmp_path / "p.toml", repo_url, [{"name": "db", "paths": [str(tree)]}],
                           top='full = "daily 02:00"\ndiff = "every 1h"\nretention = "short"\n'
                               '[presets.short]\nkeep-last = 1\n')
