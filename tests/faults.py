@@ -1,4 +1,4 @@
-"""A fault-injecting Remote wrapper for tests.
+"""A fault-injecting Remote wrapper for tests, and a stop that lands inside ``subprocess.Popen``.
 
 ``FaultyRemote`` sits between the code under test and a real remote and makes it
 misbehave the way networks and object stores do: transient errors (some of
@@ -9,10 +9,15 @@ what was injected so tests can prove the faults really happened.
 """
 from __future__ import annotations
 
+import contextlib
+import os
 import random
+import signal
+import subprocess
 import threading
 import time
 from collections import Counter, deque
+from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
 from chunkvault.errors import RemoteUnavailable
@@ -206,3 +211,38 @@ class FailingWrite(FaultyRemote):
                     self.inner.put(key, data, if_absent=if_absent)
                 raise self.error()
         super().put(key, data, if_absent=if_absent)
+
+
+@contextlib.contextmanager
+def stopped_inside_popen(monkeypatch, started: Path) -> Iterator[list[int]]:
+    """Within the block, a child started through ``subprocess.Popen`` is followed, once it has begun and
+    touched ``started``, by a SIGTERM handled before Popen returns (a loaded machine's timing), its handler
+    raising KeyboardInterrupt.  Yields the children's pids; their groups are ended as the block ends."""
+    from chunkvault import interrupts
+
+    pids: list[int] = []
+    execute_child = subprocess.Popen._execute_child  # type: ignore[attr-defined]
+
+    def slow_start(self, *args, **kwargs):
+        execute_child(self, *args, **kwargs)
+        pids.append(self.pid)
+        deadline = time.monotonic() + 60
+        while not started.exists() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        os.kill(os.getpid(), signal.SIGTERM)  # handled here, before Popen returns
+
+    def stop(signum: int) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(subprocess.Popen, "_execute_child", slow_start)
+    try:
+        with interrupts.handled({signal.SIGTERM: stop}):
+            yield pids
+    finally:
+        monkeypatch.undo()
+        for pid in pids:
+            try:
+                os.killpg(pid, signal.SIGKILL)
+                os.waitpid(pid, 0)
+            except OSError:
+                pass

@@ -19,6 +19,7 @@ from chunkvault.chunker.params import DEFAULT_PARAMS
 from chunkvault.store import backup, holes
 from chunkvault.store.manifest import F_CHANGED_DURING_READ, T_FILE
 from chunkvault.verify import compare_tree
+from treeutil import counting_reads
 
 GiB = 1 << 30
 MiB = 1 << 20
@@ -305,18 +306,6 @@ def test_a_backup_reads_a_sparse_file_only_where_it_holds_data(tmp_path, new_rep
     assert entries[0].chunks == entries[1].chunks and entries[0].digest == entries[1].digest
     repo.restore(sparse_snap.id, str(tmp_path / "out"))
     assert (tmp_path / "out" / "f").read_bytes() == data and keeps_holes(tmp_path / "out" / "f")
-
-
-def counting_reads(monkeypatch) -> list[int]:
-    """The bytes each read of a file takes from here on (``os.read``, ``pread``, ``preadv``, ``readv``)."""
-    read: list[int] = []
-    for name in ("read", "pread", "preadv", "readv"):
-        def counted(*args, _real=getattr(os, name)):
-            got = _real(*args)
-            read.append(got if isinstance(got, int) else len(got))
-            return got
-        monkeypatch.setattr(os, name, counted)
-    return read
 
 
 @pytest.mark.slow

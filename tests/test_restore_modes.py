@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from chunkvault.store.forksafe import loud_threads
 from chunkvault.errors import ChunkvaultError
 from chunkvault.store.restore import Selection
-from treeutil import HOLE_FILES, assert_holes_kept, describe, make_holes_inside_chunks, makes_holes
+from treeutil import HOLE_FILES, assert_holes_kept, counting_reads, describe, make_holes_inside_chunks, makes_holes
 
 
 @pytest.fixture
@@ -61,13 +61,7 @@ def test_delta_reads_a_changed_file_once(snapshot_of_tree, monkeypatch, change):
     repo, snap, src, expected = snapshot_of_tree
     with open(src / "base" / "rel2", "ab" if change == "grown" else "r+b") as f:
         f.write(b"grown")
-    read = []
-    for name in ("read", "pread", "preadv", "readv"):
-        def counted(*args, _real=getattr(os, name)):
-            got = _real(*args)
-            read.append(got if isinstance(got, int) else len(got))
-            return got
-        monkeypatch.setattr(os, name, counted)
+    read = counting_reads(monkeypatch, str(src / "base" / "rel2"))
     result = repo.restore(snap, str(src), force=True, delta=True, includes=["base/rel2"])
     monkeypatch.undo()
     assert result.unchanged_files == 0 and 0 < result.rewritten_bytes + (change == "grown") < 400_000

@@ -22,6 +22,7 @@ from chunkvault.errors import ChunkvaultError, Locked, PartialBackup, UsageError
 from chunkvault.scheduler import (Daemon, Runner, RunReport, SourceResult, load_policy,
                                   policy_lock)
 from chunkvault.store.retention import RetentionPolicy
+from faults import stopped_inside_popen
 from treeutil import settle
 from walsegments import write_segment
 
@@ -380,41 +381,17 @@ def test_a_hook_killed_by_a_signal_is_said_so_not_as_a_negative_exit(tmp_path):
 def test_a_stop_while_a_hook_starts_ends_the_hook_and_logs_what_it_said(tmp_path, monkeypatch):
     """A stop handled inside ``subprocess.Popen``, the hook running already (a loaded machine), left the hook's
     process group running on its own (a database left in backup mode) and what it had said unlogged."""
-    from chunkvault import interrupts
     from chunkvault.scheduler import run_hook
 
     started = tmp_path / "started"
-    pids: list[int] = []
-    execute_child = subprocess.Popen._execute_child
-
-    def slow_start(self, *args, **kwargs):
-        execute_child(self, *args, **kwargs)
-        pids.append(self.pid)
-        deadline = time.monotonic() + 60
-        while not started.exists() and time.monotonic() < deadline:
-            time.sleep(0.01)
-        os.kill(os.getpid(), signal.SIGTERM)  # handled here, before Popen returns
-
-    def stop(signum: int) -> None:
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(subprocess.Popen, "_execute_child", slow_start)
     log: list[str] = []
-    try:
-        with interrupts.handled({signal.SIGTERM: stop}), pytest.raises(KeyboardInterrupt):
+    with stopped_inside_popen(monkeypatch, started) as pids:
+        with pytest.raises(KeyboardInterrupt):
             run_hook(f"echo entering backup mode; touch {q(str(started))}; exec sleep 60", dict(os.environ),
                      str(tmp_path), 30, log.append, "pre")
-        monkeypatch.undo()
         assert log == ["pre: entering backup mode"]
         with pytest.raises(ProcessLookupError):
             os.killpg(pids[0], 0)  # its group is gone, and reaped
-    finally:
-        monkeypatch.undo()
-        try:
-            os.killpg(pids[0], signal.SIGKILL)
-            os.waitpid(pids[0], 0)
-        except (IndexError, OSError):
-            pass
 
 
 def test_a_failed_source_s_retention_is_skipped_and_a_partial_one_is_partial(tmp_path, repo_url, tree):

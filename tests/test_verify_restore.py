@@ -14,6 +14,7 @@ from chunkvault import verify as verify_mod
 from chunkvault.errors import UsageError
 from chunkvault.store.manifest import T_DIR, T_FILE, Entry, sort_key
 from chunkvault.verify import merge_by_path, parse_since, snapshots_since, verify_restore, walk_sorted
+from faults import stopped_inside_popen
 
 PASSWORD = "correct horse battery staple"
 
@@ -603,40 +604,13 @@ def test_an_interrupted_run_ends_what_the_command_started_with_sigterm_first(tmp
 def test_a_stop_while_the_command_starts_ends_it(tmp_path, monkeypatch):
     """A stop handled inside ``subprocess.Popen``, the command running already (a loaded machine), left it
     running on its own: a database it started went on in a scratch directory about to be removed."""
-    import signal
-    import subprocess
-
-    from chunkvault import interrupts
     from chunkvault.verify import run_command
 
     started = tmp_path / "started"
-    pids: list[int] = []
-    execute_child = subprocess.Popen._execute_child
-
-    def slow_start(self, *args, **kwargs):
-        execute_child(self, *args, **kwargs)
-        pids.append(self.pid)
-        deadline = time.monotonic() + 60
-        while not started.exists() and time.monotonic() < deadline:
-            time.sleep(0.01)
-        os.kill(os.getpid(), signal.SIGTERM)  # handled here, before Popen returns
-
-    def stop(signum: int) -> None:
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(subprocess.Popen, "_execute_child", slow_start)
-    try:
-        with interrupts.handled({signal.SIGTERM: stop}), pytest.raises(KeyboardInterrupt):
+    with stopped_inside_popen(monkeypatch, started) as pids:
+        with pytest.raises(KeyboardInterrupt):
             run_command(f"touch {shlex.quote(str(started))}; exec sleep 60", dict(os.environ), end_leftovers=False)
-        monkeypatch.undo()
         assert _ended(pids[0], within=5)
-    finally:
-        monkeypatch.undo()
-        try:
-            os.killpg(pids[0], signal.SIGKILL)
-            os.waitpid(pids[0], 0)
-        except (IndexError, OSError):
-            pass
 
 
 def test_the_scratch_directory_of_a_killed_run_is_removed_by_the_next(tmp_path, new_repo):

@@ -286,3 +286,17 @@ def assert_holes_kept(restored: Path, src: Path, slack: int) -> None:
         assert (restored / name).read_bytes() == data, name
         allocated = os.stat(restored / name).st_blocks * 512
         assert allocated <= data_blocks(data) + slack, (name, allocated, data_blocks(data))
+
+
+def counting_reads(monkeypatch, path: str | None = None) -> list[int]:
+    """The bytes each read of a file takes from here on (``os.read``, ``pread``, ``preadv``, ``readv``); of the
+    file at ``path`` only, if given (other threads of the process read files too)."""
+    read: list[int] = []
+    for name in ("read", "pread", "preadv", "readv"):
+        def counted(fd, *args, _real=getattr(os, name)):
+            got = _real(fd, *args)
+            if path is None or os.readlink(f"/proc/self/fd/{fd}") == path:
+                read.append(got if isinstance(got, int) else len(got))
+            return got
+        monkeypatch.setattr(os, name, counted)
+    return read
