@@ -113,8 +113,15 @@ def header(kind: bytes, name: bytes, *, mode: int = 0o644, uid: int = 0, gid: in
     if frac:
         pax.append(record(b"mtime", exact_time(mtime_ns)))
         seconds = seconds if 0 <= seconds < 8 ** 11 else 0
+    # A sparse member's stored size past the field's 11 octal digits is written base 256 (as GNU tar, bsdtar and
+    # tarfile read it), not as a size record: tarfile took that record for the file's size (a 20 GiB file came
+    # out 9 GiB) and placed the next header by it, past the map (the members after it were lost).
+    if real_size is not None and size >= 8 ** 11:
+        size_field = b"\x80" + size.to_bytes(11, "big")
+    else:
+        size_field = _numeric(size, 12, b"size", pax)
     main = _block(kind, name_field, _octal(mode & 0o7777, 8), _numeric(uid, 8, b"uid", pax),
-                  _numeric(gid, 8, b"gid", pax), _numeric(size, 12, b"size", pax),
+                  _numeric(gid, 8, b"gid", pax), size_field,
                   _numeric(seconds, 12, b"mtime", pax), link_field, _device(major), _device(minor),
                   _text(os.fsencode(users.get(uid, "")), 31, b"uname", pax),
                   _text(os.fsencode(groups.get(gid, "")), 31, b"gname", pax))

@@ -519,3 +519,36 @@ def test_zero_runs_asks_only_of_the_lengths_zeros_are_cut_into_or_repeated():
     assert zero_runs(chunks, zero_id, 6, least=1) == [(10, 8), (21, 6)]
     assert sorted(asked) == [4, 4, 6]
     assert zero_runs(chunks, zero_id, 6, least=7) == [(10, 8)]
+
+
+def test_a_sparse_member_of_over_8_gib_of_data_reads_whole_and_the_members_after_it(tmp_path):
+    """A sparse member whose data regions take 8 GiB or more has a stored size past the header's octal field;
+    as a pax size record, Python's tarfile took it for the file's size (20 GiB came out 9 GiB) and looked for
+    the next header past the map, losing the members after it.  The tar is itself sparse here: its data are
+    holes of the file it is written to."""
+    from chunkvault.store import tarformat
+
+    GiB = 1 << 30
+    real, marker = 20 * GiB, b"end of the data"
+    regions = [(0, 4096), (10 * GiB, 9 * GiB - 4096), (real, 0)]
+    sparse_map = tarformat.sparse_map(regions)
+    stored = len(sparse_map) + sum(n for _, n in regions)
+    path = tmp_path / "big.tar"
+    with open(path, "wb") as f:
+        f.write(tarformat.header(tarformat.REGULAR, b"db", size=stored, real_size=real) + sparse_map)
+        f.seek(stored - len(sparse_map) - len(marker), os.SEEK_CUR)
+        f.write(marker + tarformat.padding(stored))
+        f.write(tarformat.header(tarformat.REGULAR, b"after", size=2) + b"hi" + tarformat.padding(2) + bytes(1024))
+    with tarfile.open(path) as tf:
+        members = tf.getmembers()
+        assert [(m.name, m.size) for m in members] == [("db", real), ("after", 2)]
+        assert members[0].sparse == regions
+        assert tf.extractfile("after").read() == b"hi"
+        data = tf.extractfile("db")
+        data.seek(19 * GiB - 4096 - len(marker))  # the end of the second region
+        assert data.read(len(marker) + 10) == marker + bytes(10)
+    for tool in ("tar", "bsdtar"):
+        if shutil.which(tool):
+            listing = subprocess.run([tool, "-tvf", str(path)], capture_output=True, check=True).stdout.decode()
+            assert [line.split()[-1] for line in listing.splitlines()] == ["db", "after"], tool
+            assert str(real) in listing.splitlines()[0], tool
