@@ -623,11 +623,14 @@ def _not_dumped(f: BinaryIO) -> int:
 def _check_ids(m: tarfile.TarInfo) -> None:
     """A member's ids beyond a snapshot's 32 bits, and device numbers beyond 31 (a pax or GNU header can hold
     any), are refused, naming it: GNU tar rejects such values too (exit 2), and any owner or device given
-    instead would be made up.  So is a pax id or size that is no number, which GNU tar calls malformed."""
+    instead would be made up.  So is a pax id or size that is no number, which GNU tar calls malformed, and a
+    size below 0."""
     for key in ("uid", "gid", "size"):  # tarfile reads one that is no number as 0 (root, or an empty file)
         text = m.pax_headers.get(key)
         if text is not None and not re.fullmatch(r"-?[0-9]+", text):
             raise UsageError(f"tar member '{m.name}' has {key} {text}, which is no number: refused")
+    if m.size < 0:  # tarfile takes it (the member's data then read as the next header); GNU tar refuses it
+        raise UsageError(f"tar member '{m.name}' has size {m.size}, which is no size: refused")
     named = [("uid", m.uid, ID_LIMIT), ("gid", m.gid, ID_LIMIT)]
     if m.ischr() or m.isblk():
         named += [("device major", m.devmajor, DEVICE_LIMIT), ("device minor", m.devminor, DEVICE_LIMIT)]

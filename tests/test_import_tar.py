@@ -755,10 +755,12 @@ def test_an_extended_attribute_name_no_file_can_have_is_refused_naming_the_membe
     ("mtime", "1.2.3", "modification time 1.2.3, which is no time"),
     ("uid", "abc", "uid abc, which is no number"),
     ("gid", "1x", "gid 1x, which is no number"),
-    ("size", "two", "size two, which is no number")])
+    ("size", "two", "size two, which is no number"),
+    ("size", "-2", "size -2, which is no size")])
 def test_a_pax_number_that_is_no_number_is_refused_naming_the_member(cli, tmp_path, key, value, said):
     """tarfile reads such a record as 0: the member was saved as of 1970, owned by root, or empty (its data
-    then read as the next header); GNU tar calls such a header malformed."""
+    then read as the next header); GNU tar calls such a header malformed.  A size below 0 was taken too, the
+    member's data then read as the next header (exit 20, "the tar breaks off")."""
     i = tarfile.TarInfo("dir/member")
     i.size, i.pax_headers = 2, {key: value}
     assert _refusal_of(cli, tmp_path, i, tarfile.PAX_FORMAT) == [
