@@ -1335,6 +1335,9 @@ class Restorer:
         the end, then again for the chunks it holds."""
         if os.fstat(fd).st_size != e.size:
             return False
+        assert isinstance(self.repo, Repo)
+        if any(self.repo.locate(cid) is None for cid in e.chunk_ids()):
+            return self._holds_digest(fd, e)
         holes = may_have_holes(os.fstat(fd))
         pos = 0
         for cid in e.chunk_ids():
@@ -1343,6 +1346,18 @@ class Restorer:
                 return False
             pos += len(current)
         return pos == e.size
+
+    @staticmethod
+    def _holds_digest(fd: int, e: Entry) -> bool:
+        """Whether the file open at ``fd`` holds the entry's content by its digest: for an entry with a chunk the
+        index lacks (a pack lost, the index repaired), whose offsets are not known; the file holding it is kept
+        as it is, and nothing need be read from the repository."""
+        hasher = blake3.blake3()
+        pos = 0
+        while block := os.pread(fd, 1 << 20, pos):
+            hasher.update(block)
+            pos += len(block)
+        return pos == e.size and hasher.digest() == e.digest
 
     def _meta_matches(self, e: Entry) -> bool:
         """Whether what a restore sets on the file (mode, time, owner, attributes) is already so."""

@@ -69,6 +69,30 @@ def test_delta_reads_a_changed_file_once(snapshot_of_tree, monkeypatch, change):
     assert describe(src)[b"base/rel2"] == expected[b"base/rel2"]
 
 
+def test_delta_keeps_a_file_holding_its_content_whose_chunk_the_index_lacks(tmp_path, new_repo):
+    """A file is told unchanged chunk by chunk, by each chunk's length the index gives: one whose chunk the
+    index lacks (its pack lost, the index repaired) was taken as changed and its restore failed, where the
+    target already held its content; its digest tells it, and it is kept, nothing read."""
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "old").write_bytes(random.Random(3).randbytes(300_000))
+    repo = new_repo(str(tmp_path / "repo"))
+    repo.backup([str(src)])
+    first_pack, = (tmp_path / "repo" / "data").glob("*/*")
+    (src / "new").write_bytes(random.Random(4).randbytes(100_000))
+    snap = repo.backup([str(src)], kind="full").snapshot
+    out = tmp_path / "out"
+    repo.restore(snap, str(out))
+    first_pack.unlink()  # "old"'s chunks: its pack lost
+    repo.repair_index()
+    result = repo.restore(snap, str(out), force=True, delta=True)
+    assert result.unchanged_files == 2 and result.rewritten_bytes == 0
+    assert describe(out) == describe(src)
+    (out / "old").write_bytes(b"changed")
+    with pytest.raises(ChunkvaultError, match="not in the index"):
+        repo.restore(snap, str(out), force=True, delta=True)
+
+
 def test_delete_removes_what_the_snapshot_lacks(snapshot_of_tree):
     repo, snap, src, expected = snapshot_of_tree
     damage(src, random.Random(2))
