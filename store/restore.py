@@ -1345,7 +1345,7 @@ class Restorer:
             if current is None:
                 return False
             pos += len(current)
-        return pos == e.size
+        return pos == e.size and os.fstat(fd).st_size == e.size  # not written past its end meanwhile
 
     @staticmethod
     def _holds_digest(fd: int, e: Entry) -> bool:

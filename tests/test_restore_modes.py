@@ -93,6 +93,27 @@ def test_delta_keeps_a_file_holding_its_content_whose_chunk_the_index_lacks(tmp_
         repo.restore(snap, str(out), force=True, delta=True)
 
 
+def test_delta_tells_a_file_grown_while_compared_changed(snapshot_of_tree, monkeypatch):
+    """A file is compared chunk by chunk at the entry's size: one written past it meanwhile (a log appended to)
+    held every chunk, was taken as unchanged, and kept its new tail; read whole, as before, the tail showed."""
+    from chunkvault.store.restore import Restorer
+
+    repo, snap, src, expected = snapshot_of_tree
+    held_at, grown = Restorer._held_at, []
+
+    def growing(self, fd, *args):
+        if not grown:
+            grown.append(True)
+            with open(src / "base" / "rel2", "ab") as f:
+                f.write(b"appended meanwhile")
+        return held_at(self, fd, *args)
+
+    monkeypatch.setattr(Restorer, "_held_at", growing)
+    result = repo.restore(snap, str(src), force=True, delta=True, includes=["base/rel2"])
+    assert grown and result.unchanged_files == 0
+    assert describe(src)[b"base/rel2"] == expected[b"base/rel2"]
+
+
 def test_delete_removes_what_the_snapshot_lacks(snapshot_of_tree):
     repo, snap, src, expected = snapshot_of_tree
     damage(src, random.Random(2))
