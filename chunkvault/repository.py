@@ -1878,6 +1878,8 @@ class Repository:
                     if loc is None:  # its read names it
                         return []
                     chunks.append((cid, loc.raw_length))
+                if sum(n for _, n in chunks) != e.size:  # the content's read names the damage
+                    return []
                 return zero_runs(chunks, zero_id, cut)
 
             return write_archive(out, archive, entries, rel, self._content, linked, self.owner_names(snap), holes)

@@ -47,7 +47,7 @@ from .target_dirs import TargetDirs, closed_to_owner, mount_points, proc_path, r
 from .posix_acl import ACL_KEYS
 from .xattrs import decode_xattrs, read_xattrs, write_xattrs
 from . import writefiles
-from .holes import hole_at, may_have_holes
+from .holes import hash_file, hole_at, may_have_holes
 from .writefiles import NO_SPACE as _FULL, reserve, write_sparse
 
 ACL_ACCESS = ACL_KEYS[0]
@@ -1353,11 +1353,7 @@ class Restorer:
         index lacks (a pack lost, the index repaired), whose offsets are not known; the file holding it is kept
         as it is, and nothing need be read from the repository."""
         hasher = blake3.blake3()
-        pos = 0
-        while block := os.pread(fd, 1 << 20, pos):
-            hasher.update(block)
-            pos += len(block)
-        return pos == e.size and hasher.digest() == e.digest
+        return hash_file(fd, hasher) == e.size and hasher.digest() == e.digest
 
     def _meta_matches(self, e: Entry) -> bool:
         """Whether what a restore sets on the file (mode, time, owner, attributes) is already so."""
