@@ -2084,9 +2084,10 @@ def cmd_key(args: argparse.Namespace) -> int:
             from .store.repository import short_key_names
 
             shown = short_key_names(k["id"] for k in keys)
+            width = max(map(len, shown.values()), default=0)
             for k in keys:  # a key file's fields are not sealed: anyone who can write the storage chooses them
                 name = shown[k["id"]]
-                print(one_line(f"{'*' if k['current'] else ' '} {name}  {k['kdf']:8}  " + (
+                print(one_line(f"{'*' if k['current'] else ' '} {name:{width}}  {k['kdf']:8}  " + (
                     k["problem"] + (f" (`key remove {name}`)" if k["kdf"] == "damaged" else "")
                     if "problem" in k else
                     f"{k['created'][:19]}  {k['user']}@{k['host']}")))

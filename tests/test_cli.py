@@ -911,8 +911,10 @@ def test_a_key_named_in_full_is_removed_though_another_name_starts_with_it(tmp_p
     (keys / f"{other}.bak").write_bytes((keys / other).read_bytes())
     err = cli("key", "remove", "-r", r, other[:12], check=12).stderr.decode()
     assert f"is ambiguous: {other}, {other}.bak" in err
-    listed = cli("key", "list", "-r", r).stdout.decode().split()
+    lines = cli("key", "list", "-r", r).stdout.decode().splitlines()
+    listed = " ".join(lines).split()
     assert other in listed and f"{other}.bak" in listed and repo.store.key_name[:12] in listed  # each names one
+    assert len({len(line) - len(line[2:].split(None, 1)[1]) for line in lines}) == 1  # the columns line up
     (keys / f"{other}.bak").write_bytes(b"damaged")
     listed = cli("key", "list", "-r", r).stdout.decode()
     assert f"(`key remove {other}.bak`)" in listed
