@@ -62,13 +62,7 @@ class HoleSkippingReader:
             self.data_end = 1 << 63
 
     def _data_from(self, offset: int) -> int:
-        """Where the next data at or after ``offset`` starts; the file's end when none does."""
-        try:
-            return os.lseek(self.fd, offset, os.SEEK_DATA)
-        except OSError as exc:
-            if exc.errno != errno.ENXIO:
-                raise
-            return max(offset, os.fstat(self.fd).st_size)
+        return data_from(self.fd, offset)
 
     def zeros_ahead(self) -> int:
         if self.pos >= self.data_end and self.pos >= self.hole_end:
@@ -133,10 +127,21 @@ def hash_file(fd: int, hasher: blake3.blake3, block: int = 1 << 20) -> int:
         pos += n
 
 
+def data_from(fd: int, offset: int) -> int:
+    """Where the next data at or after ``offset`` starts in the file open at ``fd``; the file's end when none
+    does.  OSError where the file system cannot tell."""
+    try:
+        return os.lseek(fd, offset, os.SEEK_DATA)
+    except OSError as exc:
+        if exc.errno != errno.ENXIO:
+            raise
+        return max(offset, os.fstat(fd).st_size)
+
+
 def hole_at(fd: int, pos: int) -> int:
     """How many bytes from ``pos`` the file open at ``fd`` is a hole (reads as zeros); 0 at data, or where the
     file system cannot tell."""
     try:
-        return os.lseek(fd, pos, os.SEEK_DATA) - pos
-    except OSError as exc:
-        return (1 << 63) - 1 if exc.errno == errno.ENXIO else 0  # ENXIO: no data from there on
+        return data_from(fd, pos) - pos
+    except OSError:
+        return 0
