@@ -48,6 +48,7 @@ SPARSE_LIMIT = 1 << 20  # extents of a sparse member's map, which tarfile holds 
 HEADER_LIMIT = 16 << 20  # a pax extended header's or GNU long name's size: tarfile reads each whole into memory
 ID_LIMIT = 2**32  # owner and group ids, as a snapshot holds them
 XATTR_NAME_MAX = 255  # an extended attribute's name: at least a byte, no NUL, at most this many (Linux's)
+XATTR_SIZE_MAX = 65536  # an extended attribute's value, and a file's names each with its NUL, at most (Linux's)
 DEVICE_LIMIT = 2**31  # device major and minor numbers: os.makedev takes a C int each (GNU tar's limit too)
 Store = Callable[[BinaryIO, bytes, int], "tuple[bytes, bytes, int]"]  # (stream, path, size) -> digest, ids, size
 
@@ -669,6 +670,12 @@ def _entry(m: tarfile.TarInfo, rel: bytes) -> Entry:
         if not 0 < len(name) <= XATTR_NAME_MAX or b"\0" in name:
             raise UsageError(f"tar member '{m.name}' has an extended attribute named '{os.fsdecode(name)}', "
                              "which no file can have: refused")
+        if len(xattrs[name]) > XATTR_SIZE_MAX:
+            raise UsageError(f"tar member '{m.name}' has an extended attribute '{os.fsdecode(name)}' of "
+                             f"{len(xattrs[name])} bytes, more than a file can hold ({XATTR_SIZE_MAX}): refused")
+    if (listed := sum(len(name) + 1 for name in xattrs)) > XATTR_SIZE_MAX:
+        raise UsageError(f"tar member '{m.name}' has {len(xattrs)} extended attributes whose names take {listed} "
+                         f"bytes, more than a file can hold ({XATTR_SIZE_MAX}): refused")
     if xattrs:
         e.xattrs = encode_xattrs(xattrs)
     return e
