@@ -15,9 +15,11 @@ from __future__ import annotations
 import bisect
 import contextlib
 import ctypes
+import ctypes.util
 import errno
 import hashlib
 import os
+import shutil
 import signal
 import stat
 import threading
@@ -29,7 +31,7 @@ from typing import Any, Callable
 
 from .display import shown_name, warn
 from .errors import ChunkvaultError, MountFailed, RemoteUnavailable, UsageError
-from .mountview import InSnapshot, Layout, Link, Node, SnapshotTree, VirtualDir
+from .mountview import InSnapshot, Layout, Link, Node, SnapshotTree, VirtualDir, seek_data_or_hole
 from .repository import Repository
 from .store.chain import meets
 from .store.manifest import T_BLOCKDEV, T_CHARDEV, T_DIR, T_FIFO, T_FILE, T_HARDLINK, T_SYMLINK, Entry, unread
@@ -87,11 +89,37 @@ _LOOP_ENDED_BY_SIGNAL = 8
 
 
 def _fuse() -> Any:
+    """mfusepy, on libfuse 3 where the machine has it and can mount with it: mfusepy takes libfuse 2 first,
+    which many machines keep for other FUSE file systems (fusefat, exfat-fuse), and it has no lseek, so the
+    kernel found no hole in a file of the mount.  FUSE_LIBRARY_NAME or FUSE_LIBRARY_PATH still choose."""
+    chosen = "FUSE_LIBRARY_NAME" in os.environ or "FUSE_LIBRARY_PATH" in os.environ
+    fuse3 = not chosen and ctypes.util.find_library("fuse3") is not None and (
+        os.geteuid() == 0 or shutil.which("fusermount3") is not None)
     try:
+        if fuse3:
+            os.environ["FUSE_LIBRARY_NAME"] = "fuse3"  # read once, as mfusepy is first imported
         import mfusepy
     except (ImportError, OSError) as exc:  # mfusepy raises OSError when it finds no libfuse
         raise MountFailed(f"mount needs FUSE: {exc} (Debian: apt-get install fuse3)") from None
+    finally:
+        if fuse3:
+            del os.environ["FUSE_LIBRARY_NAME"]
     return mfusepy
+
+
+def _fuse_class(mfusepy: Any) -> Any:
+    """mfusepy's FUSE, with libfuse 3's lseek passed on to the operations where mfusepy lacks it (3.1 has the
+    callback's slot, not its wrapper): without it the kernel finds no hole in a file of the mount."""
+    if hasattr(mfusepy.FUSE, "lseek"):
+        return mfusepy.FUSE
+
+    class FUSE(mfusepy.FUSE):  # type: ignore[misc, valid-type]
+        def lseek(self, path: bytes | None, offset: int, whence: int, fip: Any) -> int:
+            fh = fip.contents if self.raw_fi else fip.contents.fh
+            name = None if path is None else path.decode(self.encoding, self.errors)
+            return self.operations.lseek(name, offset, whence, fh)
+
+    return FUSE
 
 
 class _Chunks:
@@ -137,7 +165,9 @@ class _File:
 
     def __init__(self, path: str, entry: Entry, chunks: _Chunks):
         self.path = path  # as the file system shows it, for messages
+        self.entry = entry
         self.chunks = chunks
+        self.holes: list[tuple[int, int]] | None = None  # found at the first SEEK_HOLE or SEEK_DATA
         self.ids = entry.chunk_ids()
         self.asked_ahead = -1
         self.starts = [0]
@@ -473,6 +503,22 @@ class SnapshotFS:
             self._tell(f"{shown_name(f.path)}: {exc}")
             raise _error(errno.EIO) from None
 
+    def lseek(self, path: str, offset: int, whence: int, fh: int) -> int:
+        """SEEK_DATA and SEEK_HOLE (the kernel answers the other kinds): runs of 1 MiB or more of chunks of
+        zeros are holes, as ``dump`` leaves them out of a tar, so ``cp`` and ``tar -S`` copying a sparse file
+        out of the mount skip them, unread, and keep them holes."""
+        f = self._files.get(fh)
+        if f is None:
+            raise _error(errno.EBADF)
+        if whence not in (os.SEEK_DATA, os.SEEK_HOLE):
+            raise _error(errno.EINVAL)
+        if f.holes is None:
+            f.holes = self.repo.holes(f.entry)
+        at = seek_data_or_hole(f.holes, f.entry.size, offset, whence == os.SEEK_HOLE)
+        if at is None:
+            raise _error(errno.ENXIO)
+        return at
+
     def release(self, path: str, fh: int) -> int:
         with self._lock:
             self._files.pop(fh, None)
@@ -578,7 +624,7 @@ def mount(repo: Repository, mountpoint: str, *, allow_other: bool = False, wait:
                     if on_main_thread and signal.getsignal(signum) is not signal.SIG_IGN}
         relay = _QuitRelay() if on_main_thread and signal.getsignal(signal.SIGQUIT) is not signal.SIG_IGN else None
         try:
-            fuse.FUSE(ops, mountpoint, foreground=True, ro=True, fsname="chunkvault", **options)
+            _fuse_class(fuse)(ops, mountpoint, foreground=True, ro=True, fsname="chunkvault", **options)
         except RuntimeError as exc:  # libfuse could not mount (no /dev/fuse, no permission, ...)
             if ops.served and exc.args == (_LOOP_ENDED_BY_SIGNAL,):
                 return  # libfuse 3 unmounted on SIGTERM or SIGINT, as asked

@@ -301,3 +301,21 @@ class SnapshotTree:
         if e is not None and e.type == T_HARDLINK:
             return self.entry(e.target)
         return e
+
+
+def seek_data_or_hole(holes: list[tuple[int, int]], size: int, offset: int, hole: bool) -> int | None:
+    """Pure: where ``lseek(SEEK_HOLE)`` (``hole``) or ``lseek(SEEK_DATA)`` from ``offset`` lands in a file of
+    ``size`` bytes whose holes are ``holes`` ((offset, length), in order, apart); None for ENXIO (``offset``
+    at or past the end, or no data after it).  The end of the file counts as a hole, as lseek(2) has it."""
+    if not 0 <= offset < size:
+        return None
+    i = bisect.bisect_right(holes, (offset, size)) - 1  # the last hole starting at or before offset
+    inside = i >= 0 and offset < holes[i][0] + holes[i][1]
+    if hole:
+        if inside:
+            return offset
+        return holes[i + 1][0] if i + 1 < len(holes) else size
+    if not inside:
+        return offset
+    data = holes[i][0] + holes[i][1]
+    return data if data < size else None

@@ -433,6 +433,7 @@ class Repository:
         # naming manifests that are gone.
         repo.listing_kept = lambda: any(not lock.may_be_lost() for lock in list(self._read_locks))
         self._indexed_listing: tuple[list[Snapshot], int, Callable[[Snapshot], list[Snapshot]]] | None = None
+        self._zero_ids: Callable[[int], bytes] | None = None  # the id of n zeros, of the lengths asked last
 
     # --- lifecycle --------------------------------------------------------------
 
@@ -1839,7 +1840,7 @@ class Repository:
         whole snapshot) as a tar or zip ``archive`` with names relative to the snapshot's root. Returns
         warnings (entries a zip cannot hold).  ``subtree``: a path of the snapshot taken as the root (as
         ``restore`` takes it): ``path`` and the archive's names are relative to it."""
-        from .store.archive import ARCHIVES, SPARSE_LEAST, in_subtree, write_archive, zero_runs
+        from .store.archive import ARCHIVES, in_subtree, write_archive
 
         if archive not in ARCHIVES:
             raise UsageError(f"unknown archive format {archive!r} (tar or zip)")
@@ -1866,23 +1867,29 @@ class Repository:
                     raise UsageError(f"no '{os.fsdecode(target)}' in snapshot {snap.short_id}")
                 return rec.entry
 
-            zero_id = functools.lru_cache(maxsize=16)(lambda n: self._repo.blob_id(bytes(n)))
-            cut = len(self._repo.chunker.zero_chunk)
+            return write_archive(out, archive, entries, rel, self._content, linked, self.owner_names(snap),
+                                 self.holes)
 
-            def holes(e: Entry) -> list[tuple[int, int]]:
-                if e.size < SPARSE_LEAST:
-                    return []
-                chunks = []
-                for cid in e.chunk_ids():
-                    loc = self._repo.locate(cid)
-                    if loc is None:  # its read names it
-                        return []
-                    chunks.append((cid, loc.raw_length))
-                if sum(n for _, n in chunks) != e.size:  # the content's read names the damage
-                    return []
-                return zero_runs(chunks, zero_id, cut)
+    def holes(self, e: Entry) -> list[tuple[int, int]]:
+        """The (offset, length) of each run of 1 MiB or more of a file's chunks that hold only zeros, told by
+        their ids, unread: what ``dump`` leaves out of a tar as a sparse member's holes, and what the mount's
+        SEEK_HOLE finds.  No run for a file whose chunks are not all indexed or do not add up to its size: its
+        read names the damage."""
+        from .store.archive import SPARSE_LEAST, zero_runs
 
-            return write_archive(out, archive, entries, rel, self._content, linked, self.owner_names(snap), holes)
+        if e.type != T_FILE or e.size < SPARSE_LEAST:
+            return []
+        chunks = []
+        for cid in e.chunk_ids():
+            loc = self._repo.locate(cid)
+            if loc is None:
+                return []
+            chunks.append((cid, loc.raw_length))
+        if sum(n for _, n in chunks) != e.size:
+            return []
+        if self._zero_ids is None:
+            self._zero_ids = functools.lru_cache(maxsize=16)(lambda n: self._repo.blob_id(bytes(n)))
+        return zero_runs(chunks, self._zero_ids, len(self._repo.chunker.zero_chunk))
 
     def diff(self, a: str | Snapshot, b: str | Snapshot, *, subtree_a: str | bytes | None = None,
              subtree_b: str | bytes | None = None) -> Iterator[tuple[str, Entry | None, Entry | None]]:

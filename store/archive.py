@@ -86,13 +86,15 @@ def zero_runs(chunks: list[tuple[bytes, int]], zero_id: Callable[[int], bytes], 
               least: int = SPARSE_LEAST) -> list[tuple[int, int]]:
     """Pure: the (offset, length) of each run of at least ``least`` bytes of a file's chunks that hold only
     zeros, told by their ids, unread.  ``chunks``: (id, length) in order; ``zero_id(n)``: the id of n zeros.
-    It is asked only of a chunk ``cut`` long (what the chunker cuts a run of zeros into) or one whose id its
-    neighbour repeats (a hole in fixed-size chunks): never of every length a file's chunks have."""
+    It is asked only of a chunk ``cut`` long (what the chunker cuts a run of zeros into), one whose id its
+    neighbour repeats (a hole in fixed-size chunks) or one right after such a run (the rest of a file ending
+    in zeros): never of every length a file's chunks have."""
     runs: list[tuple[int, int]] = []
     pos = 0
     for i, (blob_id, n) in enumerate(chunks):
         repeated = (i and chunks[i - 1][0] == blob_id) or (i + 1 < len(chunks) and chunks[i + 1][0] == blob_id)
-        if n and (n == cut or repeated) and blob_id == zero_id(n):
+        after_run = bool(runs) and sum(runs[-1]) == pos
+        if n and (n == cut or repeated or after_run) and blob_id == zero_id(n):
             if runs and sum(runs[-1]) == pos:
                 runs[-1] = (runs[-1][0], runs[-1][1] + n)
             else:

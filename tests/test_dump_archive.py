@@ -517,7 +517,10 @@ def test_zero_runs_asks_only_of_the_lengths_zeros_are_cut_into_or_repeated():
 
     chunks = [(b"a", 10), (b"zero", 4), (b"zero", 4), (b"b", 3), (b"zero", 6), (b"c", 5), (b"zero", 7)]
     assert zero_runs(chunks, zero_id, 6, least=1) == [(10, 8), (21, 6)]
-    assert sorted(asked) == [4, 4, 6]
+    assert sorted(asked) == [3, 4, 4, 5, 6]  # and the chunk after each run: not the first, nor the last
+    asked.clear()
+    ending = [(b"a", 10), (b"zero", 6), (b"zero", 6), (b"zero", 2)]  # a file ending in zeros: its rest joins
+    assert zero_runs(ending, zero_id, 6, least=1) == [(10, 14)] and sorted(asked) == [2, 6, 6]
     assert zero_runs(chunks, zero_id, 6, least=7) == [(10, 8)]
 
 
