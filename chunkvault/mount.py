@@ -45,6 +45,7 @@ LISTING_WAIT = 2.0  # how long the operation that starts a listing of the snapsh
 # (``SnapshotTree.nbytes``: about 150 bytes and the path per entry, so some 200 MB for a million files).
 TREES_KEPT = 8
 TREE_BYTES_KEPT = 256 << 20
+HOLES_KEPT = 4096  # files whose holes are kept found (``_holes``): getattr gives their allocated blocks
 
 _TYPE_BITS = {T_FILE: stat.S_IFREG, T_HARDLINK: stat.S_IFREG, T_DIR: stat.S_IFDIR, T_SYMLINK: stat.S_IFLNK,
               T_FIFO: stat.S_IFIFO, T_CHARDEV: stat.S_IFCHR, T_BLOCKDEV: stat.S_IFBLK}
@@ -163,11 +164,11 @@ class _Chunks:
 class _File:
     """An open file of a snapshot: where each of its chunks starts, for reads at any offset."""
 
-    def __init__(self, path: str, entry: Entry, chunks: _Chunks):
+    def __init__(self, path: str, entry: Entry, chunks: _Chunks, node: InSnapshot):
         self.path = path  # as the file system shows it, for messages
         self.entry = entry
+        self.node = node
         self.chunks = chunks
-        self.holes: list[tuple[int, int]] | None = None  # found at the first SEEK_HOLE or SEEK_DATA
         self.ids = entry.chunk_ids()
         self.asked_ahead = -1
         self.starts = [0]
@@ -218,6 +219,7 @@ class SnapshotFS:
         self._building: dict[str, Future[SnapshotTree]] = {}  # snapshot id -> its tree, being read (``_tree``)
         self._trees_dropped = 0  # how many listings have dropped kept trees (``_drop_changed``)
         self._files: dict[int, _File] = {}
+        self._holes: OrderedDict[tuple[str, bytes], list[tuple[int, int]]] = OrderedDict()  # (snapshot, path)
         self._chunks = _Chunks(repo)
         self._ended = threading.Event()  # unmounted
         self._unavailable_until = float("-inf")  # reads fail at once until then: the remote stopped answering
@@ -408,7 +410,24 @@ class SnapshotFS:
                 "st_nlink": 2 if e.type == T_DIR else names,
                 "st_uid": uid, "st_gid": gid, "st_size": e.size if e.type == T_FILE else len(e.target),
                 "st_rdev": e.rdev, "st_mtime": ns, "st_atime": ns, "st_ctime": e.ctime_ns or ns,
-                "st_blocks": (e.size + 511) // 512 if e.type == T_FILE else 0}
+                "st_blocks": (e.size - sum(n for _, n in self._holes_of(node, e)) + 511) // 512
+                if e.type == T_FILE else 0}
+
+    def _holes_of(self, node: InSnapshot, e: Entry) -> list[tuple[int, int]]:
+        """The file's holes (``Repository.holes``), kept for the files asked last: a file's allocated blocks
+        count its data alone, which ``cp`` looks at before it asks where the holes are."""
+        key = (node.snapshot.id, node.rel)
+        with self._lock:
+            holes = self._holes.get(key)
+            if holes is not None:
+                self._holes.move_to_end(key)
+                return holes
+        holes = self.repo.holes(e)
+        with self._lock:
+            self._holes[key] = holes
+            while len(self._holes) > HOLES_KEPT:
+                self._holes.popitem(last=False)
+        return holes
 
     def _inode(self, path: str, node: Node) -> int:
         """The node's inode number (``_inode``): the same from getattr and from its directory's listing."""
@@ -476,7 +495,7 @@ class SnapshotFS:
             self._tell(f"{shown_name(path)}: no backup could read this file; the snapshot holds no data for it")
             raise _error(errno.EIO)
         try:
-            f = _File(path, e, self._chunks)
+            f = _File(path, e, self._chunks, node)
         except ChunkvaultError as exc:
             self._tell(f"{shown_name(path)}: {exc}")
             raise _error(errno.EIO) from None
@@ -512,9 +531,7 @@ class SnapshotFS:
             raise _error(errno.EBADF)
         if whence not in (os.SEEK_DATA, os.SEEK_HOLE):
             raise _error(errno.EINVAL)
-        if f.holes is None:
-            f.holes = self.repo.holes(f.entry)
-        at = seek_data_or_hole(f.holes, f.entry.size, offset, whence == os.SEEK_HOLE)
+        at = seek_data_or_hole(self._holes_of(f.node, f.entry), f.entry.size, offset, whence == os.SEEK_HOLE)
         if at is None:
             raise _error(errno.ENXIO)
         return at

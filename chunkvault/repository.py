@@ -1879,17 +1879,22 @@ class Repository:
 
         if e.type != T_FILE or e.size < SPARSE_LEAST:
             return []
+        if self._zero_ids is None:
+            self._zero_ids = functools.lru_cache(maxsize=16)(lambda n: self._repo.blob_id(bytes(n)))
+        cut = len(self._repo.chunker.zero_chunk)
+        ids = e.chunk_ids()
+        zeros = self._zero_ids(cut)
+        if not any(cid == zeros or cid == after for cid, after in zip(ids, ids[1:] + [None])):
+            return []  # a run starts with a chunk of zeros the chunker cut, or one repeated: none here, unlocated
         chunks = []
-        for cid in e.chunk_ids():
+        for cid in ids:
             loc = self._repo.locate(cid)
             if loc is None:
                 return []
             chunks.append((cid, loc.raw_length))
         if sum(n for _, n in chunks) != e.size:
             return []
-        if self._zero_ids is None:
-            self._zero_ids = functools.lru_cache(maxsize=16)(lambda n: self._repo.blob_id(bytes(n)))
-        return zero_runs(chunks, self._zero_ids, len(self._repo.chunker.zero_chunk))
+        return zero_runs(chunks, self._zero_ids, cut)
 
     def diff(self, a: str | Snapshot, b: str | Snapshot, *, subtree_a: str | bytes | None = None,
              subtree_b: str | bytes | None = None) -> Iterator[tuple[str, Entry | None, Entry | None]]:
