@@ -45,7 +45,7 @@ LISTING_WAIT = 2.0  # how long the operation that starts a listing of the snapsh
 # (``SnapshotTree.nbytes``: about 150 bytes and the path per entry, so some 200 MB for a million files).
 TREES_KEPT = 8
 TREE_BYTES_KEPT = 256 << 20
-HOLES_KEPT = 4096  # files whose holes are kept found (``_holes``): getattr gives their allocated blocks
+HOLES_KEPT = 4096  # files whose holes are kept found (``_holes_of``): getattr gives their allocated blocks
 
 _TYPE_BITS = {T_FILE: stat.S_IFREG, T_HARDLINK: stat.S_IFREG, T_DIR: stat.S_IFDIR, T_SYMLINK: stat.S_IFLNK,
               T_FIFO: stat.S_IFIFO, T_CHARDEV: stat.S_IFCHR, T_BLOCKDEV: stat.S_IFBLK}

@@ -95,7 +95,7 @@ def zero_runs(chunks: list[tuple[bytes, int]], zero_id: Callable[[int], bytes], 
         repeated = (i and chunks[i - 1][0] == blob_id) or (i + 1 < len(chunks) and chunks[i + 1][0] == blob_id)
         after_run = bool(runs) and sum(runs[-1]) == pos
         if n and (n == cut or repeated or after_run) and blob_id == zero_id(n):
-            if runs and sum(runs[-1]) == pos:
+            if after_run:
                 runs[-1] = (runs[-1][0], runs[-1][1] + n)
             else:
                 runs.append((pos, n))
