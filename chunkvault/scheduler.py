@@ -311,10 +311,13 @@ def run_hook(command: str | tuple[str, ...], env: dict[str, str], cwd: str, time
 
 
 def _log_output(out: IO[bytes], log: Callable[[str], None], label: str) -> None:
-    """What a hook or a source's command wrote to ``out``, line by line (its end, if it wrote much)."""
-    out.seek(0)
+    """What a hook or a source's command wrote to ``out``, line by line (its end, if it wrote much).  Only the
+    end is read: a hook that printed gigabytes would have them all in memory."""
+    size = out.seek(0, os.SEEK_END)
+    start = max(0, size - 4 * HOOK_OUTPUT_LIMIT)  # a character is at most 4 bytes of UTF-8
+    out.seek(start)
     text = out.read().decode(errors="replace")
-    if len(text) > HOOK_OUTPUT_LIMIT:
+    if start or len(text) > HOOK_OUTPUT_LIMIT:
         text = "..." + text[-HOOK_OUTPUT_LIMIT:]
     for line in text.splitlines():
         log(f"{label}: {line}")

@@ -378,6 +378,27 @@ def test_a_hook_killed_by_a_signal_is_said_so_not_as_a_negative_exit(tmp_path):
     assert run_hook("exit 4", dict(os.environ), str(tmp_path), 30, [].append, "post") == (4, "post hook exited 4")
 
 
+def test_a_hook_that_prints_much_logs_its_end_without_holding_all_it_printed(tmp_path):
+    """The output of a hook or a command source was read whole, then cut to its end: a pre hook that printed
+    400 MB (a dump sent to stdout by mistake, a verbose tool) took the daemon to 830 MB of memory."""
+    import tracemalloc
+
+    from chunkvault.scheduler import HOOK_OUTPUT_LIMIT, run_hook
+
+    log: list[str] = []
+    tracemalloc.start()
+    try:
+        rc, error = run_hook("head -c 30000000 /dev/zero | tr '\\0' x; echo; printf 'last words \\303\\251\\n'",
+                             dict(os.environ), str(tmp_path), 30, log.append, "pre")
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert (rc, error) == (0, None)
+    assert peak < 1 << 20, peak
+    assert log[-1] == "pre: last words \u00e9" and log[0].startswith("pre: ...x")
+    assert sum(len(line) for line in log) <= HOOK_OUTPUT_LIMIT + 3 + len("pre: ") * len(log)
+
+
 def test_a_stop_while_a_hook_starts_ends_the_hook_and_logs_what_it_said(tmp_path, monkeypatch):
     """A stop handled inside ``subprocess.Popen``, the hook running already (a loaded machine), left the hook's
     process group running on its own (a database left in backup mode) and what it had said unlogged."""
