@@ -35,7 +35,7 @@ import calendar
 import os
 import re
 import socket
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import date, datetime, timedelta, timezone
 from typing import Any, Iterable, Mapping, Protocol, Sequence
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
@@ -495,12 +495,12 @@ def iso_time(t: datetime | None) -> str | None:
 
 
 STATE_VERSION = 1
-_STATE_SECTIONS = ("checks", "verifications")
+_STATE_SECTIONS = ("checks", "verifications", "copies")
 
 
 def state_sections(doc: Any) -> dict[str, dict[str, dict[str, Any]]]:
-    """A state file's parsed JSON as its sections (``checks``, ``verifications``), each by repository URL;
-    what is not a table reads as nothing remembered (a check or verification too many, never one too few)."""
+    """A state file's parsed JSON as its sections (``checks``, ``verifications``, ``copies``), each by repository
+    URL; what is not a table reads as nothing remembered (a check or verification too many, never one too few)."""
     out: dict[str, dict[str, dict[str, Any]]] = {name: {} for name in _STATE_SECTIONS}
     if not isinstance(doc, dict):
         return out
@@ -538,27 +538,34 @@ def check_slice(subset: str | None, last: int | None) -> tuple[str | None, int |
 @dataclass(frozen=True)
 class RetentionScope:
     """What a source's retention rules weigh in one run (``weighed``), and what they leave out: the
-    snapshots ``dated_ahead`` (kept, not counted) and the one the run saved when the rules would remove
-    it (``spared``: a run never undoes its own backup)."""
+    snapshots ``dated_ahead`` (kept, not counted), those its copy-to has not received yet (``unsent``: kept
+    until a copy sends them) and the one the run saved when the rules would remove it (``spared``: a run
+    never undoes its own backup)."""
 
     weighed: list[Any]
     ahead: list[Any]
     spared: str | None = None
+    unsent: list[Any] = field(default_factory=list)
 
 
 def retention_scope(history: Sequence[Any], policy: RetentionPolicy, now: datetime, saved: str | None = None,
-                    tz: Any = UTC) -> RetentionScope:
+                    tz: Any = UTC, sent_through: datetime | None = None) -> RetentionScope:
     """The part of a source's ``history`` (snapshots with ``id`` and ``datetime``) that ``policy`` applies to
     at ``now``.  ``saved``: the snapshot this run made; left out of the rules (so kept) only when they
-    would remove it, so that it counts towards them otherwise."""
+    would remove it, so that it counts towards them otherwise.  ``sent_through``: the date of the newest of
+    the source's snapshots its copy-to holds; those dated after it are left out (kept): the next copy sends
+    them, and forgotten first they would never reach it."""
     ahead = [s for s in history if dated_ahead(s.datetime, now)]
-    weighed = [s for s in history if not dated_ahead(s.datetime, now)]
+    unsent = [s for s in history if not dated_ahead(s.datetime, now)
+              and sent_through is not None and s.datetime > sent_through]
+    weighed = [s for s in history if not dated_ahead(s.datetime, now)
+               and (sent_through is None or s.datetime <= sent_through)]
     if saved is None or not any(s.id == saved for s in weighed):
-        return RetentionScope(weighed, ahead)
+        return RetentionScope(weighed, ahead, unsent=unsent)
     decisions = select(weighed, policy, now, allow_remove_all=True, tz=tz)
     if any(d.snapshot_id == saved and not d.keep for d in decisions):
-        return RetentionScope([s for s in weighed if s.id != saved], ahead, saved)
-    return RetentionScope(weighed, ahead)
+        return RetentionScope([s for s in weighed if s.id != saved], ahead, saved, unsent)
+    return RetentionScope(weighed, ahead, unsent=unsent)
 
 
 def next_wakeup(cadences: Iterable[Cadence], after: datetime) -> datetime | None:

@@ -167,6 +167,7 @@ class CopyDone:
     skipped: list[str] = field(default_factory=list)
     bytes_sent: int = 0
     retention: RetentionResult | None = None
+    sent_through: datetime | None = None  # the date of the newest of the source's snapshots there now
 
     def to_dict(self) -> dict[str, Any]:
         ret = self.retention
@@ -627,19 +628,21 @@ class Runner:
         """The source's retention (or ``policy``, in the repository ``where`` names), as ``forget`` with a
         policy applies it (planned under the lock, from every snapshot, a replayed one refused), to the
         source's own history as ``retention_scope`` sees it: never the snapshot ``saved`` by this run, nor
-        one dated ahead of the clock.  ``due``: the kind of backup a dry run would make first, counted as
-        saved, so that it predicts what the run removes after it."""
+        one dated ahead of the clock, nor one its copy-to has not received yet.  ``due``: the kind of backup a
+        dry run would make first, counted as saved, so that it predicts what the run removes after it."""
         from .store.lifecycle import NOT_SELECTED
 
         rules = policy or src.retention
         assert rules is not None
         host, now = self._host(src), self.clock()
         planned = [] if due is None else [self._stand_in(repo, src, host, now, due)]
+        # not at the copy-to itself, nor in a dry run that would copy first (its copy sends what is missing)
+        sent_through = self._sent_through(src) if policy is None and not planned else None
         saved = planned[0].id if planned else saved
         scopes: list[RetentionScope] = []
 
         def scope(snaps: list[Any]) -> list[Any]:
-            scopes.append(retention_scope(src.history(snaps, host), rules, now, saved, src.tz))
+            scopes.append(retention_scope(src.history(snaps, host), rules, now, saved, src.tz, sent_through))
             return scopes[-1].weighed
 
         plan = repo.forget(policy=rules, scope=scope, now=now, dry_run=dry_run, tz=src.tz, planned=planned)
@@ -691,6 +694,7 @@ class Runner:
             try:
                 done, wal_failed = self._copy_into(repo, dest, src, result.snapshot_id, shown)
                 result.copy = done.to_dict()
+                self._remember_sent(src, done.sent_through)
                 result.wal_copied = target.wal and not wal_failed
                 if wal_failed:  # the snapshots went, and their retention runs: the run still fails
                     self._copy_failed(src, result, "copy", shown, wal_failed)
@@ -726,19 +730,43 @@ class Runner:
         host = self._host(src)
         there = [s.datetime for s in src.history(dest.snapshots(), host)]
         newest = max(there, default=None)
-        ids = [s.id for s in src.history(repo.snapshots(), host)
-               if s.id == saved or newest is not None and s.datetime > newest]
+        sent = [s for s in src.history(repo.snapshots(), host)
+                if s.id == saved or newest is not None and s.datetime > newest]
+        ids = [s.id for s in sent]
         assert src.copy_to is not None
         copied = repo.copy_to(dest, ids, wal=src.copy_to.wal)
         wal_failed = "; ".join(f"wal/{a} not copied: {why}" for a, why in copied.wal_failed)
         if copied.failed:
             raise ChunkvaultError("; ".join([f"{a[:8]} not copied: {why}" for a, why in copied.failed]
                                             + ([wal_failed] if wal_failed else [])))
-        done = CopyDone(shown, list(copied.copied), list(copied.skipped), copied.bytes_sent)
+        done = CopyDone(shown, list(copied.copied), list(copied.skipped), copied.bytes_sent,
+                        sent_through=max(there + [s.datetime for s in sent], default=None))
         wal = f", {len(copied.wal_copied)} archived WAL file(s)" if src.copy_to.wal else ""
         self.log(f"{src.name}: copied {len(done.copied)} snapshot(s){wal} to {shown} ({len(done.skipped)} there "
                  f"already, {format_size(done.bytes_sent)} sent)")
         return done, wal_failed
+
+    def _remember_sent(self, src: Source, through: datetime | None) -> None:
+        """Remember in the state file how far the source's copies reached its copy-to (``_sent_through``)."""
+        if through is None or self.state_file is None:
+            return
+        assert src.copy_to is not None
+        sections = _read_state(self.state_file, lambda line: None)  # what does not read was said or is said
+        mine = dict(sections["copies"].get(self.url, {}))
+        mine[src.name] = {"to": _shown(src.copy_to.url), "through": through.isoformat(timespec="microseconds")}
+        sections["copies"][self.url] = mine
+        _write_state(self.state_file, sections, self.log)
+
+    def _sent_through(self, src: Source) -> datetime | None:
+        """The date of the newest of the source's snapshots its copy-to held after the last copy that went, as
+        the state file remembers it; None when no copy to it is remembered (a first copy sends only the
+        snapshot it is for: there is nothing the next one would send that retention must keep)."""
+        if src.copy_to is None:
+            return None
+        entry = _read_state(self.state_file, lambda line: None)["copies"].get(self.url, {}).get(src.name)
+        if not isinstance(entry, dict) or entry.get("to") != _shown(src.copy_to.url):
+            return None
+        return parse_iso_time(entry.get("through"))
 
     def _copy_failed(self, src: Source, result: SourceResult, step: str, shown: str, why: str) -> None:
         """Fail the source's copy: a second failure (copy-retention after archived WAL that did not go) is
@@ -1017,6 +1045,11 @@ class Runner:
             newest = max(s.datetime for s in scope.ahead)
             self.log(f"{src.name}: warning: {len(scope.ahead)} snapshot(s) dated ahead of this clock (newest "
                      f"{iso_time(newest)}): kept, and not counted by retention until then (was the clock set back?)")
+        if scope.unsent:
+            assert src.copy_to is not None
+            self.log(f"{src.name}: retention keeps {len(scope.unsent)} snapshot(s) not copied to "
+                     f"{_shown(src.copy_to.url)} yet (saved since {iso_time(min(s.datetime for s in scope.unsent))}): "
+                     "the next copy sends them")
         if scope.spared == STAND_IN_ID:
             self.log(f"{src.name}: warning: retention would keep the backup it would make, which its rules would "
                      "remove")

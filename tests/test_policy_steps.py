@@ -282,6 +282,39 @@ def test_a_failed_copy_fails_the_source_not_the_backup_and_the_next_copy_catches
     assert [s.time for s in offsite(off)] == [s.time for s in snapshots(main)]
 
 
+def test_retention_keeps_what_a_destination_that_was_away_has_not_received(tmp_path, repos, tree):
+    """A destination away for three days, retention keeping one differential: each day's retention forgot the
+    differential of the day before, which no copy had sent, and the destination back missed them for good.
+    Now they are kept until a copy sends them, then retention applies to them as before; a run with nothing
+    due keeps them too."""
+    main, off = repos
+    policy_path = write_policy(tmp_path / "p.toml", main, [{"name": "db", "paths": [str(tree)]}],
+                               top=f'full = "weekly sun 02:00"\ndiff = "daily 03:00"\ncopy-to = {q(off)}\n'
+                                   'copy-to-password-file = "off.pw"\nretention = { keep-full = 1, keep-diff = 1 }\n')
+    day = datetime(2026, 3, 1, 3, 30, tzinfo=UTC)
+    log: list[str] = []
+    assert run(policy_path, tmp_path, log, day).ok
+    for i in (1, 2, 3):
+        (tree / "notes.txt").write_text(f"day {i}\n")
+        os.rename(off, off + ".away")
+        try:
+            report = run(policy_path, tmp_path, log, day + timedelta(days=i))
+        finally:
+            os.rename(off + ".away", off)
+        assert report.sources[0].copy_error is not None and report.sources[0].retention.removed == []
+    assert f"db: retention keeps 3 snapshot(s) not copied to {off} yet (saved since 2026-03-02T03:30:00Z): " \
+           "the next copy sends them" in log, log
+    report = run(policy_path, tmp_path, log, day + timedelta(days=3, hours=12))  # nothing due, still kept
+    assert report.sources[0].status == "idle" and report.sources[0].retention.removed == []
+    (tree / "notes.txt").write_text("day 4\n")
+    report = run(policy_path, tmp_path, log, day + timedelta(days=4))
+    assert report.ok and len(report.sources[0].copy["copied"]) == 4
+    assert len(report.sources[0].retention.removed) == 3  # sent: the rules apply to them again
+    assert [s.time for s in offsite(off)] == [(day + timedelta(days=i)).isoformat(timespec="microseconds")
+                                              for i in range(5)]
+    assert [s.time for s in snapshots(main)] == [s.time for s in offsite(off)][::4]
+
+
 def test_a_destination_that_is_not_there_or_has_no_password_fails_the_source(tmp_path, repos, tree, monkeypatch):
     main, off = repos
     for k in ("CHUNKVAULT_TO_PASSWORD", "CHUNKVAULT_TO_PASSWORD_FILE", "CHUNKVAULT_TO_PASSWORD_COMMAND"):
@@ -695,7 +728,8 @@ def test_wal_expire_waits_for_the_copies_of_the_wal_to_have_gone(tmp_path, repos
     os.rename(off, off + ".away")  # out of reach for this run
     report = run(policy_path, tmp_path, log, day + timedelta(days=1))
     os.rename(off + ".away", off)
-    assert report.sources[0].copy_error is not None and report.sources[0].retention.removed != []
+    # the copy failed: retention keeps the snapshot it did not send (and the one before, keep-last 1 of those sent)
+    assert report.sources[0].copy_error is not None and report.sources[0].retention.removed == []
     assert report.wal_expired is None and any("wal-expire skipped" in line for line in log), log
     with Repository.open(main, PASSWORD) as r:
         assert [w.name for w in r.archive_list()] == [f"00000001000000000000000{i}" for i in (2, 3)]

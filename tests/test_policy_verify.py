@@ -150,14 +150,14 @@ def test_a_verification_is_due_at_first_then_once_per_slot_until_one_passes():
 def test_the_state_file_keeps_checks_as_they_were_and_verifications_beside_them():
     old = {"version": 1, "checks": {"/r": {"time": "2026-03-01T04:30:00Z", "slice": 2}}}
     sections = state_sections(old)  # written by the code before verify
-    assert sections == {"checks": old["checks"], "verifications": {}}
+    assert sections == {"checks": old["checks"], "verifications": {}, "copies": {}}
     sections["verifications"]["/r"] = {"time": "2026-03-01T05:30:00Z", "snapshots": {"db": "ab"}}
     doc = json.loads(json.dumps(state_document(sections)))
     assert doc["version"] == 1 and doc["checks"] == old["checks"]  # what the code before reads, unchanged
     assert state_sections(doc) == sections
-    assert state_sections("garbage") == state_sections(None) == {"checks": {}, "verifications": {}}
+    assert state_sections("garbage") == state_sections(None) == {"checks": {}, "verifications": {}, "copies": {}}
     assert state_sections({"checks": [], "verifications": {"/r": "x", "/s": {"time": "t"}}}) == \
-        {"checks": {}, "verifications": {"/s": {"time": "t"}}}
+        {"checks": {}, "verifications": {"/s": {"time": "t"}}, "copies": {}}
 
 
 def test_each_source_is_remembered_on_its_own_and_an_older_state_file_for_all_at_once():
