@@ -1105,6 +1105,10 @@ def parse_policy(config: Mapping[str, Any], base_dir: str = ".") -> Policy:
                              "on the same host: their snapshots could not be told apart (each would take the "
                              "other's for its own, and its retention remove them); give one another host")
         sources.append(source)
+    unused = [k for k in _COPY_KEYS[1:] if k in top]  # a source's own are refused without copy-to above
+    if unused and not any(s.copy_to is not None for s in sources):  # else taken silently, whatever they held
+        raise UsageError(f"{unused[0].replace('_', '-')} is for copy-to, and no source is copied: set copy-to (at "
+                         "the top or in a source), or leave it out")
     return Policy(sources=tuple(sources), repository=repo, password_file=password_file,
                   password_command=password_command, timezone=tz_name,
                   prune=prune, wal_expire=wal_expire, max_unused=_share(top.get("max_unused", 0.05)),

@@ -100,6 +100,11 @@ def test_copy_settings_of_the_top_apply_to_each_source_and_a_source_s_override_t
     ('copy-to = 3\n', {}, "copy-to must be a repository URL or path (or false), got 3"),
     ('', {"copy-to-password-file": "x"}, "source 'db': copy-to-password-file needs copy-to"),
     ('', {"copy-retention": "x"}, "source 'db': copy-retention needs copy-to"),
+    # at the top, with no copy-to anywhere, they were taken silently, whatever their value
+    ('copy-wal = "yes"\n', {}, "copy-wal is for copy-to, and no source is copied"),
+    ('copy-to-password-file = "off.pw"\n', {}, "copy-to-password-file is for copy-to, and no source is copied"),
+    ('copy-retention = { keep-lst = 4 }\n', {}, "copy-retention is for copy-to, and no source is copied"),
+    ('copy-to = "/off"\ncopy-wal = true\n', {"copy-to": False}, "copy-wal is for copy-to, and no source is copied"),
     ('copy-to = "/off"\ncopy-to-password-file = "a"\ncopy-to-password-command = "b"\n', {},
      "copy-to-password-file and copy-to-password-command both given: use one"),
     ('copy-to = "/off"\ncopy-retention = "nope"\n', {}, "'nope'"),
