@@ -949,7 +949,7 @@ def cmd_restore(args: argparse.Namespace) -> int:
         if recovery[0].picks_snapshot and args.until is None and split_subtree(args.snapshot)[0] == "latest":
             snap = reaching(repo, recovery[0], host=source_host(args, "latest"), paths=args.snapshot_paths or None,
                             subtree=subtree)
-        _check_data_directory(repo, snap, subtree)
+        _check_data_directory(repo, snap, subtree, recovery[0])
     relocate = []
     if args.pg_tablespace:
         from .pgtablespace import relocations
@@ -1111,9 +1111,10 @@ def _program() -> list[str]:
     return [sys.executable, "-m", "chunkvault.cli"]
 
 
-def _check_data_directory(repo: Any, snap: Snapshot, subtree: bytes | None) -> None:
-    """The snapshot (or SNAPSHOT:PATH) is a data directory of PostgreSQL 12 or newer, before any restore."""
-    from .pgrecovery import at_root, check_major, holds_data_directory
+def _check_data_directory(repo: Any, snap: Snapshot, subtree: bytes | None, target: Any) -> None:
+    """The snapshot (or SNAPSHOT:PATH) is a data directory of PostgreSQL 12 or newer, before any restore, and
+    for a time ``target`` one copied by then (a snapshot named, or picked by ``--until``, may not be)."""
+    from .pgrecovery import at_root, check_major, copied_after, holds_data_directory
 
     version = None
     if holds_data_directory(repo, snap, subtree):
@@ -1127,6 +1128,11 @@ def _check_data_directory(repo: Any, snap: Snapshot, subtree: bytes | None) -> N
         raise UsageError(f"--pg-recover: {where} {snap.short_id} holds no PostgreSQL data directory at its root "
                          "(no global/pg_control or PG_VERSION)")
     check_major(version)
+    with repo.open_file(snap, at_root(subtree, b"global/pg_control")) as f:
+        why = copied_after(target, f.read(64))
+    if why is not None:
+        raise UsageError(f"--pg-recover: the data directory of snapshot {snap.short_id} cannot recover to the target: "
+                         f"{why}; restore a snapshot taken before it (latest picks one)")
 
 
 def _restored(result: Any) -> str:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import re
 import shlex
+import struct
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta, timezone
 from typing import TYPE_CHECKING
@@ -113,6 +114,39 @@ def on_timeline(stats: dict, newest: int, ends: dict[int, int]) -> bool:
         return tli in ends and parse_lsn(stop) <= ends[tli]
     except ValueError:
         return True
+
+
+#: Where ``ControlFileData.time`` (the server's last write of ``global/pg_control``, seconds since the epoch)
+#: lies: after the system identifier, two versions and the cluster state, 8-byte aligned (4-byte on 32-bit x86).
+_CONTROL_TIME_OFFSETS = (24, 20)
+#: The times a ``pg_control`` of a real server can hold (2000 to 2200): another layout's bytes fall outside.
+_CONTROL_TIME_RANGE = (946_684_800, 7_258_118_400)
+
+
+def control_time(control: bytes) -> datetime | None:
+    """When the server last wrote the ``global/pg_control`` whose first bytes are ``control`` (a checkpoint, a
+    state change: for a base backup's copy, at or after its start, before it was consistent), in UTC; None
+    where it does not read as one."""
+    for offset in _CONTROL_TIME_OFFSETS:
+        if len(control) >= offset + 8:
+            (stamp,) = struct.unpack_from("=q", control, offset)
+            if _CONTROL_TIME_RANGE[0] <= stamp < _CONTROL_TIME_RANGE[1]:
+                return datetime.fromtimestamp(stamp, timezone.utc)
+    return None
+
+
+def copied_after(target: RecoveryTarget, control: bytes) -> str | None:
+    """Why a data directory with this ``global/pg_control`` cannot recover to a ``time`` target, or None: its
+    server wrote the file after that time, so the copy is consistent only later.  PostgreSQL takes such a copy
+    without complaint and stops at the first commit after the target, which the copy may hold already: a
+    later state than the one asked for, promoted as if it were.  None for other targets, or where the time
+    does not read."""
+    written = control_time(control)
+    if target.stops_at is None or written is None or written <= target.stops_at:
+        return None
+    return (f"its server wrote global/pg_control at {written.isoformat()}, after the recovery target "
+            f"{target.stops_at.isoformat()}: a copy made after a time cannot recover to it (PostgreSQL would stop "
+            "no earlier than where the copy is consistent, later than the target, and be promoted there)")
 
 
 def parse_target(text: str, action: str | None = None) -> RecoveryTarget:

@@ -916,10 +916,14 @@ def _recover(server: Server, target: "RecoveryTarget", fetch: "Fetch | None", re
              deadline: float) -> "WalRelay":
     """Set the copy up to recover to ``target`` from the archive, through a relay started here (the
     caller closes it)."""
-    from .pgrecovery import write_recovery
+    from .pgrecovery import copied_after, write_recovery
     from .walrelay import WalRelay
 
     assert fetch is not None, "a recovery needs the archive's fetch"
+    with open(os.path.join(server.datadir, "global", "pg_control"), "rb") as f:
+        why = copied_after(target, f.read(64))
+    if why is not None:
+        raise PgStartFailed(f"the copy cannot recover to {target.kind}={target.value}: {why}")
     path = os.path.join(server.rundir, RELAY_SOCKET)
     relay = WalRelay(path, fetch, server.datadir,
                      (server.who.uid, server.who.gid) if os.geteuid() == 0 else None)

@@ -11,7 +11,7 @@ import shutil
 import sys
 import threading
 import time
-from datetime import datetime
+from datetime import datetime, timedelta
 
 import pytest
 
@@ -139,6 +139,20 @@ def test_a_time_target_and_the_end_of_the_archive(archived, scratch):
         assert end.ok, (pg.error, pg.log_tail)
         assert pg.recovery["action"] is None and pg.wal_served["last"] == archived.last
         assert left_running(pg.pid) == [] and not relay_threads() and os.listdir(scratch) == []
+
+
+def test_a_time_target_before_the_named_snapshot_s_copy_fails_it(archived, scratch):
+    """Started on it, PostgreSQL recovered to the first commit after the copy's consistent point and was
+    promoted there: the snapshot passed as recovered to a time its rows postdate."""
+    with Repository.open(archived.url, PASSWORD) as repo:
+        snap = repo.snapshot("latest")
+        before = (snap.datetime - timedelta(hours=1)).isoformat()
+        report = verify_restore(repo, snap.id, scratch=scratch, pg_start=True, pg_recover=f"time={before}",
+                                pg_query="select count(*) from t")
+    [pg] = report.pg_start
+    assert not report.ok and pg.answer is None, (pg.error, pg.answer)
+    assert "cannot recover to time=" in pg.error and "global/pg_control" in pg.error, pg.error
+    assert left_running(pg.pid) == [] and not relay_threads() and os.listdir(scratch) == []
 
 
 def test_a_target_the_archive_does_not_reach_fails_with_the_log_tail(archived, cli, scratch):

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import os
 import shlex
+import struct
+from datetime import datetime, timezone
 
 import pytest
 from hypothesis import given
@@ -12,8 +14,8 @@ from hypothesis import strategies as st
 
 from chunkvault import Repository
 from chunkvault.errors import UsageError
-from chunkvault.pgrecovery import (RecoveryTarget, conf_value, parse_target, restore_command, rewrite_auto_conf,
-                                   write_recovery)
+from chunkvault.pgrecovery import (RecoveryTarget, conf_value, control_time, copied_after, parse_target,
+                                   restore_command, rewrite_auto_conf, write_recovery)
 from servers_ssh import sftp_repo, sshd  # noqa: F401
 from walsegments import write_segment
 
@@ -335,6 +337,50 @@ def test_a_time_target_restores_the_newest_snapshot_that_had_ended_by_then(tmp_p
     (etc / "hosts").write_text("127.0.0.1 localhost\n")
     cli("backup", "-r", repo, "--password-file", str(pw), str(etc), "--time", "2026-11-28T12:30:00+00:00")
     assert restored("time=2026-11-28T13:10:00+00:00") == ids["12"]
+
+
+def control_file(written: str) -> bytes:
+    """The first bytes of a ``global/pg_control`` (x86-64 layout) its server last wrote at ``written``."""
+    stamp = int(datetime.fromisoformat(written).timestamp())
+    return struct.pack("=QIIi4xq", 7300000000000000001, 1300, 202209061, 6, stamp).ljust(64, b"\0")
+
+
+def test_a_named_snapshot_copied_after_a_time_target_is_refused(tmp_path, cli):
+    """PostgreSQL takes a copy made after a time target without complaint: it stops at the first commit after
+    the target, later than the copy's consistent point, and is promoted there with rows the target predates.
+    The pick of latest passes such a snapshot over; one named (or found by --until) was restored all the same."""
+    repo = str(tmp_path / "repo")
+    pw = tmp_path / "pw"
+    pw.write_text("secret\n")
+    d = data_dir(tmp_path)
+    (d / "global" / "pg_control").write_bytes(control_file("2026-11-28T10:00:07+00:00"))
+    cli("init", "-r", repo, "--password-file", str(pw), "--kdf-time", "0")
+    snap = json.loads(cli("backup", "-r", repo, "--password-file", str(pw), str(d), "--time",
+                          "2026-11-28T10:05:00+00:00", "--json").stdout)["id"]
+
+    def restore(target, *more, code=0):
+        out = cli("restore", "-r", repo, "--password-file", str(pw), *more, "--target", str(tmp_path / target),
+                  "--pg-recover", target, "--pg-target-action", "promote", check=code)
+        return out.stderr.decode().strip()
+
+    for named in ((snap[:8],), ("latest", "--until", "2026-11-28T11:00:00+00:00")):
+        said = restore("time=2026-11-28T10:00:06+00:00", *named, code=2)
+        assert len(said.splitlines()) == 1 and "global/pg_control at 2026-11-28T10:00:07+00:00" in said, said
+        assert not (tmp_path / "time=2026-11-28T10:00:06+00:00").exists()
+    restore("time=2026-11-28T10:00:07+00:00", snap[:8])  # written in that second: it may be reached
+    restore("xid=1234", snap[:8])  # no time said: PostgreSQL itself tells a transaction it never met
+    assert "recovery_target_time" in (tmp_path / "time=2026-11-28T10:00:07+00:00" / "postgresql.auto.conf").read_text()
+
+
+def test_the_time_a_control_file_was_written_reads_in_either_alignment():
+    stamp = int(datetime(2026, 11, 28, 10, tzinfo=timezone.utc).timestamp())
+    for packed in (struct.pack("=QIIi4xq", 1, 1300, 2, 6, stamp), struct.pack("=QIIiq", 1, 1300, 2, 6, stamp)):
+        assert control_time(packed) == datetime(2026, 11, 28, 10, tzinfo=timezone.utc)
+    assert control_time(b"\0" * 64) is None and control_time(b"") is None
+    control = struct.pack("=QIIi4xq", 1, 1300, 2, 6, stamp)
+    assert copied_after(parse_target("time=2026-11-28T09:59:59+00:00"), control) is not None
+    assert copied_after(parse_target("time=2026-11-28T10:00:00+00:00"), control) is None
+    assert copied_after(parse_target("name=x"), control) is None
 
 
 def test_a_restore_in_place_over_a_running_server_is_refused(tmp_path, cli):
