@@ -346,16 +346,19 @@ def fatal_line(log: str) -> str | None:
 
 
 def archive_gap(missing: Iterable[str], archived: Iterable[str]) -> tuple[str, str] | None:
-    """A segment the recovery asked for and was told is not archived while a later one of its timeline is
-    (the first such, with the last of its timeline), or None: a recovery to ``end`` stops at the first
-    segment missing and is promoted there, short of the archive's end, as if the archive ended there."""
+    """A segment the recovery asked for and was told is not archived while a later one of its timeline, or of
+    a later timeline, is (the first such, with the last of its timeline, else of the later ones), or None: a
+    recovery to ``end`` stops at the first segment missing and is promoted there, short of the archive's end,
+    as if the archive ended there.  PostgreSQL asks for a segment of an earlier timeline only where no later
+    one it follows holds it (before that one branched off, or missing there too): a timeline a promotion
+    started goes on after the gap (the old primary's last segments never archived, its standby promoted)."""
     archived = set(archived)
     for name in missing:
         if len(name) != 24 or name in archived:
             continue
-        later = [a for a in archived if len(a) == 24 and a[:8] == name[:8] and a[8:] > name[8:]]
+        later = [a for a in archived if len(a) == 24 and a[:8] >= name[:8] and a[8:] > name[8:]]
         if later:
-            return name, max(later)
+            return name, max([a for a in later if a[:8] == name[:8]] or later)
     return None
 
 

@@ -1166,7 +1166,7 @@ class Repository:
         timeline the newest one left ended), as pgBackRest's verify: no damage, but a recovery stops at the
         first.  Where a start cannot be read (a damaged tree: check names it), every gap counts."""
         from .store.walarchive import newest_history
-        from .store.walnames import recovery_gaps
+        from .store.walnames import format_lsn, recovery_gaps
 
         if not files:
             return []
@@ -1175,11 +1175,13 @@ class Repository:
         except (UsageError, CorruptObject):
             starts = []
         out = []
-        for span in recovery_gaps([(w.name, w.size) for w in files], starts, newest_history(self._repo)[1]):
+        ends = newest_history(self._repo)[1]
+        for span in recovery_gaps([(w.name, w.size) for w in files], starts, ends):
             more = f" and {len(span.missing) - 3} more" if len(span.missing) > 3 else ""
-            out.append(f"archived WAL of timeline {span.timeline} lacks {len(span.missing)} segment(s) between "
-                       f"{span.first} and {span.last} ({', '.join(span.missing[:3])}{more}): a recovery through "
-                       "them stops at the first")
+            where = (f"between {span.first} and {span.last}" if span.missing[-1] < span.last else
+                     f"from {span.first} up to where it ended, at {format_lsn(ends[span.timeline])}")
+            out.append(f"archived WAL of timeline {span.timeline} lacks {len(span.missing)} segment(s) {where} "
+                       f"({', '.join(span.missing[:3])}{more}): a recovery through them stops at the first")
         return out
 
     def _unneeded_wal(self, names: list[str]) -> set[str]:

@@ -194,7 +194,9 @@ def recovery_gaps(files: Iterable[tuple[str, int]], starts: Iterable[str],
     """The ``timelines`` of the archive (name, size) pairs that lack segments a recovery would replay: those
     at or past the earliest position a base backup starts at (``starts``: segment names; none known: every
     one missing counts), and on a timeline a recovery left (``ends``: where each ended, ``timeline_ends``)
-    not past the segment it ended in.  No recovery reads the others."""
+    not past the segment it ended in; there, also those after its last archived one, up to the segment the
+    next timeline starts in (a promoted standby's: the old primary's last segments, never archived, are read
+    by every recovery from an earlier copy).  No recovery reads the others."""
     files = list(files)
     size = segment_size(files)
     floor = min((s[8:24] for s in starts), default="")
@@ -203,6 +205,9 @@ def recovery_gaps(files: Iterable[tuple[str, int]], starts: Iterable[str],
         end = (ends or {}).get(span.timeline)
         missing = [m for m in span.missing if m[8:24] >= floor
                    and (end is None or (int(m[8:16], 16) << 32) + int(m[16:24], 16) * size <= end)]
+        if end is not None:  # after its last archived segment, those before the one the next timeline starts in
+            missing += [m for n in range(segment_number(span.last, size) + 1, end // size)
+                        if (m := segment_name(span.timeline, n, size))[8:24] >= floor]
         if missing:
             out.append(TimelineSpan(span.timeline, span.first, span.last, span.segments, missing))
     return out

@@ -534,6 +534,44 @@ def test_recovery_gaps_are_the_missing_segments_from_the_earliest_start_on(segno
         f"000000010000000000000{n:03X}" for n in expect if n <= end]
 
 
+def test_recovery_gaps_reach_to_where_an_earlier_timeline_ended():
+    """A timeline a later one branched off is read up to the segment the later one starts in: its segments
+    missing after its last archived one (a failover: the old primary's last ones never archived) stop every
+    recovery from an earlier copy, though none is missing between archived ones."""
+    from chunkvault.store.walnames import recovery_gaps
+
+    size = 16 << 20
+
+    def missing(tl1, ends, starts=()):
+        files = [(f"00000001000000000000000{n}", size) for n in tl1] + [
+            ("000000020000000000000005", size), ("000000020000000000000006", size), ("00000002.history", 40)]
+        return [m for span in recovery_gaps(files, list(starts), ends) for m in span.missing]
+
+    mid = 5 * size + 0x4A0  # timeline 2 starts in segment 5, with a copy of timeline 1 up to there
+    assert missing([1, 2], {1: mid}) == ["000000010000000000000003", "000000010000000000000004"]
+    assert missing([1, 2, 4], {1: mid}) == ["000000010000000000000003"]
+    assert missing([1, 2, 3, 4], {1: mid}) == []  # segment 5 of timeline 1 is read from timeline 2's
+    assert missing([1, 2, 3, 4], {1: 5 * size}) == []  # a switch at a segment's start: 5 is timeline 2's own
+    assert missing([1, 2, 3], {1: 5 * size}) == ["000000010000000000000004"]
+    assert missing([1, 2], {1: mid}, ["000000020000000000000005"]) == []  # no copy here starts before it
+    assert missing([1, 2], {}) == []  # no history: where timeline 1 ended is not known
+
+
+def test_check_warns_of_the_segments_a_timeline_lacks_before_the_next_one_branched_off(tmp_path, new_repo):
+    repo = new_repo()
+    for i in (1, 2):
+        repo.archive_push(segment_file(tmp_path, f"00000001000000000000000{i}", seed=i, size=1 << 20))
+    history = tmp_path / "00000002.history"
+    history.write_text("1\t0/400000\tno recovery target specified\n")
+    repo.archive_push(history)
+    repo.archive_push(segment_file(tmp_path, "000000020000000000000004", seed=4, size=1 << 20))
+    assert repo.check().warnings == [
+        "archived WAL of timeline 1 lacks 1 segment(s) from 000000010000000000000001 up to where it ended, at "
+        "0/400000 (000000010000000000000003): a recovery through them stops at the first"]
+    repo.archive_push(segment_file(tmp_path, "000000010000000000000003", seed=3, size=1 << 20))
+    assert repo.check().warnings == []
+
+
 def test_check_warns_of_a_gap_a_recovery_would_stop_at(tmp_path, new_repo):
     """A segment missing between archived ones (archive_mode off for a while, an object deleted by hand) is
     no damage, but a recovery through it stops there: check says so, from the oldest base backup's start on

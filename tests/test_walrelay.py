@@ -304,3 +304,15 @@ def test_a_segment_missing_before_a_later_one_of_its_timeline_is_a_gap():
         ("000000010000000000000003", "000000010000000000000004")
     assert pgstart.archive_gap(["000000010000000000000005", "000000020000000000000006"], archived) is None  # none later on theirs
     assert pgstart.archive_gap(["000000010000000000000004"], archived) is None  # archived meanwhile
+
+
+def test_a_segment_missing_before_a_later_timeline_goes_on_is_a_gap():
+    """The old primary's last segments were never archived; its standby, promoted, archived timeline 2: a
+    recovery from an earlier copy stopped at the first one missing, and was promoted there (timeline 1 held no
+    later segment), verified as recovered to the end of the archive."""
+    archived = ["000000010000000000000002", "00000002.history", "000000020000000000000004",
+                "000000020000000000000005"]
+    assert pgstart.archive_gap(["00000003.history", "000000010000000000000003"], archived) == \
+        ("000000010000000000000003", "000000020000000000000005")
+    # the end of the newest timeline: nothing later, on it or on any timeline after it
+    assert pgstart.archive_gap(["000000020000000000000006", "00000003.history"], archived) is None
