@@ -1112,9 +1112,10 @@ def _program() -> list[str]:
 
 
 def _check_data_directory(repo: Any, snap: Snapshot, subtree: bytes | None, target: Any) -> None:
-    """The snapshot (or SNAPSHOT:PATH) is a data directory of PostgreSQL 12 or newer, before any restore, and
-    for a time ``target`` one copied by then (a snapshot named, or picked by ``--until``, may not be)."""
-    from .pgrecovery import at_root, check_major, copied_after, holds_data_directory
+    """The snapshot (or SNAPSHOT:PATH) is a data directory of PostgreSQL 12 or newer, before any restore, on
+    the line of the timeline the recovery follows, and for a time ``target`` one copied by then (a snapshot
+    named, ``latest``, or picked by ``--until``, may not be)."""
+    from .pgrecovery import at_root, check_major, copied_after, holds_data_directory, off_timeline
 
     version = None
     if holds_data_directory(repo, snap, subtree):
@@ -1133,6 +1134,10 @@ def _check_data_directory(repo: Any, snap: Snapshot, subtree: bytes | None, targ
     if why is not None:
         raise UsageError(f"--pg-recover: the data directory of snapshot {snap.short_id} cannot recover to the target: "
                          f"{why}; restore a snapshot taken before it (latest picks one)")
+    why = off_timeline(snap.stats, *repo.wal_history())
+    if why is not None:
+        raise UsageError(f"--pg-recover: snapshot {snap.short_id} cannot recover from the archive: {why}; restore "
+                         "one taken on that timeline, or on an earlier one before it branched off")
 
 
 def _restored(result: Any) -> str:

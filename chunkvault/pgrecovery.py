@@ -116,6 +116,20 @@ def on_timeline(stats: dict, newest: int, ends: dict[int, int]) -> bool:
         return True
 
 
+def off_timeline(stats: dict, newest: int, ends: dict[int, int]) -> str | None:
+    """Why a base backup with these snapshot stats cannot recover along timeline ``newest`` (``on_timeline``
+    says it cannot), or None: PostgreSQL, started on it, fails with "could not locate required checkpoint
+    record" and a hint to remove ``backup_label``, which would corrupt the copy."""
+    if on_timeline(stats, newest, ends):
+        return None
+    pg = stats["postgres"]
+    tli = pg["timeline"]
+    where = (f"up to {pg['stop_lsn']}, after the line of timeline {newest} branched off it at "
+             f"{format_lsn(ends[tli])}" if tli in ends else f"which timeline {newest} does not descend from")
+    return (f"its copy was taken on timeline {tli}, {where} ({newest:08X}.history): a recovery follows timeline "
+            f"{newest}, the newest archived, and PostgreSQL would not find the copy's checkpoint on it")
+
+
 #: Where ``ControlFileData.time`` (the server's last write of ``global/pg_control``, seconds since the epoch)
 #: lies: after the system identifier, two versions and the cluster state, 8-byte aligned (4-byte on 32-bit x86).
 _CONTROL_TIME_OFFSETS = (24, 20)

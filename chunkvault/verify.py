@@ -967,6 +967,11 @@ def verify_restore(repo: "Repository", snapshot: str | Snapshot = "latest", *, t
 
             snapshot = reaching(repo, recovery)
         snap = repo.snapshot(snapshot)  # a Snapshot object as it is now (see Repository.snapshot)
+        refused = None
+        if recovery is not None and pg_start:
+            from .pgrecovery import off_timeline
+
+            refused = off_timeline(snap.stats, *repo.wal_history())
         if owners is None:
             owners = os.geteuid() == 0
         report = VerifyReport(snap.id, snap.time, snap.kind)
@@ -1005,7 +1010,10 @@ def verify_restore(repo: "Repository", snapshot: str | Snapshot = "latest", *, t
                 except OSError as exc:  # a server started on it could archive into the live archive
                     raise TargetUnwritable(f"cannot turn archiving off in the restored copy before starting it: "
                                            f"{exc.strerror or exc}") from None
-            if pg_start and report.ok:
+            if pg_start and report.ok and refused is not None:  # PostgreSQL's own failure would say it less well
+                report.pg_start = [PgStartResult(None, error="not started, as it cannot recover from the archive: "
+                                                             + refused)]
+            elif pg_start and report.ok:
                 report.pg_start = prove_data_directories(
                     target, data_dirs, bindir=pg_bindir, query=pg_query, expect=pg_expect, dbname=pg_dbname,
                     timeout=PG_START_TIMEOUT if timeout is None else timeout, recovery=recovery,

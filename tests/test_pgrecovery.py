@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 
 from chunkvault import Repository
 from chunkvault.errors import UsageError
+from chunkvault.verify import verify_restore
 from chunkvault.pgrecovery import (RecoveryTarget, conf_value, control_time, copied_after, parse_target,
                                    restore_command, rewrite_auto_conf, write_recovery)
 from servers_ssh import sftp_repo, sshd  # noqa: F401
@@ -303,6 +304,55 @@ def test_a_target_is_not_reached_from_a_copy_on_a_timeline_abandoned_before_it(t
     with Repository.open(repo_url, "secret") as repo:
         snapshot(repo, 2, "0/5800000")
     assert restored("lsn=0/6000000") == ids[3]
+
+
+def test_a_snapshot_on_a_timeline_abandoned_before_its_stop_is_refused_before_it_is_restored(tmp_path, cli):
+    """With end (or a name, an xid, standby) nothing is picked: the latest snapshot, the old primary's after a
+    point-in-time recovery branched off before it, was restored, and PostgreSQL, following the newest
+    timeline, failed with "could not locate required checkpoint record" and a hint to remove backup_label."""
+    import dataclasses
+
+    from chunkvault import Repository
+
+    repo_url = str(tmp_path / "repo")
+    pw = tmp_path / "pw"
+    pw.write_text("secret\n")
+    d = data_dir(tmp_path)
+    ids = []
+    with Repository.init(repo_url, "secret", kdf_seconds=0) as repo:
+        for timeline, stop in ((2, "0/3800000"), (1, "0/5000028")):
+            (d / "base").mkdir(exist_ok=True)
+            (d / "base" / "1").write_text(f"{timeline} {stop}")
+            snap = repo.backup([str(d)]).snapshot
+            repo.store.save_snapshot(dataclasses.replace(snap, stats={**snap.stats, "postgres": {
+                "stop_lsn": stop, "timeline": timeline}}), replace=True)
+            ids.append(snap.id)
+        history = tmp_path / "00000002.history"
+        history.write_text("1\t0/3000000\tbefore 2026-12-05 11:00:00+00\n")
+        repo.archive_push(history)
+
+    def restore(snapshot, target, code=0):
+        out = cli("restore", "-r", repo_url, "--password-file", str(pw), snapshot, "--target",
+                  str(tmp_path / f"out{len(os.listdir(tmp_path))}"), "--pg-recover", target, check=code)
+        return out.stderr.decode().strip()
+
+    for snapshot in ("latest", ids[1][:8]):
+        for target in ("end", "name=nightly", "standby"):
+            said = restore(snapshot, target, code=2)
+            assert len(said.splitlines()) == 1 and "taken on timeline 1, up to 0/5000028, after the line of " \
+                "timeline 2 branched off it at 0/3000000 (00000002.history)" in said, said
+    restore(ids[0][:8], "end")  # on timeline 2 itself
+    with Repository.open(repo_url, "secret") as repo:  # verify-restore does not start the server on it
+        report = verify_restore(repo, ids[1], pg_start=True, pg_recover="end", scratch=str(tmp_path))
+        [pg] = report.pg_start
+        assert not report.ok and pg.error.startswith("not started, as it cannot recover from the archive: its copy "
+                                                     "was taken on timeline 1"), pg.error
+    history = tmp_path / "00000003.history"  # timeline 3 branched off timeline 1 too: 2 is none of its line
+    history.write_text("1\t0/2800000\tbefore 2026-12-05 10:00:00+00\n")
+    with Repository.open(repo_url, "secret") as repo:
+        repo.archive_push(history)
+    said = restore(ids[0][:8], "end", code=2)
+    assert "taken on timeline 2, which timeline 3 does not descend from (00000003.history)" in said, said
 
 
 def test_a_time_target_restores_the_newest_snapshot_that_had_ended_by_then(tmp_path, cli):
