@@ -1987,14 +1987,15 @@ class BlobWriter:
 
     def _fits(self, builder: PackBuilder, blob: PreparedBlob, limit: int) -> bool:
         """Whether ``blob`` still fits into the pack under the storage's ``limit`` on an object's size; one
-        that fits in no pack is an error that names the limit it needs."""
+        that fits in no pack is an error that names the limit it needs (not as a backup's: a copy, an import
+        or a WAL push writes through here too)."""
         if builder.finished_size(len(blob.envelope), blob.kind) <= limit:
             return True
         if builder.entries:
             return False
         needed = PackBuilder().finished_size(len(blob.envelope), blob.kind)
         raise RemoteError(f"{self.repo.remote.display_url} takes objects of at most {limit} bytes, and a pack "
-                          f"holding one chunk of this backup needs {needed}: raise that limit (the service's "
+                          f"holding one chunk to store needs {needed}: raise that limit (the service's "
                           "--max-object-size)")
 
     def _count(self, blob: PreparedBlob) -> None:

@@ -3,6 +3,7 @@ a prune or a repair writes fits, index objects of many small blobs too."""
 import os
 import random
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -97,3 +98,19 @@ def test_index_objects_superseded_long_ago_fit_however_many(tmp_path):
     assert long_ago <= superseded() and max(o.size for o in remote.list("index/")) <= LIMIT
     repo.restore("latest", str(tmp_path / "out"))
     assert (tmp_path / "out" / "f").read_bytes() == b"data"
+
+
+def test_a_chunk_that_fits_in_no_pack_under_the_limit_is_named_as_a_copy_s_not_a_backup_s(tmp_path):
+    """Copied into storage whose limit is below one chunk's pack, a copy was told that "a pack holding one chunk
+    of this backup" needed more: the writer is the copy's, and it stores chunks another repository cut."""
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "big").write_bytes(random.Random(4).randbytes(1 << 20))
+    chunker = {"min_size": 256 << 10, "avg_size": 512 << 10, "max_size": 1 << 20}
+    source = Repository.init(str(tmp_path / "source"), "pw", kdf_seconds=0, chunker=chunker)
+    source.backup([str(src)])
+    destination = Repository.init(LimitedRemote(str(tmp_path / "repo")), "pw", kdf_seconds=0)
+    with pytest.raises(RemoteError, match=f"takes objects of at most {LIMIT} bytes, and a pack holding one chunk "
+                                          r"to store needs \d+: raise that limit") as caught:
+        source.copy_to(destination)
+    assert "backup" not in str(caught.value)

@@ -234,7 +234,7 @@ def test_packs_fit_under_the_services_limit_on_object_size(tmp_path, serve_facto
     chunker = {"min_size": 1536 << 10, "avg_size": 2 << 20, "max_size": 4 << 20}
     with Repository.init(small.url, password, kdf_seconds=0, chunker=chunker) as repo:
         with pytest.raises(RemoteError, match="takes objects of at most 1048576 bytes, and a pack holding one "
-                                              "chunk of this backup needs .*--max-object-size"):
+                                              "chunk to store needs .*--max-object-size"):
             repo.backup([str(src)])
 
 
