@@ -1970,6 +1970,8 @@ def cmd_repair(args: argparse.Namespace) -> int:
         if not args.packs:
             raise UsageError("repair packs: name the damaged packs (ids or unique prefixes, as `check` reports them)")
         report = repo.repair_packs(args.packs, dry_run=not done, wait=args.wait)
+    elif args.what == "wal":
+        report = repo.repair_wal(dry_run=not done, wait=args.wait)
     else:
         report = repo.repair_snapshots(dry_run=not done, wait=args.wait)
     # Snapshots beyond repair restore nothing: a script that repairs and goes on must not take it for done.
@@ -1995,6 +1997,12 @@ def cmd_repair(args: argparse.Namespace) -> int:
             print(("packs replaced: `repair snapshots` lists the files that needed a lost blob" if lost
                    else "packs replaced: no blob was lost") if done else
                   "nothing changed: add --confirm REPAIR to copy what verifies and delete these packs")
+        elif args.what == "wal":
+            for name, why in report.damaged_wal:
+                print(f"{'removed' if done else 'would remove'} wal/{name}: {one_line(why)}")
+            print(("no archived WAL object is damaged" if not report.damaged_wal else
+                   f"removed {len(report.damaged_wal)} object(s): `check` names the gaps their segments leave"
+                   if done else "nothing changed: add --confirm REPAIR to remove these objects"))
         else:
             for sid, path in report.dropped:
                 print(f"{'dropped' if report.rewritten else 'would drop'} {sid[:8]}:{shown_name(path)}")
@@ -2842,12 +2850,13 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_check, read_lock="check")
 
     s = sub.add_parser("repair", parents=[common],
-                       help="rebuild the index, salvage damaged packs, or drop files whose data is gone")
+                       help="rebuild the index, salvage damaged packs, drop files whose data is gone, or remove "
+                            "archived WAL objects that do not load")
     # the choices as the name errors give (not the inner "what"); no PACK among what they call missing
-    s.add_argument("what", choices=["index", "packs", "snapshots"], metavar="{index,packs,snapshots}")
+    s.add_argument("what", choices=["index", "packs", "snapshots", "wal"], metavar="{index,packs,snapshots,wal}")
     s.add_argument("packs", nargs="*", default=[], metavar="PACK",
                    help="repair packs: the damaged packs' ids (or prefixes)")
-    s.add_argument("--confirm", metavar="REPAIR", help="repair packs or snapshots: really do it")
+    s.add_argument("--confirm", metavar="REPAIR", help="repair packs, snapshots or wal: really do it")
     _wait_option(s, 3600.0, "running backups and reads")
     s.set_defaults(func=cmd_repair)
 

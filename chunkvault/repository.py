@@ -2200,6 +2200,17 @@ class Repository:
         return repair_snapshots(self._repo, dry_run=dry_run, wait=wait)
 
     @_stoppable
+    def repair_wal(self, *, dry_run: bool = True, wait: float = 3600.0) -> RepairReport:
+        """List (and with ``dry_run=False`` remove) the archived WAL objects that do not load: prune needs every
+        one, and their data is lost either way."""
+        from .store.repair import RepairReport
+        from .store.walarchive import damaged
+
+        if not dry_run:
+            self._guard()
+        return RepairReport(damaged_wal=damaged(self._repo, dry_run=dry_run, wait=wait), dry_run=dry_run)
+
+    @_stoppable
     def unlock(self, *, remove_all: bool = False) -> LocksRemoved:
         """Remove the stale locks now (any command removes those it meets; this one tells what it removed and
         who holds the rest).  ``remove_all``: live locks too, for commands known to be dead or hung on another

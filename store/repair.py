@@ -42,6 +42,7 @@ class RepairReport:
     salvaged: list[PackSalvage] = field(default_factory=list)
     baseless_packs: list[str] = field(default_factory=list)  # packs holding deltas whose base is lost
     kept_packs: list[str] = field(default_factory=list)  # header unreadable: the old index's entries kept
+    damaged_wal: list[tuple[str, str]] = field(default_factory=list)  # (name, why): wal objects that do not load
     dry_run: bool = False
 
     def to_dict(self) -> dict:
@@ -50,7 +51,8 @@ class RepairReport:
                 "kept_packs": self.kept_packs, "baseless_packs": self.baseless_packs,
                 "dropped": [{"snapshot": s, "path": p} for s, p in self.dropped], "rewritten": self.rewritten,
                 "unrestorable": [{"snapshot": s, "reason": r} for s, r in self.unrestorable], "newer": self.newer,
-                "salvaged": [p.to_dict() for p in self.salvaged]}
+                "salvaged": [p.to_dict() for p in self.salvaged],
+                "damaged_wal": [{"name": n, "reason": r} for n, r in self.damaged_wal]}
 
 
 @dataclass

@@ -191,9 +191,31 @@ def used_blobs(repo: Repo) -> set[bytes]:
     for name, exc in sorted(bad.items()):
         if isinstance(exc, NewerObject):
             raise exc.explained("; prune needs every wal object")
-        raise exc.explained("; prune needs every wal object: `archive-expire --before` a later segment removes "
-                            "a segment's (for a history file, delete the object) once no recovery needs it")
+        raise exc.explained("; prune needs every wal object: `repair wal --confirm REPAIR` removes those that do "
+                            "not load (their data is lost either way)")
     return {b for w in files for b in w.blob_ids()}
+
+
+def damaged(repo: Repo, *, dry_run: bool = True, wait: float = 3600.0) -> list[tuple[str, str]]:
+    """The ``wal/`` objects that do not load, as stored (damaged, or bytes no key of this repository sealed:
+    planted by a client that may only add), each with why; without ``dry_run`` removed, under the exclusive
+    lock.  Prune needs every wal object, and such a file's data cannot be found whatever else is done: its
+    segment is lost either way (``check`` then names the gap).  Objects a newer chunkvault wrote stay."""
+
+    def found() -> list[tuple[str, str]]:
+        bad = load_all(repo, fresh=True)[1]
+        return [(name, exc.reason) for name, exc in sorted(bad.items()) if not isinstance(exc, NewerObject)]
+
+    if dry_run:
+        return found()
+    with RepoLock(repo.remote, EXCLUSIVE, "repair wal", wait=wait) as lock:
+        gone = found()
+        if gone:
+            repo.require_deletes(f"{WAL_PREFIX}{'0' * 24}", "repair wal")
+        for name, _ in gone:
+            lock.ensure_held()
+            repo.remote.delete(WAL_PREFIX + name)
+    return gone
 
 
 def push(repo: Repo, path: str, *, host: str | None = None, wait: float = 3600.0,

@@ -498,9 +498,9 @@ def test_a_missing_or_unknown_repair_names_the_choices_and_no_pack(cli):
     """It said "the following arguments are required: what, PACK", the parser's inner name and the packs only
     `repair packs` takes, and "argument what: invalid choice"."""
     missing = one_line_error(cli("repair", check=False), 2)
-    assert missing == "chunkvault: the following arguments are required: {index,packs,snapshots}\n"
+    assert missing == "chunkvault: the following arguments are required: {index,packs,snapshots,wal}\n"
     unknown = one_line_error(cli("repair", "indx", check=False), 2)
-    assert unknown.startswith("chunkvault: argument {index,packs,snapshots}: invalid choice: 'indx'"), unknown
+    assert unknown.startswith("chunkvault: argument {index,packs,snapshots,wal}: invalid choice: 'indx'"), unknown
 
 
 def test_ls_of_a_path_the_snapshot_lacks_fails_as_dump_does(setup, cli):

@@ -74,7 +74,7 @@ def _complete(line: str, cwd: str, split_at_equals: bool = True) -> list[str]:
     ("chunkvault backup --tag x --exclude-file ", ["a-dir", "a-file"]),  # the value skipped, files offered
     ("chunkvault key ", ["add", "export", "import", "list", "passwd", "remove"]),
     ("chunkvault key add --gen", ["--generate-secret"]),
-    ("chunkvault repair ", ["index", "packs", "snapshots"]),
+    ("chunkvault repair ", ["index", "packs", "snapshots", "wal"]),
     ("chunkvault repair index ", ["a-dir", "a-file"]),
     ("chunkvault restore latest --target ", ["a-dir"]),
     ("chunkvault serve --li", ["--listen"]),

@@ -333,6 +333,43 @@ def test_a_damaged_wal_object_stops_prune(tmp_path, password):
     repo.close()
 
 
+def test_repair_wal_removes_the_objects_that_do_not_load_so_prune_goes_on(tmp_path, cli):
+    """A wal object that does not load stops prune, which needs every one: damaged, or planted by a client
+    that may only add (any bytes under a name sorting after the archive's end). Its data is lost either way,
+    and nothing could remove it over `serve`: the remedy prune named, archive-expire before a later segment,
+    removed the real archive with it. An object a newer chunkvault wrote is no damage, and stays."""
+    import zstandard
+
+    from chunkvault.store.walarchive import WAL_AD
+
+    url = str(tmp_path / "repo")
+    cli("init", "-r", url, "--kdf-time", "0")
+    wal, names, dest = archived_segments(tmp_path, cli, url, 2)
+    planted, newer = "000000010000000000000009.partial", "00000001000000000000000A"
+    (tmp_path / "repo" / "wal" / planted).write_bytes(os.urandom(300))
+    with Repository.open(url, PASSWORD) as repo:
+        body = {"version": 2, "name": newer, "size": 4, "blobs": [], "time": "2026-01-01T00:00:00+00:00",
+                "host": "h"}
+        sealed = repo._repo.sealer.seal(zstandard.ZstdCompressor().compress(json.dumps(body).encode()),
+                                        WAL_AD + newer.encode())
+    (tmp_path / "repo" / "wal" / newer).write_bytes(sealed)
+    said = cli("prune", "-r", url, check=13).stderr.decode()
+    assert f"wal/{planted}" in said and "`repair wal --confirm REPAIR` removes those that do not load" in said
+    out = cli("repair", "wal", "-r", url).stdout.decode().splitlines()
+    assert out[0].startswith(f"would remove wal/{planted}: ") and out[1:] == [
+        "nothing changed: add --confirm REPAIR to remove these objects"]
+    assert (tmp_path / "repo" / "wal" / planted).exists()
+    report = json.loads(cli("repair", "wal", "-r", url, "--confirm", "REPAIR", "--json").stdout)
+    assert [w["name"] for w in report["damaged_wal"]] == [planted] and not report["dry_run"]
+    assert sorted(os.listdir(tmp_path / "repo" / "wal")) == sorted(names + [newer])
+    (tmp_path / "repo" / "wal" / newer).unlink()  # what an upgraded chunkvault would read
+    cli("prune", "-r", url)
+    for name in names:
+        cli("archive-get", "-r", url, name, str(dest))
+        assert dest.read_bytes() == (wal / name).read_bytes()
+    assert cli("repair", "wal", "-r", url).stdout == b"no archived WAL object is damaged\n"
+
+
 def test_a_push_holds_off_prune_until_its_object_is_written(tmp_path, password, monkeypatch):
     """Its blobs are in no wal object until the end: the shared lock is what keeps a prune from them."""
     from chunkvault.store.backup import Backup
