@@ -49,6 +49,7 @@ HEADER_LIMIT = 16 << 20  # a pax extended header's or GNU long name's size: tarf
 ID_LIMIT = 2**32  # owner and group ids, as a snapshot holds them
 XATTR_NAME_MAX = 255  # an extended attribute's name: at least a byte, no NUL, at most this many (Linux's)
 XATTR_SIZE_MAX = 65536  # an extended attribute's value, and a file's names each with its NUL, at most (Linux's)
+XATTRS_LIMIT = 1 << 20  # a member's extended attributes, names and values together: each entry is kept to the end
 DEVICE_LIMIT = 2**31  # device major and minor numbers: os.makedev takes a C int each (GNU tar's limit too)
 Store = Callable[[BinaryIO, bytes, int], "tuple[bytes, bytes, int]"]  # (stream, path, size) -> digest, ids, size
 
@@ -676,6 +677,11 @@ def _entry(m: tarfile.TarInfo, rel: bytes) -> Entry:
     if (listed := sum(len(name) + 1 for name in xattrs)) > XATTR_SIZE_MAX:
         raise UsageError(f"tar member '{m.name}' has {len(xattrs)} extended attributes whose names take {listed} "
                          f"bytes, more than a file can hold ({XATTR_SIZE_MAX}): refused")
+    if (held := sum(len(name) + len(value) for name, value in xattrs.items())) > XATTRS_LIMIT:
+        # Linux bounds each value, not their sum; a member's entry is held until the end, and a global pax
+        # header's attributes are every member's: 16 MiB of them took 16 MiB of memory a member
+        raise UsageError(f"tar member '{m.name}' has {len(xattrs)} extended attributes of {held} bytes together, "
+                         f"more than an import keeps for one file ({XATTRS_LIMIT}): refused")
     if xattrs:
         e.xattrs = encode_xattrs(xattrs)
     return e

@@ -776,6 +776,28 @@ def test_more_extended_attributes_than_a_file_can_hold_are_refused_before_any_me
     cli("import-tar", "-r", url, "--path", "/y", "-", input=out.getvalue())
 
 
+def test_a_member_whose_extended_attributes_take_over_1_mib_together_is_refused(cli, tmp_path):
+    """Linux bounds each value (64 KiB) and the names together, not the values together: a global pax header
+    of 250 values of 65,000 bytes (16 MiB, a 22 KB tar.gz of 50 members) was every member's, and the import
+    held 16 MiB a member to its end (889 MB for those 50, 1.7 GB for 100)."""
+    values = {f"SCHILY.xattr.user.{n:02}": "v" * 65000 for n in range(17)}  # 17 x 65,007 bytes: over 1 MiB
+    out = io.BytesIO()
+    with tarfile.open(fileobj=out, mode="w", format=tarfile.PAX_FORMAT, pax_headers=values) as t:
+        for n in range(3):
+            t.addfile(tarfile.TarInfo(f"m{n}"))
+    url = str(tmp_path / "repo")
+    cli("init", "-r", url, "--kdf-time", "0")
+    said = cli("import-tar", "-r", url, "--path", "/x", "-", input=out.getvalue(), check=2).stderr.decode()
+    assert said.splitlines() == ["chunkvault: tar member 'm0' has 17 extended attributes of 1105119 bytes together, "
+                                 "more than an import keeps for one file (1048576): refused"]
+    i = tarfile.TarInfo("most")  # 16 of them fit
+    i.pax_headers = dict(list(values.items())[:16])
+    out = io.BytesIO()
+    with tarfile.open(fileobj=out, mode="w", format=tarfile.PAX_FORMAT) as t:
+        t.addfile(i)
+    cli("import-tar", "-r", url, "--path", "/y", "-", input=out.getvalue())
+
+
 @pytest.mark.parametrize("key, value, said", [
     ("mtime", "abc", "modification time abc, which is no time"),
     ("mtime", "1.2.3", "modification time 1.2.3, which is no time"),
