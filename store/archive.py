@@ -87,14 +87,16 @@ def zero_runs(chunks: list[tuple[bytes, int]], zero_id: Callable[[int], bytes], 
     """Pure: the (offset, length) of each run of at least ``least`` bytes of a file's chunks that hold only
     zeros, told by their ids, unread.  ``chunks``: (id, length) in order; ``zero_id(n)``: the id of n zeros.
     It is asked only of a chunk ``cut`` long (what the chunker cuts a run of zeros into), one whose id its
-    neighbour repeats (a hole in fixed-size chunks) or one right after such a run (the rest of a file ending
-    in zeros): never of every length a file's chunks have."""
+    neighbour repeats (a hole in fixed-size chunks) or the last one right after such a run (the rest of a file
+    ending in zeros): never of every length a file's chunks have.  Inside a file the chunk after a run holds
+    its data too (the rest of the zeros and what follows, cut as one): asked of each, the mount's getattr of
+    an image with a run every few MiB hashed a buffer of zeros for each run, 0.2 s for 4 GiB."""
     runs: list[tuple[int, int]] = []
     pos = 0
     for i, (blob_id, n) in enumerate(chunks):
         repeated = (i and chunks[i - 1][0] == blob_id) or (i + 1 < len(chunks) and chunks[i + 1][0] == blob_id)
         after_run = bool(runs) and sum(runs[-1]) == pos
-        if n and (n == cut or repeated or after_run) and blob_id == zero_id(n):
+        if n and (n == cut or repeated or after_run and i + 1 == len(chunks)) and blob_id == zero_id(n):
             if after_run:
                 runs[-1] = (runs[-1][0], runs[-1][1] + n)
             else:
