@@ -33,6 +33,7 @@ from .display import shown_name, warn
 from .errors import ChunkvaultError, MountFailed, RemoteUnavailable, UsageError
 from .mountview import InSnapshot, Layout, Link, Node, SnapshotTree, VirtualDir, seek_data_or_hole
 from .repository import Repository
+from .store.archive import SPARSE_LEAST
 from .store.chain import meets
 from .store.manifest import T_BLOCKDEV, T_CHARDEV, T_DIR, T_FIFO, T_FILE, T_HARDLINK, T_SYMLINK, Entry, unread
 from .store.owners import OwnerMap
@@ -415,7 +416,11 @@ class SnapshotFS:
 
     def _holes_of(self, node: InSnapshot, e: Entry) -> list[tuple[int, int]]:
         """The file's holes (``Repository.holes``), kept for the files asked last: a file's allocated blocks
-        count its data alone, which ``cp`` looks at before it asks where the holes are."""
+        count its data alone, which ``cp`` looks at before it asks where the holes are.  A file too short to
+        have one is not kept: ``ls -l`` of a directory of small files pushed out every large file's holes,
+        found again at its next getattr (a locate of each of its chunks)."""
+        if e.type != T_FILE or e.size < SPARSE_LEAST:
+            return []
         key = (node.snapshot.id, node.rel)
         with self._lock:
             holes = self._holes.get(key)

@@ -795,6 +795,37 @@ def test_the_mount_tells_runs_of_zero_chunks_of_1_mib_or_more_as_holes(sparse_re
     fs.destroy("/")
 
 
+def test_small_files_do_not_push_a_large_file_s_holes_out_of_those_kept(tmp_path, monkeypatch):
+    """A file under 1 MiB has no hole to find, yet each one getattr saw took a place among the files whose
+    holes are kept: ``ls -l`` of a directory of small files pushed a large one's out, and its next getattr
+    found them again, a locate of each of its chunks."""
+    from chunkvault import Repository
+    from chunkvault import mount as mount_module
+
+    monkeypatch.setattr(mount_module, "HOLES_KEPT", 2)
+    src = tmp_path / "src"
+    src.mkdir()
+    with open(src / "big", "wb") as f:
+        f.write(b"data")
+        f.truncate(12 << 20)
+    for n in range(4):
+        (src / f"small{n}").write_bytes(b"x" * 100)
+    repo = Repository.init(str(tmp_path / "repo"), PASSWORD, kdf_seconds=0)
+    snap = repo.backup([str(src)]).snapshot
+    found = []
+    real = repo.holes
+    monkeypatch.setattr(repo, "holes", lambda e: found.append(e.path) or real(e))
+    fs = mount_module.SnapshotFS(repo)
+    root = f"/snapshots/{Layout(repo.snapshots()).names[snap.id]}"
+    blocks = fs.getattr(f"{root}/big")["st_blocks"]
+    assert blocks * 512 < 4 << 20
+    for n in range(4):
+        assert fs.getattr(f"{root}/small{n}")["st_blocks"] == 1
+    assert fs.getattr(f"{root}/big")["st_blocks"] == blocks
+    assert len(found) == 1, found
+    fs.destroy("/")
+
+
 @needs_fuse
 @pytest.mark.skipif(ctypes.util.find_library("fuse3") is None, reason="no libfuse 3 here (libfuse 2 has no lseek)")
 def test_a_sparse_file_copied_out_of_the_mount_keeps_its_holes_unread(sparse_repo, tmp_path):
