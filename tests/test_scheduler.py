@@ -242,13 +242,15 @@ def test_a_daemon_whose_clock_is_set_back_counts_its_slots_from_the_corrected_ti
         ("04 11:00", "full"), ("04 12:00", "diff"), ("04 13:00", "diff")]
 
 
-def test_sleep_is_computed_not_polled(tmp_path, repo_url, tree):
-    """Nothing due for hours: the daemon sleeps towards the next slot in capped steps, without running."""
+def test_sleep_is_computed_not_polled(tmp_path, repo_url, tree, fake_time):
+    """Nothing due for hours: the daemon sleeps towards the next slot in capped steps, without running.  The
+    clock is set months from the yearly slot (taken from this machine's, the three hours before New Year's
+    midnight ran the slot's full)."""
     policy = load_policy(str(write_policy(tmp_path / "p.toml", repo_url, [{"name": "db", "paths": [str(tree)]}],
                                           top='full = "0 0 1 1 *"\n')))
     stop = threading.Event()
-    now = datetime.now(UTC)
-    clock = FakeClock(now, stop, now + timedelta(hours=3))
+    now = datetime(2026, 6, 15, 10, 0, tzinfo=UTC)
+    clock = fake_time(FakeClock(now, stop, now + timedelta(hours=3)))
     runner = Runner(policy, PASSWORD.encode(), clock=clock, stop=stop, lock_file=str(tmp_path / "l"))
     daemon = Daemon(runner, clock=clock, sleep=clock.sleep, max_sleep=600)
     assert daemon.serve() == 0
