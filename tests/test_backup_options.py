@@ -74,11 +74,19 @@ def test_parent_chooses_what_a_differential_builds_on(new_repo, tree):
         repo.backup([str(tree)], parent="ffffffff")
 
 
+def _repeated_on_the_wall(t: datetime) -> bool:
+    """Whether ``t``'s local time without its zone is in the hour the end of summer time repeats."""
+    wall = t.astimezone().replace(tzinfo=None)
+    return wall.replace(fold=0).timestamp() != wall.replace(fold=1).timestamp()
+
+
 def test_time_dates_the_snapshot_and_backfills_on_the_snapshot_before_it(new_repo, tree, tmp_path):
     """A backup of a file system snapshot taken earlier is dated when its data was taken: a restore of a
     point in time finds it, and it builds on the snapshot before that time, not on a newer one."""
     repo = new_repo()
     now = datetime.now(timezone.utc)
+    while _repeated_on_the_wall(now - timedelta(hours=2)):  # the local time given below would name two times
+        now -= timedelta(hours=1)
     first = repo.backup([str(tree)], time=now - timedelta(hours=3)).snapshot
     (tree / "d0" / "f0").write_bytes(b"at two hours ago")
     backfill_state = (tree / "d0" / "f0").read_bytes()
@@ -96,7 +104,7 @@ def test_time_dates_the_snapshot_and_backfills_on_the_snapshot_before_it(new_rep
     repo.restore("latest", str(out), until=now - timedelta(minutes=90))
     assert (out / "d0" / "f0").read_bytes() == backfill_state and not (out / "d1" / "f1").exists()
     with pytest.raises(UsageError, match="in the future"):
-        repo.backup([str(tree)], time=now + timedelta(hours=1))
+        repo.backup([str(tree)], time=datetime.now(timezone.utc) + timedelta(hours=1))
     with pytest.raises(UsageError, match="cannot parse time"):
         repo.backup([str(tree)], time="yesterday")
     assert len(repo.snapshots()) == 3
