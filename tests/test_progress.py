@@ -1,7 +1,17 @@
 import io
 import json
 
+import pytest
+
 from chunkvault.progress import JsonProgress, Progress
+
+
+@pytest.fixture
+def booted_5_s_ago(monkeypatch):
+    """The monotonic clock at 5 s, whose sums with whole seconds are exact: at most values (a machine booted
+    a minute ago: 62.725) ``start + 2`` less ``start`` is a rounding short of 2 s, and the ETA shown one second
+    short."""
+    monkeypatch.setattr("chunkvault.progress.time.monotonic", lambda: 5.0)
 
 
 class FakeTTY(io.StringIO):
@@ -9,12 +19,12 @@ class FakeTTY(io.StringIO):
         return True
 
 
-def test_line_has_rate_and_eta():
+def test_line_has_rate_and_eta(booted_5_s_ago):
     p = Progress("restore", 1000, stream=io.StringIO(), enabled=True)
     assert p.line(3, 500, p.start + 2) == "restore: 3 files, 500 B of 1000 B (50%), 250 B/s, ETA 0:02"
 
 
-def test_files_grown_since_the_walk_counted_them_show_100_percent_and_no_eta():
+def test_files_grown_since_the_walk_counted_them_show_100_percent_and_no_eta(booted_5_s_ago):
     """More bytes read than the walk counted (files growing during the backup) is still at most done."""
     p = Progress("backup", 1000, stream=io.StringIO(), enabled=True)
     assert p.line(3, 1500, p.start + 3) == "backup: 3 files, 1.5 KiB of 1000 B (100%), 500 B/s"
@@ -47,7 +57,7 @@ def test_clear_takes_the_status_line_away_for_a_line_of_output_and_the_next_repo
     assert p.shown and out.getvalue().rsplit("\r\x1b[K", 1)[1].startswith("backup: 4 files, 200 B")
 
 
-def test_unit_and_late_total():
+def test_unit_and_late_total(booted_5_s_ago):
     p = Progress("check", stream=io.StringIO(), enabled=True, unit="packs")
     p(2, 100, 400)
     assert p.line(2, 100, p.start + 1) == "check: 2 packs, 100 B of 400 B (25%), 100 B/s, ETA 0:03"
