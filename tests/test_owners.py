@@ -154,8 +154,10 @@ def test_mapped_records_take_the_local_id_of_their_recorded_name_or_keep_theirs(
 
 
 def _tree(tmp_path):
+    """A directory and file of the backup user's, and a file of root's; modes as given, whatever the umask."""
     src = tmp_path / "src"
     (src / "db").mkdir(parents=True)
+    os.chmod(src / "db", 0o755)
     (src / "db" / "table").write_bytes(b"rows" * 1000)
     (src / "mine").write_bytes(b"root's")
     os.chown(src / "db", BACKUP_UID, BACKUP_GID)
