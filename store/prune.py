@@ -607,6 +607,7 @@ def execute(repo: Repo, plan: PrunePlan, progress: Callable[[int, int, int], Non
     ``ensure_held`` raises when the lock may have gone stale (a paused prune): then a backup may have
     started meanwhile and deduplicated against what the plan deletes, so nothing more is deleted."""
     repo.require_deletes(pack_key(bytes(32)), "prune")
+    repo.require_deletes(f"index/{bytes(32).hex()}", "prune")  # a policy may deny deletes under one folder alone
     done = 0
 
     def step(nbytes: int) -> None:

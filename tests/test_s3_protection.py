@@ -120,6 +120,23 @@ def _with_prune_work(run, bucket, source) -> None:
     run(bucket, "forget", "--keep-last", "1")
 
 
+def test_a_prune_that_may_not_delete_index_objects_is_refused_before_it_writes(run, moto_s3, s3_bucket_factory,
+                                                                               source):
+    """Only a delete under data/ was tried first: with deletes denied under index/ alone, a prune wrote its
+    repack and its new index, deleted the packs, then failed at the old index objects (exit 14)."""
+    client = moto_s3.client()
+    bucket = s3_bucket_factory()
+    _with_prune_work(run, bucket, source)
+    _deny_delete(client, bucket, ("index/",))
+    listed = {o["Key"] for o in client.list_objects_v2(Bucket=bucket.name, Prefix=bucket.prefix)["Contents"]
+              if "/locks/" not in o["Key"]}
+    err = run(bucket, "prune", "--max-unused", "0", check=14).stderr.decode()
+    assert "prune deletes objects" in err and "does not allow it" in err and len(err.splitlines()) == 1
+    assert {o["Key"] for o in client.list_objects_v2(Bucket=bucket.name, Prefix=bucket.prefix)["Contents"]
+            if "/locks/" not in o["Key"]} == listed
+    run(bucket, "check", "--read-data")
+
+
 @pytest.mark.slow
 def test_credentials_that_may_not_delete_back_up_and_leave_their_locks_released(run, moto_s3, s3_bucket_factory,
                                                                                 source, tmp_path):
