@@ -275,15 +275,19 @@ def write_recovery(datadir: str, target: RecoveryTarget, restore_command: str) -
     the settings into ``postgresql.auto.conf`` (kept its owner and mode, or made as ``global/pg_control``'s
     owner's), after the other recovery settings at their defaults (``DEFAULTS``), any signal file of an
     earlier setup removed, the target's made.  UsageError when ``datadir`` is
-    no data directory of PostgreSQL 12 or newer."""
+    no data directory of PostgreSQL 12 or newer, or one copied after a time ``target`` (``copied_after``)."""
     control = os.path.join(datadir, "global", "pg_control")
     try:
         owner = os.stat(control)
         with open(os.path.join(datadir, "PG_VERSION"), "rb") as f:
             check_major(f.read(64))
+        with open(control, "rb") as f:
+            why = copied_after(target, f.read(64))
     except FileNotFoundError:
         raise UsageError(f"{datadir} is no PostgreSQL data directory (no global/pg_control or PG_VERSION): "
                          "no recovery settings written") from None
+    if why is not None:
+        raise UsageError(f"{datadir} cannot recover to the target: {why}; no recovery settings written")
     settings = [("restore_command", restore_command), *target.settings()]
     chosen = {name for name, _ in settings}
     defaults = [(name, value) for name, value in DEFAULTS if name not in chosen]

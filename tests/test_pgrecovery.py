@@ -433,6 +433,18 @@ def test_the_time_a_control_file_was_written_reads_in_either_alignment():
     assert copied_after(parse_target("name=x"), control) is None
 
 
+def test_the_api_writes_no_recovery_to_a_time_before_the_copy_was_made(tmp_path):
+    """The command refuses such a snapshot before restoring it; ``write_recovery``, the API's way to set up a
+    restored directory, wrote the settings all the same, and PostgreSQL was promoted past the target."""
+    d = data_dir(tmp_path)
+    (d / "global" / "pg_control").write_bytes(control_file("2026-11-28T10:00:07+00:00"))
+    with pytest.raises(UsageError, match="global/pg_control at 2026-11-28T10:00:07.*no recovery settings written"):
+        write_recovery(str(d), parse_target("time=2026-11-28T10:00:06+00:00"), "x")
+    assert sorted(p.name for p in d.iterdir()) == ["PG_VERSION", "global"]
+    write_recovery(str(d), parse_target("time=2026-11-28T10:00:07+00:00"), "x")
+    assert (d / "recovery.signal").exists()
+
+
 def test_a_restore_in_place_over_a_running_server_is_refused(tmp_path, cli):
     """``restore --confirm RESTORE --delete --pg-recover`` into the data directory of a server that still
     ran wrote the snapshot's files under it and deleted its ``postmaster.pid``: the live cluster was corrupted
