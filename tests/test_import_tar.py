@@ -750,20 +750,26 @@ def test_an_extended_attribute_name_no_file_can_have_is_refused_naming_the_membe
     assert snap is not None
 
 
+def _global_header_refusal(cli, url: str, headers: dict[str, str]) -> list[str]:
+    """What import-tar says, into a new repository at ``url``, of a pax tar of three empty members whose
+    global header holds ``headers`` (every member's): a refusal (exit 2)."""
+    out = io.BytesIO()
+    with tarfile.open(fileobj=out, mode="w", format=tarfile.PAX_FORMAT, pax_headers=headers) as t:
+        for n in range(3):
+            t.addfile(tarfile.TarInfo(f"m{n}"))
+    cli("init", "-r", url, "--kdf-time", "0")
+    return cli("import-tar", "-r", url, "--path", "/x", "-", input=out.getvalue(), check=2).stderr.decode().splitlines()
+
+
 def test_more_extended_attributes_than_a_file_can_hold_are_refused_before_any_member_is_stored(cli, tmp_path):
     """A global pax header is applied to every member: one of 100,000 attribute records, in a 90 KB tar.zst
     of 50 members, took 20 s to import, and each restore printed megabytes of warnings. A Linux file's
     attribute names fit in 64 KiB together (each with its NUL), a value in 64 KiB."""
     names = {f"SCHILY.xattr.user.{n:06}": "v" for n in range(6000)}  # 6,000 x 12 bytes: over 64 KiB of names
-    out = io.BytesIO()
-    with tarfile.open(fileobj=out, mode="w", format=tarfile.PAX_FORMAT, pax_headers=names) as t:
-        for n in range(3):
-            t.addfile(tarfile.TarInfo(f"m{n}"))
     url = str(tmp_path / "repo")
-    cli("init", "-r", url, "--kdf-time", "0")
-    said = cli("import-tar", "-r", url, "--path", "/x", "-", input=out.getvalue(), check=2).stderr.decode()
-    assert said.splitlines() == ["chunkvault: tar member 'm0' has 6000 extended attributes whose names take "
-                                 "72000 bytes, more than a file can hold (65536): refused"]
+    assert _global_header_refusal(cli, url, names) == [
+        "chunkvault: tar member 'm0' has 6000 extended attributes whose names take 72000 bytes, more than a file "
+        "can hold (65536): refused"]
     i = tarfile.TarInfo("big")
     i.pax_headers = {"SCHILY.xattr.user.big": "v" * 65537}
     assert _refusal_of(cli, tmp_path / "again", i, tarfile.PAX_FORMAT) == [
@@ -781,15 +787,10 @@ def test_a_member_whose_extended_attributes_take_over_1_mib_together_is_refused(
     of 250 values of 65,000 bytes (16 MiB, a 22 KB tar.gz of 50 members) was every member's, and the import
     held 16 MiB a member to its end (889 MB for those 50, 1.7 GB for 100)."""
     values = {f"SCHILY.xattr.user.{n:02}": "v" * 65000 for n in range(17)}  # 17 x 65,007 bytes: over 1 MiB
-    out = io.BytesIO()
-    with tarfile.open(fileobj=out, mode="w", format=tarfile.PAX_FORMAT, pax_headers=values) as t:
-        for n in range(3):
-            t.addfile(tarfile.TarInfo(f"m{n}"))
     url = str(tmp_path / "repo")
-    cli("init", "-r", url, "--kdf-time", "0")
-    said = cli("import-tar", "-r", url, "--path", "/x", "-", input=out.getvalue(), check=2).stderr.decode()
-    assert said.splitlines() == ["chunkvault: tar member 'm0' has 17 extended attributes of 1105119 bytes together, "
-                                 "more than an import keeps for one file (1048576): refused"]
+    assert _global_header_refusal(cli, url, values) == [
+        "chunkvault: tar member 'm0' has 17 extended attributes of 1105119 bytes together, more than an import "
+        "keeps for one file (1048576): refused"]
     i = tarfile.TarInfo("most")  # 16 of them fit
     i.pax_headers = dict(list(values.items())[:16])
     out = io.BytesIO()
