@@ -2,6 +2,7 @@
 writes, and the restore_command it composes (a real recovery: tests/test_walarchive_postgres.py)."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shlex
@@ -102,6 +103,17 @@ def data_dir(tmp_path, version="15"):
     (d / "global" / "pg_control").write_bytes(b"\0" * 64)
     (d / "PG_VERSION").write_text(version + "\n")
     return d
+
+
+def pg_snapshot(repo, d, pg: dict | None) -> str:
+    """The id of a snapshot of the data directory ``d`` recording ``pg`` as its PostgreSQL stats, as
+    ``backup --postgres`` records them (None: none, as of a copy a hook took)."""
+    (d / "base").mkdir(exist_ok=True)
+    (d / "base" / "1").write_text(repr(pg))
+    snap = repo.backup([str(d)]).snapshot
+    if pg is not None:
+        repo.store.save_snapshot(dataclasses.replace(snap, stats={**snap.stats, "postgres": pg}), replace=True)
+    return snap.id
 
 
 def test_written_settings_and_signal_replace_an_earlier_setups(tmp_path):
@@ -223,24 +235,15 @@ def test_a_position_target_restores_the_newest_snapshot_whose_wal_stopped_by_the
     """With ``lsn=`` the newest snapshot was restored whatever its stop position: one that stopped past the
     target cannot reach it (PostgreSQL refuses to stop before the copy is consistent).  Snapshots recording no
     stop position (copies taken by a hook) are passed over, and the refusal counts them."""
-    import dataclasses
-
     from chunkvault import Repository
 
     repo_url = str(tmp_path / "repo")
     pw = tmp_path / "pw"
     pw.write_text("secret\n")
     d = data_dir(tmp_path)
-    ids = []
     with Repository.init(repo_url, "secret", kdf_seconds=0) as repo:
-        for stop in ("0/3000100", "0/5000028", None):
-            (d / "base").mkdir(exist_ok=True)
-            (d / "base" / "1").write_text(str(stop))
-            snap = repo.backup([str(d)]).snapshot
-            if stop is not None:
-                repo.store.save_snapshot(dataclasses.replace(snap, stats={**snap.stats, "postgres": {
-                    "stop_lsn": stop, "start_wal": "000000010000000000000002"}}), replace=True)
-            ids.append(snap.id)
+        ids = [pg_snapshot(repo, d, stop and {"stop_lsn": stop, "start_wal": "000000010000000000000002"})
+               for stop in ("0/3000100", "0/5000028", None)]
 
     def restored(target, *more, code=0):
         out = cli("restore", "-r", repo_url, "--password-file", str(pw), *more, "--target",
@@ -263,8 +266,6 @@ def test_a_target_is_not_reached_from_a_copy_on_a_timeline_abandoned_before_it(t
     a target on timeline 2 past that copy's stop picked it, and PostgreSQL, following the newest timeline,
     did not find its checkpoint there ("could not locate required checkpoint record").  The copy taken
     before the branch is picked, and one on timeline 2 once there is one."""
-    import dataclasses
-
     from chunkvault import Repository
 
     repo_url = str(tmp_path / "repo")
@@ -274,14 +275,8 @@ def test_a_target_is_not_reached_from_a_copy_on_a_timeline_abandoned_before_it(t
     ids = []
 
     def snapshot(repo, timeline, stop):
-        (d / "base").mkdir(exist_ok=True)
-        (d / "base" / "1").write_text(f"{timeline} {stop}")
-        snap = repo.backup([str(d)]).snapshot
-        if stop is not None:
-            repo.store.save_snapshot(dataclasses.replace(snap, stats={**snap.stats, "postgres": {
-                "stop_lsn": stop, "timeline": timeline, "start_wal": f"0000000{timeline}0000000000000002"}}),
-                replace=True)
-        ids.append(snap.id)
+        ids.append(pg_snapshot(repo, d, stop and {"stop_lsn": stop, "timeline": timeline,
+                                                  "start_wal": f"0000000{timeline}0000000000000002"}))
 
     def restored(target, code=0):
         out = cli("restore", "-r", repo_url, "--password-file", str(pw), "--target",
@@ -310,23 +305,15 @@ def test_a_snapshot_on_a_timeline_abandoned_before_its_stop_is_refused_before_it
     """With end (or a name, an xid, standby) nothing is picked: the latest snapshot, the old primary's after a
     point-in-time recovery branched off before it, was restored, and PostgreSQL, following the newest
     timeline, failed with "could not locate required checkpoint record" and a hint to remove backup_label."""
-    import dataclasses
-
     from chunkvault import Repository
 
     repo_url = str(tmp_path / "repo")
     pw = tmp_path / "pw"
     pw.write_text("secret\n")
     d = data_dir(tmp_path)
-    ids = []
     with Repository.init(repo_url, "secret", kdf_seconds=0) as repo:
-        for timeline, stop in ((2, "0/3800000"), (1, "0/5000028")):
-            (d / "base").mkdir(exist_ok=True)
-            (d / "base" / "1").write_text(f"{timeline} {stop}")
-            snap = repo.backup([str(d)]).snapshot
-            repo.store.save_snapshot(dataclasses.replace(snap, stats={**snap.stats, "postgres": {
-                "stop_lsn": stop, "timeline": timeline}}), replace=True)
-            ids.append(snap.id)
+        ids = [pg_snapshot(repo, d, {"stop_lsn": stop, "timeline": timeline})
+               for timeline, stop in ((2, "0/3800000"), (1, "0/5000028"))]
         history = tmp_path / "00000002.history"
         history.write_text("1\t0/3000000\tbefore 2026-12-05 11:00:00+00\n")
         repo.archive_push(history)
