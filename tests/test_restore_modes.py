@@ -25,7 +25,9 @@ def snapshot_of_tree(tmp_path, new_repo):
     for i in range(6):
         (src / "base" / f"rel{i}").write_bytes(rnd.randbytes(400_000))
     (src / "small").write_bytes(b"small")
-    repo = new_repo(str(tmp_path / "repo"))
+    # chunks of 128 KiB at most: each file is several (the keyed cut points left one about once in eight
+    # repositories, and a change anywhere in it then rewrote it whole)
+    repo = new_repo(str(tmp_path / "repo"), chunker={"min_size": 16 << 10, "avg_size": 64 << 10, "max_size": 128 << 10})
     snap = repo.backup([str(src)]).snapshot
     return repo, snap, src, describe(src)
 
