@@ -3,6 +3,7 @@ for a program driving chunkvault (``--progress json``)."""
 from __future__ import annotations
 
 import json
+import math
 import sys
 import time
 from typing import Any, TextIO
@@ -33,8 +34,9 @@ class Progress:
             text += f" of {format_size(self.total)} ({min(100.0, 100.0 * nbytes / self.total):.0f}%)"
         text += f", {format_size(rate)}/s"
         if self.total and rate > 0 and nbytes < self.total:
-            eta = (self.total - nbytes) / rate
-            text += f", ETA {int(eta // 60)}:{int(eta % 60):02d}"
+            # rounded up: a bar at 2.9 s to go showing 0:02 ran past its own ETA; less a float's error
+            eta = math.ceil((self.total - nbytes) / rate - 1e-6)
+            text += f", ETA {eta // 60}:{eta % 60:02d}"
         return text
 
     def __call__(self, files: int, nbytes: int, total_bytes: int | None = None) -> None:

@@ -24,6 +24,13 @@ def test_line_has_rate_and_eta(booted_5_s_ago):
     assert p.line(3, 500, p.start + 2) == "restore: 3 files, 500 B of 1000 B (50%), 250 B/s, ETA 0:02"
 
 
+def test_the_eta_is_rounded_up_to_the_second(booted_5_s_ago):
+    """1.5 s to go shows 0:02, not 0:01: a countdown that reaches 0:00 with work left looks stuck."""
+    p = Progress("restore", 1000, stream=io.StringIO(), enabled=True)
+    assert p.line(3, 400, p.start + 1).endswith("ETA 0:02")
+    assert p.line(3, 250, p.start + 1).endswith("ETA 0:03")
+
+
 def test_files_grown_since_the_walk_counted_them_show_100_percent_and_no_eta(booted_5_s_ago):
     """More bytes read than the walk counted (files growing during the backup) is still at most done."""
     p = Progress("backup", 1000, stream=io.StringIO(), enabled=True)
