@@ -484,12 +484,18 @@ class _ZstdFrames:
 class _XzReader:
     """An xz file decompressed as ``xz -d`` reads it: streams one after another, the zero bytes of stream
     padding between and after them skipped (lzma.LZMAFile took padding for a stream cut short: exit 20 for a
-    file xz and GNU tar read); EOFError where the input ends within a stream."""
+    file xz and GNU tar read); EOFError where the input ends within a stream, LZMAError where padding is not
+    whole 4-byte words (the format's rule, which ``xz -t`` holds a file to)."""
 
     def __init__(self, raw: BinaryIO):
         self._raw = raw
         self._stream: lzma.LZMADecompressor | None = None  # None: between streams
         self._input = b""  # read, not yet decompressed
+        self._padding = 0  # zero bytes skipped since the last stream ended
+
+    def _padded(self) -> None:
+        if self._padding % 4:
+            raise lzma.LZMAError(f"xz stream padding of {self._padding} bytes is not a multiple of 4")
 
     def _more(self) -> bool:
         self._input = self._raw.read(1 << 16)
@@ -498,14 +504,18 @@ class _XzReader:
     def read(self, n: int = -1) -> bytes:
         while True:
             if self._stream is None:
-                self._input = self._input.lstrip(b"\0")
+                stripped = self._input.lstrip(b"\0")
+                self._padding += len(self._input) - len(stripped)
+                self._input = stripped
                 if self._input:
+                    self._padded()
                     self._stream = lzma.LZMADecompressor(lzma.FORMAT_XZ)
                 elif not self._more():
+                    self._padded()
                     return b""
                 continue
             if self._stream.eof:
-                self._input, self._stream = self._stream.unused_data, None
+                self._input, self._stream, self._padding = self._stream.unused_data, None, 0
                 continue
             if self._stream.needs_input and not self._input and not self._more():
                 raise EOFError("Compressed file ended before the end-of-stream marker was reached")  # as lzma says it

@@ -475,6 +475,19 @@ def test_an_xz_file_with_stream_padding_is_read_as_xz_reads_it(new_repo, tree, t
         repo.import_tar(io.BytesIO(xz[0] + bytes(padding) + xz[1][:-4]), "/src")
 
 
+@pytest.mark.parametrize("where", ["between", "after"])
+def test_xz_stream_padding_that_is_not_whole_words_is_damage(new_repo, tree, where):
+    """The xz format pads streams by multiples of four bytes, and ``xz -t`` calls a file with 3 bytes
+    of padding corrupt: the import said so too, not storing it as whole."""
+    import lzma
+    data = gnu_tar(tree, "pax")
+    half = len(data) // 2
+    xz = [lzma.compress(part) for part in (data[:half], data[half:])]
+    damaged = xz[0] + bytes(3) + xz[1] if where == "between" else xz[0] + xz[1] + bytes(3)
+    with pytest.raises(IncompleteSource, match="padding of 3 bytes"):
+        new_repo().import_tar(Trickle(damaged), "/src")
+
+
 class Trickle(io.RawIOBase):
     """A pipe whose writer is slow: each read gives at most a few bytes."""
 
