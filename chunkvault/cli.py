@@ -1194,8 +1194,8 @@ def _restore_json(snap: Snapshot, result: Any, target: str, verified: bool,
             "skipped_existing": result.skipped_existing,
             "deleted": result.deleted, "processes": result.processes, **_names_json("warnings", result.warnings),
             "verified": verified,
-            "not_restored": [{**_name_json("path", path), "object": obj, "reason": reason}
-                             for path, obj, reason, _ in result.damaged],
+            "not_restored": [{**_name_json("path", path), "object": obj, "reason": reason,
+                              "removed": path in result.removed} for path, obj, reason, _ in result.damaged],
             "not_written": [{**_name_json("path", path), "reason": reason} for path, reason in result.unwritten]}
 
 

@@ -128,6 +128,7 @@ def merged_results(results: Sequence[RestoreResult]) -> RestoreResult:
             setattr(out, name, getattr(out, name) + getattr(r, name))
         out.warnings += r.warnings
         out.damaged += r.damaged
+        out.removed += r.removed
         out.unwritten += r.unwritten
         if r.full and not out.full:
             out.full, out.full_in_place = r.full, r.full_in_place
@@ -151,6 +152,10 @@ class RestoreResult:
     # Files not restored because their data is damaged in the repository: (path, object, reason, missing).
     # Plain values, not the errors themselves: worker processes send their results back pickled.
     damaged: list[tuple[str, str, str, bool]] = field(default_factory=list)
+    # Of those, the files --delta had begun to rewrite in place when the damage showed: removed from the target,
+    # since they held neither their old content nor the snapshot's (the message must say so: "not restored"
+    # alone reads as kept as the target had them).
+    removed: list[str] = field(default_factory=list)
     # Entries the target would not take (permission, a read-only file system, a name too long): (path, reason).
     unwritten: list[tuple[str, str]] = field(default_factory=list)
     full: str = ""  # the file being written when the target ran out of space (removed); the restore stopped there
@@ -191,6 +196,10 @@ class RestoreResult:
         unwritten = f"{n} entr{'y' if n == 1 else 'ies'} could not be written: " + _named(
             [f"{path} ({why})" for path, why in self.unwritten], 3)
         damaged = f"{len(self.damaged)} file(s) not restored: " + _named([d[0] for d in self.damaged])
+        if self.removed:
+            damaged += (f" ({len(self.removed)} of them removed from the target, updated in place before the "
+                        "damage showed, so holding neither their old content nor the snapshot's: "
+                        + _named(self.removed) + ")")
         also = ([unwritten] if self.unwritten else []) + ([damaged + " (damaged data)"] if self.damaged else [])
         rest = "everything else was restored" if self.files + self.dirs + self.links else "nothing was restored"
         if self.full_in_place:
@@ -1299,6 +1308,8 @@ class Restorer:
             if written and not isinstance(exc, KeyboardInterrupt):
                 self.remove_quietly(e.path)
                 self.result.full_in_place = isinstance(exc, OSError) and exc.errno in _FULL
+                if isinstance(exc, CorruptObject):
+                    self.result.removed.append(os.fsdecode(e.path))
             raise
         os.close(fd)
 

@@ -246,6 +246,7 @@ class _Coordinator:
             r.note_unsupported_xattrs(res.xattrs_unsupported_paths, res.xattrs_unsupported_names,
                                       res.xattrs_unsupported)
             r.damaged.extend(d for d in res.damaged if d not in r.damaged)
+            r.removed.extend(d for d in res.removed if d not in r.removed)
             for u in res.unwritten:
                 if u not in unwritten:
                     unwritten.add(u)

@@ -617,6 +617,51 @@ def test_a_delta_restore_leaves_a_file_as_it_was_when_damage_shows_before_its_fi
     assert sorted(p.name for p in live.iterdir()) == (["db", "other"] if window is None else ["other"])
 
 
+@pytest.mark.parametrize("processes", [1, 2])
+def test_a_delta_restore_that_removes_a_half_updated_file_says_so(tmp_path, new_repo, password, monkeypatch,
+                                                                  processes):
+    """A file --delta had begun to rewrite when damaged data showed (a delta whose base is damaged) is removed
+    from the target: the error and the JSON say so, where "not restored" alone read as kept as it was."""
+    from chunkvault import Repository
+    from chunkvault.cli import _restore_json
+    from chunkvault.errors import CorruptObject
+    from chunkvault.store import restore
+    from test_damaged_storage import damage_blob
+
+    monkeypatch.setattr(restore, "DELTA_HOLD_BYTES", 1)  # every changed chunk written as it comes
+    rnd = random.Random(5)
+    src = tmp_path / "src"
+    src.mkdir()
+    old = bytearray(rnd.randbytes(8 * 65536))
+    (src / "db").write_bytes(old)
+    (src / "kept").write_text("v1")
+    repo = new_repo(str(tmp_path / "repo"))
+    first = repo.backup([str(src)], fixed_chunks=["db"], fixed_chunk_size=65536).snapshot
+    live = tmp_path / "live"
+    shutil.copytree(src, live)
+    (live / "kept").write_text("mine")
+    new = bytearray(old)
+    for chunk in (1, 4, 6):
+        new[chunk * 65536 + 100 : chunk * 65536 + 164] = rnd.randbytes(64)
+    (src / "db").write_bytes(new)
+    snap = repo.backup([str(src)], fixed_chunks=["db"], fixed_chunk_size=65536).snapshot
+    (entry,) = [e for e in repo.tree(snap) if e.path == b"db"]
+    delta = entry.chunk_ids()[6]
+    base = repo.store.delta_base(delta)
+    assert base == [e for e in repo.tree(first) if e.path == b"db"][0].chunk_ids()[6]
+    damage_blob(tmp_path / "repo", repo, base)
+    repo = Repository.open(str(tmp_path / "repo"), password)
+    with pytest.raises(CorruptObject) as caught:
+        repo.restore(snap.id, str(live), force=True, delta=True, processes=processes)
+    said = str(caught.value)
+    assert delta.hex() in said and base.hex() in said
+    assert ("1 file(s) not restored: db (1 of them removed from the target, updated in place before the damage "
+            "showed, so holding neither their old content nor the snapshot's: db)") in said
+    assert sorted(p.name for p in live.iterdir()) == ["kept"] and (live / "kept").read_text() == "v1"
+    (out,) = _restore_json(snap, caught.value.partial, str(live), False)["not_restored"]
+    assert out["path"] == "db" and out["removed"] is True
+
+
 def test_the_restore_prompt_declined_is_a_target_not_empty(tmp_path, new_repo):
     """On a terminal, a restore into a non-empty target asks for RESTORE: any other answer is refused as
     without a terminal (exit 16, the target as it was), not as a usage error."""
