@@ -1959,6 +1959,7 @@ class BlobWriter:
                         break
                 if placed:
                     self._place(placed, offsets)
+                    self._note_bases(placed)
                 if carried is None and len(builder) < self.pack_size:
                     break
                 full.append(self._take_builder())
@@ -1966,6 +1967,22 @@ class BlobWriter:
                     blobs = itertools.chain((carried,), blobs)
         for builder, pack_no in full:
             self._submit(builder, pack_no)
+
+    def _note_bases(self, placed: list[PreparedBlob]) -> None:
+        """The packs of the delta bases these blobs are stored against, down their chains, checked at ``flush``
+        as those of deduplicated blobs are: a copy stores a delta on a base it never reads there (the source
+        gives its plaintext), and on one in a pack that is gone it saved a snapshot no one could read."""
+        index = self.repo.index
+        for blob in placed:
+            base = blob.base_id if blob.kind == KIND_DELTA else None
+            for _ in range(self.repo.max_delta_depth):
+                loc = index.get(base) if base is not None else None
+                if loc is None:
+                    break
+                pack_id = self.repo.pack_ids[loc.pack_no]
+                if pack_id is not None:  # None: in flight from this process
+                    self._note_deduplicated(pack_id, loc.offset + loc.length)
+                base = self.repo._delta_bases.get(base)
 
     def _place(self, placed: list[PreparedBlob], offsets: list[int]) -> None:
         """Index blobs just added to the pack being built (at ``offsets``), under the writer's lock."""

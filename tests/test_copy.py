@@ -481,6 +481,39 @@ def test_a_differential_builds_on_the_destination_s_rebased_copy_of_its_parent(t
     assert dst.check(read_data=True).ok
 
 
+def test_a_copy_that_would_store_deltas_on_a_base_in_a_pack_lost_in_the_destination_stops(tmp_path, new_repo, cli):
+    """A delta is stored against the destination's copy of its base, whose plaintext the copy takes from the
+    source: with the pack holding that copy (or a base below it) deleted by hand, the copy saved a snapshot that
+    no one could read, exit 0.  It refers to that pack as a deduplicated blob does, and stops the same way."""
+    rnd = random.Random(6)
+    src_dir = tmp_path / "src"
+    src_dir.mkdir()
+    data = bytearray(rnd.randbytes(8 * 65536))
+    src = new_repo(str(tmp_path / "src-repo"))
+    ids = []
+    for version in range(3):
+        for chunk in range(8):  # a few bytes of every chunk change: each is a delta on the one before
+            data[chunk * 65536 + version * 64 : chunk * 65536 + version * 64 + 8] = rnd.randbytes(8)
+        (src_dir / "db").write_bytes(data)
+        ids.append(src.backup([str(src_dir)], fixed_chunks=["db"], fixed_chunk_size=65536).snapshot.id)
+    dst_dir = tmp_path / "dst"
+    dst = Repository.init(str(dst_dir), "other password", kdf_seconds=0, pack_size="256k")
+    src.copy_to(dst, ids[:2])
+    first, second = sorted(dst.snapshots(), key=lambda s: s.time)
+    (whole,) = [e for e in dst.tree(first) if e.path == b"db"]
+    (delta,) = [e for e in dst.tree(second) if e.path == b"db"]
+    assert dst.store.delta_base(delta.chunk_ids()[7]) == whole.chunk_ids()[7]
+    loc = dst.store.locate(whole.chunk_ids()[7])
+    lost = dst.store.pack_ids[loc.pack_no].hex()
+    manifests = {bytes.fromhex(b) for s in (first, second) for b in s.manifest}
+    assert all(dst.store.pack_ids[dst.store.locate(b).pack_no].hex() != lost for b in manifests)
+    (dst_dir / "data" / lost[:2] / lost).unlink()
+    err = cli("copy", "-r", str(tmp_path / "src-repo"), "--to", str(dst_dir), ids[2],
+              env={"CHUNKVAULT_TO_PASSWORD": "other password"}, check=13).stderr.decode()
+    assert f"data/{lost[:2]}/{lost}: is listed by the index but not stored" in err and "repair index" in err, err
+    assert len(Repository.open(str(dst_dir), "other password").snapshots()) == 2
+
+
 def test_a_pack_lost_in_the_destination_ends_the_copy_naming_the_destination(tmp_path, new_repo, cli, password):
     """A destination pack deleted by hand: copy would deduplicate against it, and stopped with "run `chunkvault
     repair index`" but never said in which of its two repositories (the source is whole); the snapshots it met
