@@ -547,6 +547,14 @@ def _write_tree(repo: Repo, w: ExportWriter, records: Iterator[Record], level: i
         for r in recs:
             w.add_record(r)
 
+    def submit() -> None:
+        """Send the batch, with the records whose chunks it completes; at most ``window`` stay in flight."""
+        nonlocal batch, batch_records, size
+        inflight.append((pool.submit(_encode_batch, repo, batch, level), batch_records))
+        batch, batch_records, size = [], [], 0
+        while len(inflight) > window:
+            drain_one()
+
     with ThreadPoolExecutor(min(WORKERS, 2)) as pool:
         try:
             for rec in records:
@@ -564,15 +572,14 @@ def _write_tree(repo: Repo, w: ExportWriter, records: Iterator[Record], level: i
                             batch.append(cid)
                             il = index.get(cid)
                             size += il.raw_length if il is not None else repo.chunker_params.avg_size
+                            if size >= batch_bytes:  # a large file's chunks go a batch at a time, not all at once
+                                submit()
                         else:
                             refs.append(blob_ref(loc.offset))
                     rec = Record(rec.op, rec.path, replace(e, chunks=b"".join(refs)))
                 batch_records.append(rec)
                 if size >= batch_bytes or len(batch_records) >= 4096:
-                    inflight.append((pool.submit(_encode_batch, repo, batch, level), batch_records))
-                    batch, batch_records, size = [], [], 0
-                    while len(inflight) > window:
-                        drain_one()
+                    submit()
             inflight.append((pool.submit(_encode_batch, repo, batch, level), batch_records))
             while inflight:
                 drain_one()

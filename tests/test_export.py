@@ -170,6 +170,30 @@ def test_each_distinct_chunk_is_written_once(exported):
     assert counts[S_META] == 1 and counts[S_END] == 1 and counts[S_BLOB] == len(distinct) and counts[S_RECORDS] >= 1
 
 
+def test_a_large_file_is_exported_a_batch_of_chunks_at_a_time(tmp_path, new_repo, monkeypatch):
+    """Chunks are read a batch of about 8 MiB at a time, a few batches ahead: a file's whole list went into
+    one batch, so exporting a 20 GiB database file held it all in memory (330 MB: 530 MiB resident)."""
+    from chunkvault.store import export as export_module
+
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "table").write_bytes(random.Random(4).randbytes(20 << 20))
+    repo = new_repo()
+    snap = repo.backup([str(src)], fixed_chunks=["table"], fixed_chunk_size=1 << 20).snapshot
+    batches = []
+    real = export_module._encode_batch
+
+    def encode(store, ids, level):
+        batches.append(len(ids))
+        return real(store, ids, level)
+
+    monkeypatch.setattr(export_module, "_encode_batch", encode)
+    export(repo.store, snap, str(tmp_path / "x.backup"), EXPORT_PW, kdf_log_n=10)
+    assert sum(batches) == 20 and max(batches) <= 8, batches
+    restore_from_file(str(tmp_path / "x.backup"), EXPORT_PW, str(tmp_path / "out"))
+    assert (tmp_path / "out" / "table").read_bytes() == (src / "table").read_bytes()
+
+
 def test_importing_twice_imports_once(tmp_path, exported, cli):
     """The snapshot an export brings is imported once: again (or into the repository it came from) it is
     found there and nothing is stored, where a second copy took a retention slot and became the next
