@@ -124,6 +124,12 @@ def seal_header(sealer: Sealer, entries: list[PackEntry]) -> bytes:
 
 
 def open_header(sealer: Sealer, sealed: bytes | memoryview, what: str, body_length: int) -> list[PackEntry]:
+    return _opened_header(sealer, sealed, what, body_length)[0]
+
+
+def _opened_header(sealer: Sealer, sealed: bytes | memoryview, what: str,
+                   body_length: int) -> tuple[list[PackEntry], bytes]:
+    """The header's entries, and the bytes that encode them."""
     try:
         plain = sealer.open(sealed, HEADER_AD)
     except AuthenticationFailed:
@@ -139,7 +145,7 @@ def open_header(sealer: Sealer, sealed: bytes | memoryview, what: str, body_leng
     for e in entries:
         if e.offset + e.length > body_length:
             raise CorruptObject(what, f"entry for blob {e.blob_id.hex()} points past the data")
-    return entries
+    return entries, plain[5:]
 
 
 def parse_trailer(tail: bytes, pack_size: int, what: str) -> int:
@@ -177,20 +183,16 @@ class PackHeader(NamedTuple):
     body_length: int  # the envelopes' bytes, before the sealed header
     sealed: bytes | memoryview  # the header as stored, and the trailer: a reader hashing the pack needs them
     trailer: bytes | memoryview
-
-
-def header_bytes(entries: Iterable[PackEntry]) -> int:
-    """The most a pack's sealed header and trailer take, holding ``entries`` (as an index lists them)."""
-    return PACK_FIXED_OVERHEAD + sum(entry_bytes(e.kind) for e in entries)
+    encoded: bytes = b""  # the entries as the header encodes them: an index's bytes for them are compared
 
 
 def fetch_header(sealer: Sealer, fetch: Callable[[int, int], bytes | memoryview], size: int,
                  what: str, *, expected: int = 0) -> PackHeader:
     """A pack's header read through ``fetch(offset, length)``: its trailer, then its sealed header.
 
-    ``expected``: the bytes header and trailer should take (``header_bytes`` of the entries the index has
-    there), read in one go with the trailer where the header fits in them: off local disk each read waits a
-    round trip, and a check waited two in a row per pack.  A header larger than that is read as before."""
+    ``expected``: the bytes header and trailer should take (``PACK_FIXED_OVERHEAD`` and the entries the
+    index has there, encoded), read in one go with the trailer where the header fits in them: off local disk
+    each read waits a round trip, and a check waited two in a row per pack.  A header larger than that is read as before."""
     if TRAILER.size < expected <= size:
         end = memoryview(fetch(size - expected, expected))
         if len(end) == expected:
@@ -199,12 +201,14 @@ def fetch_header(sealer: Sealer, fetch: Callable[[int, int], bytes | memoryview]
             body_len = size - TRAILER.size - header_len
             if header_len + TRAILER.size <= expected:
                 sealed = end[expected - TRAILER.size - header_len : expected - TRAILER.size]
-                return PackHeader(open_header(sealer, sealed, what, body_len), body_len, sealed, trailer)
+                entries, encoded = _opened_header(sealer, sealed, what, body_len)
+                return PackHeader(entries, body_len, sealed, trailer, encoded)
     trailer = fetch(size - TRAILER.size, TRAILER.size) if size >= TRAILER.size else b""
     header_len = parse_trailer(bytes(trailer), size, what)
     body_len = size - TRAILER.size - header_len
     sealed = fetch(body_len, header_len)
-    return PackHeader(open_header(sealer, sealed, what, body_len), body_len, sealed, trailer)
+    entries, encoded = _opened_header(sealer, sealed, what, body_len)
+    return PackHeader(entries, body_len, sealed, trailer, encoded)
 
 
 def read_pack(sealer: Sealer, data: bytes, what: str) -> list[PackEntry]:

@@ -394,6 +394,25 @@ def test_a_pack_whose_header_and_index_disagree_is_named_with_the_way_on(repo_wi
     assert Repository.open(str(root), password).check(read_data=True).ok
 
 
+def test_an_index_listing_a_packs_entries_in_another_order_agrees_with_its_header(repo_with_data, password):
+    """A check compares the index's bytes for a pack with its header's first, and decodes both only where
+    they differ: entries listed in another order (as another writer may index them) still agree."""
+    from chunkvault.store.indexfile import IndexData, decode_index
+
+    root, repo, _s1, _s2 = repo_with_data
+    store = repo.store
+    names = store.index_names()
+    packs = {}
+    for n in names:
+        packs.update(decode_index(store.sealer, store.remote.get(f"index/{n}"), n).packs)
+    pid = max(packs, key=lambda p: len(packs[p]))
+    assert len(packs[pid]) > 1
+    packs[pid] = packs[pid][::-1]
+    store.write_index(IndexData(packs=packs, supersedes=[bytes.fromhex(n) for n in names]))
+    report = Repository.open(str(root), password).check()
+    assert report.ok, report.problems
+
+
 def test_a_damaged_key_file_is_named_with_what_removes_it(repo_with_data, password):
     """A second key file damaged said only "content does not match its name"."""
     repo_dir, repo, _, _ = repo_with_data
