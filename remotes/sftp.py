@@ -341,7 +341,11 @@ class SFTPRemote(Remote):
         them) once per connection."""
         if d in self._known_dirs:
             return
-        if not self._exists(sftp, d):
+        try:
+            mode = sftp.stat(d).st_mode
+        except OSError as exc:
+            if not _is_missing(exc):
+                raise
             parent = d.rsplit("/", 1)[0]
             if parent:
                 self._ensure_dir(sftp, parent)
@@ -350,6 +354,10 @@ class SFTPRemote(Remote):
             except OSError:
                 if not self._exists(sftp, d):  # another writer may have made it first
                     raise
+        else:
+            # the server says "no such file" of anything below a file: an init where a file stands said no more
+            if mode is not None and not stat_mod.S_ISDIR(mode):
+                raise NotADirectoryError(errno.ENOTDIR, f"Not a directory ({d} is a file)")
         self._known_dirs.add(d)
 
     @staticmethod

@@ -684,6 +684,20 @@ def test_init_makes_the_repository_directory_s_missing_parents(sftp_repo, cli):
     assert os.path.isfile(os.path.join(sftp_repo.path, "new/a/b/repo/config"))
 
 
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_a_file_where_the_repository_should_be_is_named(sftp_repo, cli, transport):
+    """As on local disk: the server answers "no such file" of any path below a file, and an init there said only
+    that (writing keys/...: No such file); reads find no repository."""
+    os.makedirs(sftp_repo.path)
+    with open(os.path.join(sftp_repo.path, "f"), "w") as f:
+        f.write("not a directory")
+    env = {**sftp_repo.env, "CHUNKVAULT_SFTP_TRANSPORT": transport}
+    for below in ("/f", "/f/sub/repo"):
+        said = cli("init", "-r", sftp_repo.url + below, "--kdf-time", "0", env=env, check=14).stderr
+        assert f"failed: Not a directory ({sftp_repo.path}/f is a file)".encode() in said, said
+    said = cli("snapshots", "-r", sftp_repo.url + "/f", env=env, check=10).stderr.decode().strip()
+    assert said == f"chunkvault: no repository at {sftp_repo.url}/f"
+
 def test_objects_and_the_directories_made_are_private_to_the_servers_user(sftp_repo, cli, tmp_path):
     """As on local disk, whatever the server's umask: they were 0644 and 0755, a key file for every account on
     the server to copy and guess the password of offline."""
