@@ -67,7 +67,9 @@ class SSHTarget:
         return KEEPALIVE_SECONDS if self.read_timeout is None else max(1, round(self.read_timeout / 4))
 
     def where(self) -> str:
-        return f"{self.host}:{self.port or self.config_port or 22}"
+        """host:port, an IPv6 address bracketed: ``::1:2222`` reads as another address."""
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{host}:{self.port or self.config_port or 22}"
 
     def known_hosts_name(self) -> str:
         return self.known_hosts or "~/.ssh/known_hosts"

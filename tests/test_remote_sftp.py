@@ -292,6 +292,15 @@ def test_no_server_is_unavailable(sshd, tmp_path, transport):
     remote.close()
 
 
+def test_an_ipv6_server_is_named_in_brackets_in_messages(sshd, tmp_path, transport):
+    """Not "cannot connect to SSH server ::1:2222", where the port reads as a part of the address."""
+    port = free_port()
+    remote = open_remote(f"sftp://{sshd.user}@[::1]:{port}{tmp_path}/repo", **sshd.options, connect_timeout=5,
+                         transport=transport)
+    with pytest.raises(RemoteUnavailable, match=re.escape(f"cannot connect to SSH server [::1]:{port}: ")):
+        remote.stat("config")
+    remote.close()
+
 def test_a_server_that_never_speaks_ssh_is_one_line_of_its_own(sshd, tmp_path, transport, capfd):
     """A port that accepts connections and sends nothing: a timeout named as such, no traceback on stderr."""
     with socket.socket() as listener:
