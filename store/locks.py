@@ -501,6 +501,8 @@ class RepoLock:
                 self._lost = self._lost or max(time.time() - self._written, 1.0)
                 self._removed = True
                 return False
+            if self._stop.is_set():  # released while this look was retried: written again, it looked held
+                return True
             self._write()
         except Exception:  # a failed refresh only risks staleness; the next one may succeed
             pass
@@ -518,9 +520,12 @@ class RepoLock:
         if os.getpid() != self._pid:  # a forked child: the lock is its parent's, still held there
             return
         _HELD_BY_THREAD.pop(self.key, None)
+        left = not remove or self._unreachable
         if self._thread is not None:
-            self._thread.join()
-        if not remove or self._unreachable:
+            # A lock left to go stale is not waited for: a refresh under way retries the remote that stopped
+            # answering for a whole retry window more (the command kept on, silent, minutes after it gave up).
+            self._thread.join(0 if left else None)
+        if left:
             _LEFT_BEHIND.add(self.key)
             return
         try:

@@ -10,6 +10,7 @@ import stat
 import subprocess
 import sys
 import threading
+import time
 
 import pytest
 
@@ -529,6 +530,40 @@ def test_server_gone_mid_session_is_unavailable(tmp_path, transport):
         remote.get("config")
     remote.close()
 
+
+def test_a_lock_left_when_the_server_stopped_answering_does_not_wait_for_its_refresh(tmp_path, monkeypatch):
+    """A command that gave up on a server gone away leaves its lock to go stale, but waited for the lock's
+    refresh under way, which retried the server for a whole retry window more (15 minutes by default, with
+    nothing said): it ends at once."""
+    from servers_ssh import SSHServer, require_sshd
+
+    from chunkvault.store import locks
+
+    require_sshd()
+    monkeypatch.setattr(locks, "REFRESH_EVERY", 0.1)
+    (tmp_path / "srv").mkdir()
+    server = SSHServer(str(tmp_path / "srv"))
+    server.start()
+    remote = RetryingRemote(open_remote(server.url(f"{tmp_path}/repo"), **server.options, connect_timeout=2),
+                            outage=60)
+    try:
+        remote.put("config", b"x")
+        with pytest.raises(RemoteUnavailable, match="gave up"):
+            with locks.RepoLock(remote, locks.SHARED, "backup") as lock:
+                server.stop()
+                drop_connections(remote.inner)
+                deadline = time.monotonic() + 30
+                while remote.retries == 0 and time.monotonic() < deadline:  # the refresh retries the server
+                    time.sleep(0.05)
+                assert remote.retries > 0
+                gave_up = RemoteUnavailable("gave up")
+                gave_up.remote = remote.display_url
+                started = time.monotonic()
+                raise gave_up
+        assert time.monotonic() - started < 5
+        assert os.path.isfile(f"{tmp_path}/repo/{lock.key}")  # left to go stale
+    finally:
+        remote.close()
 
 def test_auto_takes_openssh_when_installed_else_paramiko(monkeypatch, tmp_path):
     assert resolve_transport("auto") == ("openssh" if shutil.which("ssh") else "paramiko")
