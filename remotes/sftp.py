@@ -353,12 +353,24 @@ class SFTPRemote(Remote):
                 sftp.mkdir(d)
             except OSError:
                 if not self._exists(sftp, d):  # another writer may have made it first
+                    self._refuse_dangling(sftp, d)
                     raise
         else:
             # the server says "no such file" of anything below a file: an init where a file stands said no more
             if mode is not None and not stat_mod.S_ISDIR(mode):
                 raise NotADirectoryError(errno.ENOTDIR, f"Not a directory ({d} is a file)")
         self._known_dirs.add(d)
+
+    @staticmethod
+    def _refuse_dangling(sftp: Any, d: str) -> None:
+        """A symbolic link to nothing (a disk not mounted) where a directory is to be made: the server's word
+        for its failed mkdir was "Failure"."""
+        try:
+            mode = sftp.lstat(d).st_mode
+        except OSError:
+            return
+        if mode is not None and stat_mod.S_ISLNK(mode):
+            raise FileNotFoundError(errno.ENOENT, f"{d} is a symbolic link to a path that does not exist")
 
     @staticmethod
     def _exists(sftp: Any, path: str) -> bool:

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from typing import Any
 
 # Packet types (draft-ietf-secsh-filexfer-02, version 3).
-_INIT, _VERSION, _OPEN, _CLOSE, _READ, _WRITE, _FSTAT = 1, 2, 3, 4, 5, 6, 8
+_INIT, _VERSION, _OPEN, _CLOSE, _READ, _WRITE, _LSTAT, _FSTAT = 1, 2, 3, 4, 5, 6, 7, 8
 _SETSTAT, _OPENDIR, _READDIR, _REMOVE, _MKDIR, _REALPATH, _STAT, _RENAME = 9, 11, 12, 13, 14, 16, 17, 18
 _STATUS, _HANDLE, _DATA, _NAME, _ATTRS, _EXTENDED, _EXTENDED_REPLY = 101, 102, 103, 104, 105, 200, 201
 
@@ -254,6 +254,10 @@ class SFTPClient:
 
     def stat(self, path: str) -> Attributes:
         return _Reader(self._request(_STAT, _string(path), _ATTRS)).attributes()
+
+    def lstat(self, path: str) -> Attributes:
+        """What ``path`` itself is: a symbolic link is not followed."""
+        return _Reader(self._request(_LSTAT, _string(path), _ATTRS)).attributes()
 
     def set_mtime(self, path: str, mtime: int) -> None:
         """Set ``path``'s modification (and access) time, in whole seconds as SFTP carries them."""

@@ -742,6 +742,17 @@ def test_a_file_where_the_repository_should_be_is_named(sftp_repo, cli, transpor
     said = cli("snapshots", "-r", sftp_repo.url + "/f", env=env, check=10).stderr.decode().strip()
     assert said == f"chunkvault: no repository at {sftp_repo.url}/f"
 
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_a_symbolic_link_to_nothing_where_the_repository_should_be_is_named(sftp_repo, cli, tmp_path, transport):
+    """A link to a disk not mounted: the server's word for the mkdir that failed was "Failure"."""
+    os.makedirs(sftp_repo.path)
+    os.symlink(tmp_path / "not-mounted", os.path.join(sftp_repo.path, "link"))
+    env = {**sftp_repo.env, "CHUNKVAULT_SFTP_TRANSPORT": transport}
+    for below in ("/link", "/link/repo"):
+        said = cli("init", "-r", sftp_repo.url + below, "--kdf-time", "0", env=env, check=14).stderr
+        assert f"failed: {sftp_repo.path}/link is a symbolic link to a path that does not exist".encode() in said, said
+    assert not os.path.exists(tmp_path / "not-mounted")
+
 def test_objects_and_the_directories_made_are_private_to_the_servers_user(sftp_repo, cli, tmp_path):
     """As on local disk, whatever the server's umask: they were 0644 and 0755, a key file for every account on
     the server to copy and guess the password of offline."""
