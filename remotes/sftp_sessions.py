@@ -199,6 +199,10 @@ def classify_ssh_failure(stderr: str, target: SSHTarget) -> ChunkvaultError:
     if "Permission denied" in text or "Too many authentication failures" in text:
         match = re.search(r"^(\S+)@\S+: Permission denied", text, re.M)
         return refused_login(target, match.group(1) if match else target.user)
+    bad = re.search(r": terminating, (\d+) bad configuration options?$", text, re.M)
+    if bad:  # not an outage: retried, the same refusal took every attempt (15 minutes once the server answered)
+        more = int(bad.group(1)) - 1
+        return UsageError(f"ssh refuses its configuration: {lines[0]}" + (f" (and {more} more)" if more else ""))
     if "subsystem request failed" in text:
         return RemoteError(f"the SSH server {target.where()} offers no SFTP subsystem")
     last = lines[-1] if lines else "the ssh client exited"

@@ -593,6 +593,18 @@ def test_a_host_alias_of_the_ssh_config_names_its_user_and_port(sshd, tmp_path, 
     assert (tmp_path / "repo" / "config").read_bytes() == b"x"
 
 
+def test_an_ssh_config_that_ssh_refuses_is_a_usage_error_at_once(sshd, tmp_path, cli):
+    """It was taken for an outage: the same refusal retried 8 times, then "unavailable" (exit 14)."""
+    config = tmp_path / "ssh_config"
+    config.write_text(f"Host backup-alias\n  HostName 127.0.0.1\n  Port {sshd.port}\n  IdentityFile {tmp_path}/a b\n"
+                      "  NoSuchOption yes\n")
+    started = time.monotonic()
+    said = cli("snapshots", "-r", f"sftp://backup-alias{tmp_path}/repo", "-o", f"sftp.ssh-config={config}",
+               "-o", "sftp.transport=openssh", env=sshd.env, check=2).stderr.decode()
+    assert said == (f"chunkvault: ssh refuses its configuration: {config} line 4: keyword identityfile extra "
+                    "arguments at end of line (and 1 more)\n")
+    assert time.monotonic() - started < 10
+
 @pytest.mark.parametrize("proxy", ["ProxyJump bastion", "ProxyCommand ssh -W %h:%p bastion"])
 def test_paramiko_refuses_a_proxy_it_cannot_follow_instead_of_connecting_directly(sshd, tmp_path, proxy):
     config = tmp_path / "ssh_config"
