@@ -148,7 +148,18 @@ def _config_known_hosts(value: str, host: str, user: str) -> str | None:
     if words[0].lower() == "none":
         return os.devnull
     tokens = {"%%": "%", "%d": os.path.expanduser("~"), "%h": host, "%u": user}
-    return os.path.expanduser(re.sub(r"%[%dhu]", lambda m: tokens[m.group()], words[0]))
+
+    def expand(word: str) -> str:
+        return os.path.expanduser(re.sub(r"%[%dhu]", lambda m: tokens[m.group()], word))
+
+    first = expand(words[0])
+    if len(words) > 1 and not re.search(r"[\"'\\]", value):
+        # paramiko takes the quotes off a value quoted whole: "/srv/my dir/kh" reaches us as two words, and
+        # the first, /srv/my, was read (every host unknown); several files have no file of the whole name
+        whole = expand(value)
+        if os.path.isfile(whole) or not os.path.exists(first) and os.path.isdir(os.path.dirname(whole)):
+            return whole
+    return first
 
 
 class SFTPRemote(Remote):

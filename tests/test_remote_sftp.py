@@ -17,7 +17,7 @@ import pytest
 from chunkvault.errors import ObjectExists, ObjectNotFound, PermissionDenied, RemoteUnavailable, UsageError
 from chunkvault.remotes import open_remote
 from chunkvault.remotes.layer import RetryingRemote
-from chunkvault.remotes.sftp import TEMP_PREFIX, parse_sftp_url
+from chunkvault.remotes.sftp import TEMP_PREFIX, _config_known_hosts, parse_sftp_url
 from chunkvault.remotes.sftp_sessions import resolve_transport
 from remote_contract import check_remote_contract
 from netutil import free_port
@@ -630,6 +630,21 @@ def test_the_known_hosts_file_an_ssh_config_names_is_the_one_read(sshd, tmp_path
         remote.put("config", b"x")
     assert (tmp_path / "repo" / "config").read_bytes() == b"x"
 
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_a_known_hosts_file_an_ssh_config_names_quoted_with_spaces_is_read(sshd, tmp_path, transport):
+    """paramiko hands the value quoted whole over unquoted: its first word was taken for the file."""
+    (tmp_path / "my dir").mkdir()
+    known = tmp_path / "my dir" / "known hosts"
+    shutil.copy(sshd.known_hosts, known)
+    config = tmp_path / "ssh_config"
+    config.write_text(f"Host backup-alias\n  HostName 127.0.0.1\n  Port {sshd.port}\n  User {sshd.user}\n"
+                      f"  IdentityFile {sshd.user_key}\n  UserKnownHostsFile \"{known}\"\n")
+    with open_remote(f"sftp://backup-alias{tmp_path}/repo", ssh_config=str(config), transport=transport) as remote:
+        remote.put("config", b"x")
+    assert (tmp_path / "repo" / "config").read_bytes() == b"x"
+    (tmp_path / "kh").write_text("")
+    assert _config_known_hosts(f"{tmp_path}/kh {tmp_path}/more", "h", "u") == f"{tmp_path}/kh"  # two files
 
 @pytest.mark.parametrize("transport", TRANSPORTS)
 def test_a_failure_names_the_port_the_ssh_config_sets(sshd, tmp_path, transport):
