@@ -203,6 +203,9 @@ def classify_ssh_failure(stderr: str, target: SSHTarget) -> ChunkvaultError:
     if bad:  # not an outage: retried, the same refusal took every attempt (15 minutes once the server answered)
         more = int(bad.group(1)) - 1
         return UsageError(f"ssh refuses its configuration: {lines[0]}" + (f" (and {more} more)" if more else ""))
+    owner = re.search(r"^Bad owner or permissions on .+$", text, re.M)
+    if owner:  # ~/.ssh/config writable by others: as refused as a bad option, and no retry changes it
+        return UsageError(f"ssh refuses its configuration: {owner.group(0)}")
     if "subsystem request failed" in text:
         return RemoteError(f"the SSH server {target.where()} offers no SFTP subsystem")
     last = lines[-1] if lines else "the ssh client exited"

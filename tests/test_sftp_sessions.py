@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from chunkvault.errors import PermissionDenied, RemoteError, RemoteUnavailable
+from chunkvault.errors import PermissionDenied, RemoteError, RemoteUnavailable, UsageError
 from chunkvault.remotes.sftp_sessions import SSHTarget, classify_ssh_failure, openssh_command
 
 TARGET = SSHTarget("backup.example", 2222, "backup", ("/keys/id",), "/etc/kh", False, None, 15.0)
@@ -52,6 +52,9 @@ REVOKED = ("@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@\r\n"
     ("kex_exchange_identification: Connection closed by remote host\r\n", RemoteUnavailable,
      ["Connection closed by remote host"]),
     ("subsystem request failed on channel 0\r\n", RemoteError, ["no SFTP subsystem"]),
+    # ~/.ssh/config writable by group or others: ssh stops before connecting, every attempt alike
+    ("Bad owner or permissions on /home/backup/.ssh/config\r\n", UsageError,
+     ["ssh refuses its configuration: Bad owner or permissions on /home/backup/.ssh/config"]),
     ("", RemoteUnavailable, ["the ssh client exited"]),
 ])
 def test_what_ssh_printed_becomes_one_clear_error(stderr, kind, words):
