@@ -34,8 +34,9 @@ class Progress:
             text += f" of {format_size(self.total)} ({min(100.0, 100.0 * nbytes / self.total):.0f}%)"
         text += f", {format_size(rate)}/s"
         if self.total and rate > 0 and nbytes < self.total:
-            # rounded up: a bar at 2.9 s to go showing 0:02 ran past its own ETA; less a float's error
-            eta = math.ceil((self.total - nbytes) / rate - 1e-6)
+            # rounded up: a bar at 2.9 s to go showing 0:02 ran past its own ETA; less a float's error, but
+            # never to 0:00 while work is left (the last few bytes at a fast rate)
+            eta = max(1, math.ceil((self.total - nbytes) / rate - 1e-6))
             text += f", ETA {eta // 60}:{eta % 60:02d}"
         return text
 

@@ -29,6 +29,9 @@ def test_the_eta_is_rounded_up_to_the_second(booted_5_s_ago):
     p = Progress("restore", 1000, stream=io.StringIO(), enabled=True)
     assert p.line(3, 400, p.start + 1).endswith("ETA 0:02")
     assert p.line(3, 250, p.start + 1).endswith("ETA 0:03")
+    # the last 100 bytes of 10 GB at 1 GB/s: a microsecond to go is still a second, not 0:00
+    p = Progress("restore", 10**10, stream=io.StringIO(), enabled=True)
+    assert p.line(3, 10**10 - 100, p.start + 10).endswith("ETA 0:01")
 
 
 def test_files_grown_since_the_walk_counted_them_show_100_percent_and_no_eta(booted_5_s_ago):
