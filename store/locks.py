@@ -347,6 +347,7 @@ class RepoLock:
         self._removed = False  # another command removed it (found by ensure_held or a refresh): sticky
         self._looked = 0.0  # when ensure_held last saw the lock object on the remote
         self._unreachable = False  # a look failed for a whole retry window: removing it would wait as long
+        self._left = False  # released and left to go stale, its refresh not waited for
         self._pid = os.getpid()  # a child forked while it is held must not remove it on leaving the block
         # The bodies last written (or tried: a write whose answer was lost may have landed): the object holding
         # any other was replaced by another command (marked released, say, which every command takes for stale).
@@ -504,6 +505,8 @@ class RepoLock:
             if self._stop.is_set():  # released while this look was retried: written again, it looked held
                 return True
             self._write()
+            if self._left:  # released while this write was retried: landed after the next command here removed
+                self._remove_quietly()  # the lock, it was a live process's again, holding others off
         except Exception:  # a failed refresh only risks staleness; the next one may succeed
             pass
         return True
@@ -516,11 +519,11 @@ class RepoLock:
 
     def release(self, *, remove: bool = True) -> None:
         """Stop refreshing the lock and remove it (``remove``); one left goes stale by itself."""
+        left = self._left = not remove or self._unreachable
         self._stop.set()
         if os.getpid() != self._pid:  # a forked child: the lock is its parent's, still held there
             return
         _HELD_BY_THREAD.pop(self.key, None)
-        left = not remove or self._unreachable
         if self._thread is not None:
             # A lock left to go stale is not waited for: a refresh under way retries the remote that stopped
             # answering for a whole retry window more (the command kept on, silent, minutes after it gave up).

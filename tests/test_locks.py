@@ -775,3 +775,41 @@ def test_a_lock_left_in_an_outage_does_not_hold_off_the_next_command_of_its_own_
         repo.prune(wait=0)
         repo.forget([first.id], wait=0)
         assert list_locks(failing.inner) == []
+
+
+def test_a_refresh_that_lands_after_its_lock_was_left_does_not_bring_the_lock_back(tmp_path, monkeypatch):
+    """A lock left to go stale (its remote stopped answering) is not waited for: a refresh's write still under
+    way may land after the next command of this process removed it, and the lock written again by a live
+    process held every other command off; one that lands late is removed again."""
+    import threading
+
+    from chunkvault.store import locks
+
+    class Frozen(LocalRemote):
+        """Writes of a lock hang while ``frozen`` is set (a server that stopped answering, then came back)."""
+
+        frozen = threading.Event()
+        entered = threading.Event()
+        thawed = threading.Event()
+
+        def put(self, key, data, *args, **kwargs):
+            if key.startswith("locks/") and self.frozen.is_set():
+                self.entered.set()
+                self.thawed.wait(30)
+            return super().put(key, data, *args, **kwargs)
+
+    monkeypatch.setattr(locks, "REFRESH_EVERY", 0.05)
+    remote = Frozen(str(tmp_path / "repo"))
+    lock = RepoLock(remote, EXCLUSIVE, "prune")
+    lock.acquire()
+    Frozen.frozen.set()
+    assert Frozen.entered.wait(10)  # the refresh is writing the lock when the command gives up
+    lock.release(remove=False)
+    Frozen.frozen.clear()
+    with RepoLock(remote, SHARED, "backup"):  # the next command here removes the lock left behind
+        pass
+    Frozen.thawed.set()
+    lock._thread.join(10)
+    assert list_locks(remote) == []
+    with RepoLock(remote, EXCLUSIVE, "prune", wait=0):
+        pass
