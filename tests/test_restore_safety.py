@@ -11,6 +11,7 @@ import dataclasses
 import errno
 import json
 import os
+import random
 import shutil
 import stat
 import subprocess
@@ -80,7 +81,8 @@ def _linked_tree(src: Path) -> None:
     (src / "a").mkdir()
     (src / "b").mkdir()
     (src / "c").mkdir()
-    (src / "a" / "file").write_bytes(b"precious" * 40_000)  # several chunks: written in parts by workers
+    # several chunks, whatever the key: written in parts by workers (a repeated word was cut nowhere, one chunk)
+    (src / "a" / "file").write_bytes(random.Random(8).randbytes(3 << 20))
     os.link(src / "a" / "file", src / "b" / "link")
     os.link(src / "a" / "file", src / "b" / "link2")
     (src / "c" / "other").write_bytes(b"other")
@@ -150,7 +152,8 @@ def test_a_restore_never_deletes_or_writes_into_what_it_reads_from(tmp_path, new
 
 
 def test_worker_processes_restore_the_other_links_too(tmp_path, new_repo):
-    _, url, src = backed_up(tmp_path, new_repo, _linked_tree)
+    repo, url, src = backed_up(tmp_path, new_repo, _linked_tree)
+    assert len(repo.find_entry("latest", "a/file").chunk_ids()) > 1
     out = tmp_path / "out"
     script = textwrap.dedent(f"""
         import json
