@@ -17,6 +17,7 @@ import contextlib
 import ctypes
 import ctypes.util
 import errno
+import functools
 import hashlib
 import os
 import shutil
@@ -90,10 +91,14 @@ def _session_exited() -> Callable[[], bool] | None:
 _LOOP_ENDED_BY_SIGNAL = 8
 
 
+@functools.cache
 def _fuse() -> Any:
     """mfusepy, on libfuse 3 where the machine has it and can mount with it: mfusepy takes libfuse 2 first,
     which many machines keep for other FUSE file systems (fusefat, exfat-fuse), and it has no lseek, so the
-    kernel found no hole in a file of the mount.  FUSE_LIBRARY_NAME or FUSE_LIBRARY_PATH still choose."""
+    kernel found no hole in a file of the mount.  FUSE_LIBRARY_NAME or FUSE_LIBRARY_PATH still choose.
+    Found once: each error a mount answers makes its exception here, and looking for libfuse 3 again ran
+    ``ldconfig -p`` each time (``ls -l`` of a directory of 2,000 entries ran it 2,000 times, one for each
+    ACL it found none of), changing the environment from the mount's threads meanwhile."""
     chosen = "FUSE_LIBRARY_NAME" in os.environ or "FUSE_LIBRARY_PATH" in os.environ
     fuse3 = not chosen and ctypes.util.find_library("fuse3") is not None and (
         os.geteuid() == 0 or shutil.which("fusermount3") is not None)

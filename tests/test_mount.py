@@ -890,6 +890,31 @@ def test_a_directory_kept_only_by_the_paths_below_it_reads_as_a_plain_directory(
     fs.destroy("/")
 
 
+def test_an_error_the_mount_answers_looks_for_libfuse_no_more(repo_with, monkeypatch):
+    """Each error a mount answers (ENODATA for each ACL ``ls -l`` asks of a file that has none, ENOENT)
+    made its exception by looking for libfuse 3 again, running ``ldconfig -p`` each time."""
+    import ctypes.util
+
+    from chunkvault import mount
+
+    repo, _, _, second = repo_with
+    fs = mount.SnapshotFS(repo)
+    root = f"/snapshots/{Layout(repo.snapshots()).names[second.id]}"
+    mount._fuse()
+    looked: list[str] = []
+    real = ctypes.util.find_library
+    monkeypatch.setattr(ctypes.util, "find_library", lambda name: looked.append(name) or real(name))
+    for path in (f"{root}/etc/app.conf", root, "/snapshots"):
+        with pytest.raises(OSError) as info:
+            fs.getxattr(path, "system.posix_acl_access")
+        assert info.value.errno == errno.ENODATA
+    with pytest.raises(OSError) as info:
+        fs.getattr(f"{root}/nope")
+    assert info.value.errno == errno.ENOENT
+    assert looked == []
+    fs.destroy("/")
+
+
 def test_the_trees_kept_are_bounded_by_their_size(repo_with, monkeypatch):
     """A count of trees alone let a mount of large snapshots grow to gigabytes.  The tree in use is kept
     whatever its size."""
