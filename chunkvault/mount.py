@@ -222,6 +222,7 @@ class SnapshotFS:
         self._given = dict(self._layout.names)  # every snapshot's name as shown: kept across listings
         self._listed = time.monotonic()
         self._trees: OrderedDict[str, SnapshotTree] = OrderedDict()
+        self._roots: dict[str, Entry | None] = {}  # snapshot id -> its root's entry (``_root_entry``)
         self._building: dict[str, Future[SnapshotTree]] = {}  # snapshot id -> its tree, being read (``_tree``)
         self._trees_dropped = 0  # how many listings have dropped kept trees (``_drop_changed``)
         self._files: dict[int, _File] = {}
@@ -278,7 +279,7 @@ class SnapshotFS:
             return
         stale = meets({s.id: s.parent for s in now}, changed)
         self._trees_dropped += 1
-        for kept in (self._trees, self._owner_maps):
+        for kept in (self._trees, self._owner_maps, self._roots):
             for sid in [sid for sid in kept if stale.get(sid)]:
                 del kept[sid]
 
@@ -300,7 +301,8 @@ class SnapshotFS:
         if not mine:
             return building.result()  # or the reader's error
         try:
-            tree = SnapshotTree(self.repo.tree(snap))  # outside the lock: other reads go on meanwhile
+            # outside the lock: other reads go on meanwhile; its chain as listed (the listing refreshes it)
+            tree = SnapshotTree(self.repo.tree(snap, snapshots=self._layout.snapshots))
         except BaseException as exc:
             with self._lock:
                 del self._building[snap.id]
@@ -398,6 +400,31 @@ class SnapshotFS:
         self._ended.set()
         self._chunks.close()
 
+    def _root_entry(self, node: InSnapshot) -> Entry | None:
+        """A snapshot's root entry, from its tree when that is held, else looked up alone (the first blob of
+        each manifest of its chain) and kept: ``ls -l snapshots/`` read the whole tree of every snapshot it
+        showed, for its attributes and again for its ACLs.  None: a root without an entry of its own (a
+        snapshot of several paths)."""
+        sid = node.snapshot.id
+        with self._lock:
+            tree = self._trees.get(sid)
+            if tree is None and sid in self._roots:
+                return self._roots[sid]
+            dropped = self._trees_dropped
+        if tree is not None:
+            return self._in_snapshot(node)[1]
+        try:
+            e: Entry | None = self.repo.find_entry(node.snapshot, b"", snapshots=self._layout.snapshots)
+        except UsageError:  # none
+            e = None
+        except ChunkvaultError as exc:  # damaged, or gone with a prune that ran unlocked (--no-lock)
+            self._tell(f"snapshot {sid[:8]}: {exc}")
+            raise _error(errno.EIO) from None
+        with self._lock:
+            if dropped == self._trees_dropped:  # (as ``_tree`` keeps a tree)
+                self._roots[sid] = e
+        return e
+
     def getattr(self, path: str, fh: int | None = None) -> dict[str, Any]:
         node = self._node(path)
         ino = self._inode(path, node)
@@ -406,8 +433,11 @@ class SnapshotFS:
         if isinstance(node, Link):
             return {**self._virtual(stat.S_IFLNK | 0o777, 1), "st_size": len(os.fsencode(node.target)),
                     "st_ino": ino}
-        tree, e = self._in_snapshot(node)
-        names = tree.linked(node.rel)[1]
+        if node.rel:
+            tree, e = self._in_snapshot(node)
+            names = tree.linked(node.rel)[1]
+        else:
+            e, names = self._root_entry(node), 1  # no name is a hard link to the root
         if e is None:  # a directory without an entry of its own
             return {**self._virtual(stat.S_IFDIR | 0o555, 2), "st_ino": ino}
         ns = e.mtime_ns
@@ -556,7 +586,7 @@ class SnapshotFS:
         node = self._node(path)
         if not isinstance(node, InSnapshot):
             return {}
-        _, e = self._in_snapshot(node)
+        e = self._in_snapshot(node)[1] if node.rel else self._root_entry(node)
         if e is None or not e.xattrs:
             return {}
         try:

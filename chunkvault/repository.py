@@ -1496,20 +1496,20 @@ class Repository:
             raise damaged[0] from None
 
     def tree(self, snapshot: str | Snapshot = "latest", path: str | bytes | None = None, *,
-             subtree: str | bytes | None = None, recursive: bool = True) -> Iterator[Entry]:
+             subtree: str | bytes | None = None, recursive: bool = True,
+             snapshots: list[Snapshot] | None = None) -> Iterator[Entry]:
         """The snapshot's entries in order; with ``path``, those of that path and below it, reading only
         the manifest blobs that hold them.  ``subtree``: a path of the snapshot taken as the root, as
         ``restore`` takes it: the entries are those below it, named relative to it (a file: under its
         name), and ``path`` is relative to it too.  ``recursive=False``: the path (the root when none)
-        and, a directory, only the entries directly in it."""
-        self._follow_others()
+        and, a directory, only the entries directly in it.  ``snapshots``: as ``owner_names`` takes it."""
         if not isinstance(recursive, bool):
             raise UsageError(f"recursive is True or False, not {recursive!r}")
-        snap = self.snapshot(snapshot)
+        snap, chain = self._in_listing(snapshot, snapshots)
         sub = self._subtree(snap, subtree)
         named = snapshot_path(path) if path is not None else b""
         within = sub.snapshot_path(named) if path is not None else sub.root
-        records = self._repo.tree(snap) if not within else self._repo.tree_within(snap, within)
+        records = self._repo.tree(snap, chain) if not within else self._repo.tree_within(snap, within, chain)
         entries = (r.entry for r in sub.records(records)
                    if r.entry is not None and in_subtree(sub.snapshot_path(r.path), within))
         if not recursive:
@@ -1748,6 +1748,18 @@ class Repository:
             held = self._indexed_listing = (snapshots, len(snapshots), self._repo.chains(snapshots))
         return held[2]
 
+    def _in_listing(self, snapshot: str | Snapshot, snapshots: list[Snapshot] | None
+                    ) -> tuple[Snapshot, list[Snapshot] | None]:
+        """The snapshot and its chain (None: found at the read) for a read of its tree.  A Snapshot in a listing
+        the caller holds (``snapshots``) is taken as it is there, with the index read with that listing (the
+        caller refreshes both): a mount's ``ls -l snapshots/`` listed the repository and its index anew for
+        each snapshot it showed, quadratic in their number (2,000 snapshots: over two minutes)."""
+        if snapshots is None or not isinstance(snapshot, Snapshot):
+            self._follow_others()
+            return self.snapshot(snapshot), None
+        self._refuse_if_closed()
+        return snapshot, self._chains_in(snapshots)(snapshot)
+
     def owner_map(self, snapshot: str | Snapshot, *, snapshots: list[Snapshot] | None = None) -> OwnerMap:
         """The ids a restore of ``snapshot`` gives its entries' recorded owner ids on this machine: those
         whose user or group name, as the backup recorded it, is known here under another id."""
@@ -1767,11 +1779,13 @@ class Repository:
                                      f"{snap.short_id} in {target}: " + "; ".join(map(str, found.mismatches))
                                      + (f"; and {more} more" if more else ""))
 
-    def find_entry(self, snapshot: str | Snapshot, path: str | bytes) -> Entry:
-        self._follow_others()
-        snap = self.snapshot(snapshot)
+    def find_entry(self, snapshot: str | Snapshot, path: str | bytes, *,
+                   snapshots: list[Snapshot] | None = None) -> Entry:
+        """The entry at ``path``, reading only the manifest blobs that can hold it; ``snapshots``: as
+        ``owner_names`` takes it."""
+        snap, chain = self._in_listing(snapshot, snapshots)
         want = snapshot_path(path)
-        rec = self._repo.lookup(snap, want)
+        rec = self._repo.lookup(snap, want, chain)
         if rec is not None and rec.entry is not None:
             return rec.entry
         raise UsageError(f"no '{os.fsdecode(want)}' in snapshot {snap.short_id}")  # the CLI escapes it

@@ -915,6 +915,34 @@ def test_an_error_the_mount_answers_looks_for_libfuse_no_more(repo_with, monkeyp
     fs.destroy("/")
 
 
+def test_snapshots_listed_long_read_no_tree_and_list_the_repository_no_more(repo_with, monkeypatch):
+    """``ls -l snapshots/`` (each snapshot's attributes and ACLs) read every snapshot's whole tree, each after
+    listing the repository and its index again: quadratic in the snapshots (2,000 took over two minutes).
+    The roots' attributes are those their trees give."""
+    from chunkvault import mount
+
+    repo, _, first, second = repo_with
+    fs = mount.SnapshotFS(repo, refresh=3600)
+    names = Layout(repo.snapshots()).names
+    listed = []
+    for name in ("snapshots", "refresh_index"):
+        real = getattr(repo.store, name)
+        monkeypatch.setattr(repo.store, name, lambda real=real, name=name: listed.append(name) or real())
+    shown = {}
+    for s in (first, second):
+        path = f"/snapshots/{names[s.id]}"
+        shown[s.id] = fs.getattr(path)
+        assert fs.listxattr(path) == []
+        assert fs.getattr(path) == shown[s.id]
+    assert listed == [] and not fs._trees
+    for s in (first, second):
+        fs._roots.clear()
+        fs._tree(s)
+        assert fs.getattr(f"/snapshots/{names[s.id]}") == shown[s.id]
+    assert shown[first.id]["st_mode"] & 0o170000 == 0o040000
+    fs.destroy("/")
+
+
 def test_the_trees_kept_are_bounded_by_their_size(repo_with, monkeypatch):
     """A count of trees alone let a mount of large snapshots grow to gigabytes.  The tree in use is kept
     whatever its size."""
