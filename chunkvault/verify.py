@@ -1135,6 +1135,18 @@ def _print_recovery(p: PgStartResult, where: str) -> None:
     print(line if p.ok or p.replayed_until is not None else line.replace(" recovered to ", " recovering to ", 1))
 
 
+def _report_json(r: VerifyReport) -> dict[str, Any]:
+    """A report for --json, names as every command gives them: a mismatch's path that is not UTF-8 with its
+    bytes (``path_b64``), the warnings' with ``warnings_b64``.  Its lone surrogates alone, a parser in another
+    language read such a path as U+FFFD: a program could not tell which file differed."""
+    from .cli import _name_json, _names_json
+
+    d = r.to_dict()
+    d["mismatches"] = [{**m, **_name_json("path", m["path"])} for m in d["mismatches"]]
+    d.update(_names_json("warnings", d["warnings"]))
+    return d
+
+
 def cmd_verify_restore(args: argparse.Namespace) -> int:
     """``chunkvault verify-restore``: exit 0 only if every chosen snapshot verified and its command passed."""
     from .cli import _emit_json, _open, chosen_snapshot, source_host
@@ -1199,7 +1211,7 @@ def cmd_verify_restore(args: argparse.Namespace) -> int:
             _print_report(r)
     failed = [r for r in reports if not r.ok]
     if args.json:
-        _emit_json({"ok": not failed, "snapshots": [r.to_dict() for r in reports]})
+        _emit_json({"ok": not failed, "snapshots": [_report_json(r) for r in reports]})
     elif not args.quiet:
         print(f"verified {len(reports)} snapshot(s): " + ("all OK" if not failed else f"{len(failed)} failed"))
     if failed and all(r.error_kind == "no_space" for r in failed):  # nothing found wrong with the backups

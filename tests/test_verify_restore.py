@@ -247,6 +247,44 @@ def flip_byte(path, offset):
         f.write(bytes([b[0] ^ 0x01]))
 
 
+def test_json_names_a_differing_path_that_is_not_utf8_by_its_bytes(tmp_path, new_repo, monkeypatch, run_cli):
+    """A mismatch's path and a warning naming a file that is not UTF-8 held lone surrogates only, which a
+    parser in another language reads as U+FFFD: ``path_b64`` and ``warnings_b64`` give the bytes, as
+    every other command's JSON does."""
+    import base64
+
+    src = tmp_path / "src"
+    src.mkdir()
+    name = b"caf\xe9\nbill"
+    with open(os.path.join(os.fsencode(src), name), "wb") as f:
+        f.write(b"original")
+    (src / "plain").write_bytes(b"plain")
+    repo = new_repo(str(tmp_path / "repo"))
+    repo.backup([str(src)])
+
+    def damage(target):
+        with open(os.path.join(os.fsencode(target), name), "r+b") as f:
+            f.write(b"O")
+
+    corrupting(monkeypatch, damage)
+    real = verify_mod._restore
+
+    def warned(repo, snap, target, numeric_owner=False):
+        result = real(repo, snap, target, numeric_owner)
+        result.warnings.append(f"about {os.fsdecode(name)}")
+        return result
+
+    monkeypatch.setattr(verify_mod, "_restore", warned)
+    code, out, err = run_cli("verify-restore", "-r", str(tmp_path / "repo"), "--json",
+                             "--scratch", str(scratch_dir(tmp_path)))
+    assert code == 18, err
+    r = json.loads(out)["snapshots"][0]
+    assert {m["kind"] for m in r["mismatches"]} >= {"content"}
+    for m in r["mismatches"]:
+        assert base64.b64decode(m["path_b64"]) == name and m["path"] == os.fsdecode(name)
+    assert [base64.b64decode(w) for w in r["warnings_b64"]][-1] == b"about " + name
+
+
 def test_a_changed_byte_is_caught_even_with_size_and_mtime_kept(repo_with_tree, tmp_path, monkeypatch, run_cli):
     def damage(target):
         p = os.path.join(target, "base/1/1002")
