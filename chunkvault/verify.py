@@ -69,6 +69,9 @@ MAX_LISTED = 1000
 OUTPUT_TAIL = 16 << 10
 LEFTOVER_GRACE = 5.0  # seconds what a command left running gets to end after SIGTERM
 _READ_BLOCK = 4 << 20
+#: Modification times (ns) every file system a restore writes holds (1980 to 2038: FAT's first year, ext4's last
+#: with small inodes): a time that differs inside them is no limit of the target's, and is not tried there.
+_EVERY_TARGET_HOLDS = (315_532_800 * 10**9, (1 << 31) * 10**9)
 
 
 @dataclass
@@ -80,11 +83,16 @@ class Mismatch:
     # | unreadable
     expected: str | None = None
     actual: str | None = None
+    # Why the target's file system cannot hold what was expected (tried on a file of its own there): a limit of
+    # where it was restored, not a difference in the backup's data (None: it can, or it was not tried).
+    limit: str | None = None
 
     def __str__(self) -> str:
         text = f"{self.kind} {self.path or '.'}"
         if self.expected is not None or self.actual is not None:
             text += f": expected {self.expected}, restored {self.actual}"
+        if self.limit is not None:
+            text += f" (the target's file system {self.limit})"
         return text
 
 
@@ -97,6 +105,7 @@ class CompareResult:
     bytes: int = 0
     mismatches: list[Mismatch] = field(default_factory=list)
     mismatch_count: int = 0
+    limited: int = 0  # of the mismatches, those the target's file system cannot hold (``Mismatch.limit``)
     warnings: list[str] = field(default_factory=list)
 
 
@@ -129,6 +138,9 @@ class VerifyReport:
     duration: float = 0.0
     mismatches: list[Mismatch] = field(default_factory=list)
     mismatch_count: int = 0
+    # of them, what the scratch directory's file system cannot hold (``Mismatch.limit``): said apart, for
+    # nothing of the backup's is known wrong there, yet the copy is not what the snapshot holds
+    mismatches_limited: int = 0
     warnings: list[str] = field(default_factory=list)
     error: str | None = None  # the restore itself failed (corrupt or missing data, or no space to restore)
     # "damaged": the snapshot's data is; "no_space": the scratch directory ran out, nothing is known of the data
@@ -421,6 +433,7 @@ class _Comparer:
         self.extras = extras
         self.result = CompareResult()
         self.inodes: dict[tuple[int, int], bytes] = {}  # files with several links: inode -> first path
+        self.xattr_limits: dict[tuple[bytes, int], str | None] = {}  # (name, value's size) -> ``_xattr_limit``
         self.path_of = LongPaths(self.root)
         self.opener = OpenedForReading(self.root)
         self.time_step = time_step(root)
@@ -428,8 +441,60 @@ class _Comparer:
             self.result.warnings.append(f"{os.fsdecode(root)} keeps times to {_ns_step(self.time_step)}: "
                                         "finer differences are not counted")
 
-    def add(self, m: Mismatch) -> None:
+    def _probe(self, attempt: Callable[[int], str | None]) -> str | None:
+        """``attempt`` on a file made for it in the root (removed, the root's times put back): what the file
+        system refuses, said; None where it holds it or no probe file can be made."""
+        probe = os.path.join(self.root, b".chunkvault-probe-" + os.urandom(6).hex().encode())
+        try:
+            before = os.stat(self.root)
+            fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        except OSError:
+            return None
+        try:
+            return attempt(fd)
+        finally:
+            os.close(fd)
+            with contextlib.suppress(OSError):
+                os.unlink(probe)
+                os.utime(self.root, ns=(before.st_atime_ns, before.st_mtime_ns))
+
+    def _time_limit(self, ns: int) -> str | None:
+        """Why the target cannot hold modification time ``ns`` (before 1901 or after 2038 on ext4 with small
+        inodes, before 1980 on FAT), if it cannot: the restore set the nearest it holds."""
+        if _EVERY_TARGET_HOLDS[0] <= ns < _EVERY_TARGET_HOLDS[1]:
+            return None
+
+        def attempt(fd: int) -> str | None:
+            os.utime(fd, ns=(ns, ns))
+            got = os.fstat(fd).st_mtime_ns
+            return None if abs(got - ns) < self.time_step else f"holds no such time: it keeps {_ns(got)} instead"
+        try:
+            return self._probe(attempt)
+        except (OSError, OverflowError, ValueError):
+            return None
+
+    def _xattr_limit(self, name: bytes, value: bytes) -> str | None:
+        """Why the target refuses extended attribute ``name`` of this size (none in that namespace, values
+        larger than a block on ext4), if it does; asked once per name and size."""
+        key = (name, len(value))
+        if key not in self.xattr_limits:
+            def attempt(fd: int) -> str | None:
+                try:
+                    os.setxattr(fd, name, value)
+                except OSError as exc:
+                    return f"refuses {os.fsdecode(name)} of {len(value)} bytes: {exc.strerror or exc}"
+                return None
+            self.xattr_limits[key] = self._probe(attempt)
+        return self.xattr_limits[key]
+
+    def add(self, m: Mismatch, limit: Callable[[], str | None] | None = None) -> None:
+        """Count ``m``, listed among the first ``max_listed``; ``limit`` says (for those listed: a probe each
+        at most) whether the target's file system cannot hold what it lacks."""
         self.result.mismatch_count += 1
+        if limit is not None and len(self.result.mismatches) < self.max_listed:
+            m.limit = limit()
+        if m.limit is not None:
+            self.result.limited += 1
         if len(self.result.mismatches) < self.max_listed:
             self.result.mismatches.append(m)
 
@@ -497,7 +562,7 @@ class _Comparer:
     def _entry(self, e: Entry, st: os.stat_result) -> None:
         found = compare_meta(e, st, owners=self.owners, time_step=self.time_step)
         for m in found:
-            self.add(m)
+            self.add(m, functools.partial(self._time_limit, e.mtime_ns) if m.kind == "mtime" else None)
         if found and found[0].kind == "type":
             return
         path = self.path_of(e.path)
@@ -554,9 +619,16 @@ class _Comparer:
         if names:
             said = {n: "missing" if n not in found else "not in the snapshot" if n not in wanted else "another value"
                     for n in names}
+            # attributes the restore could not set there: each one the target refuses (all of them: a limit)
+            def limit() -> str | None:
+                refused = [self._xattr_limit(n, wanted[n]) if n in wanted and n not in found else None
+                           for n in sorted(names)]
+                reasons = [r for r in refused if r is not None]
+                return "; ".join(reasons) if len(reasons) == len(refused) else None
+
             self.add(Mismatch(os.fsdecode(e.path), "xattrs", ", ".join(sorted(os.fsdecode(n) for n in names
                                                                            if n in wanted)) or "none",
-                              ", ".join(f"{os.fsdecode(n)}: {said[n]}" for n in sorted(names))))
+                              ", ".join(f"{os.fsdecode(n)}: {said[n]}" for n in sorted(names))), limit)
 
     def separate_file(self, e: Entry, st: os.stat_result) -> None:
         """A file the snapshot holds on its own must not share its inode with another path."""
@@ -1003,6 +1075,7 @@ def verify_restore(repo: "Repository", snapshot: str | Snapshot = "latest", *, t
                 report.files, report.dirs, report.links = result.files, result.dirs, result.links
                 report.bytes = result.bytes
                 report.mismatches, report.mismatch_count = result.mismatches, result.mismatch_count
+                report.mismatches_limited = result.limited
                 report.warnings += restore_warnings + result.warnings  # what the restore left out, said
             if (then is not None or pg_start) and report.ok:
                 try:
@@ -1094,7 +1167,10 @@ def _print_report(r: VerifyReport, limit: int = 50) -> None:
     if r.kept_at:
         print(f"  kept at {one_line(r.kept_at)}")
     verdict = "OK" if r.ok else "FAILED"
-    print(f"  {verdict} in {r.duration:.2f} s" + (f" ({r.mismatch_count} mismatch(es))" if r.mismatch_count else ""))
+    limited = (f", {'all' if r.mismatches_limited == r.mismatch_count else r.mismatches_limited} of them what the "
+               "scratch directory's file system cannot hold" if r.mismatches_limited else "")
+    print(f"  {verdict} in {r.duration:.2f} s" + (f" ({r.mismatch_count} mismatch(es){limited})"
+                                                 if r.mismatch_count else ""))
 
 
 def _print_pg_start(p: PgStartResult) -> None:

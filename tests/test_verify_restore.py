@@ -1,4 +1,5 @@
 """verify-restore: a snapshot restored into scratch space, compared with its manifest, then checked by a command."""
+import errno
 import json
 import os
 import random
@@ -283,6 +284,42 @@ def test_json_names_a_differing_path_that_is_not_utf8_by_its_bytes(tmp_path, new
     for m in r["mismatches"]:
         assert base64.b64decode(m["path_b64"]) == name and m["path"] == os.fsdecode(name)
     assert [base64.b64decode(w) for w in r["warnings_b64"]][-1] == b"about " + name
+
+
+def test_an_attribute_the_scratch_file_system_refuses_is_said_as_its_limit(tmp_path, new_repo, monkeypatch,
+                                                                          run_cli):
+    """An attribute the scratch directory's file system refuses (a value larger than a block on ext4, a
+    namespace it keeps none of) read as any difference: nothing told it from a restore gone wrong.  Tried on
+    a file of its own there, it is said as the target's limit; an attribute restored wrong is not."""
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "big").write_bytes(b"big")
+    os.setxattr(src / "big", "user.big", b"x" * 100)
+    (src / "other").write_bytes(b"other")
+    os.setxattr(src / "other", "user.k", b"v")
+    repo = new_repo(str(tmp_path / "repo"))
+    repo.backup([str(src)])
+    real = os.setxattr
+
+    def setxattr(target, name, value, *args, **kwargs):  # the file system's limit
+        if os.fsencode(name) == b"user.big":
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real(target, name, value, *args, **kwargs)
+
+    monkeypatch.setattr(os, "setxattr", setxattr)
+    corrupting(monkeypatch, lambda target: real(os.path.join(target, "other"), "user.k", b"w"))
+    code, out, err = run_cli("verify-restore", "-r", str(tmp_path / "repo"), "--json",
+                             "--scratch", str(scratch_dir(tmp_path)))
+    assert code == 18, err
+    r = json.loads(out)["snapshots"][0]
+    found = {m["path"]: m for m in r["mismatches"]}
+    assert found["big"]["kind"] == "xattrs" and "No space left on device" in found["big"]["limit"]
+    assert found["other"]["kind"] == "xattrs" and found["other"]["limit"] is None
+    assert r["mismatch_count"] == 2 and r["mismatches_limited"] == 1
+    assert os.listdir(scratch_dir(tmp_path)) == []  # the probe files too
+    code, out, err = run_cli("verify-restore", "-r", str(tmp_path / "repo"), "--scratch", str(scratch_dir(tmp_path)))
+    assert "the target's file system refuses user.big of 100 bytes" in out
+    assert "2 mismatch(es), 1 of them what the scratch directory's file system cannot hold" in out
 
 
 def test_a_changed_byte_is_caught_even_with_size_and_mtime_kept(repo_with_tree, tmp_path, monkeypatch, run_cli):
