@@ -11,7 +11,7 @@ from hypothesis import given, settings, strategies as st
 import crashkit
 from chunkvault.store import chain
 from chunkvault.store.blob import KIND_DELTA
-from chunkvault.store.usage import resolved_trees, with_bases
+from chunkvault.store.usage import bases_of, resolved_trees, with_bases
 from chunkvault.store.snapshot import Snapshot
 from test_chain import as_records, diffs, full_trees
 from test_delta import page_file, touch_pages
@@ -37,7 +37,7 @@ def test_resolved_trees_equal_each_chain_resolved_on_its_own(tree, layers, rnd):
     own["orphan"] = []
     rnd.shuffle(snaps)
     by_id = {s.id: s for s in snaps}
-    got = {s.id: tree for s, tree in resolved_trees(snaps, lambda s: iter(own[s.id]))}
+    got = {s.id: list(tree) for s, tree in resolved_trees(snaps, lambda s: iter(own[s.id]))}
     assert set(got) == set(by_id) - {"orphan"}
     for sid, tree in got.items():
         line = chain.lineage(sid, {s.id: s.parent for s in snaps})[::-1]
@@ -45,10 +45,33 @@ def test_resolved_trees_equal_each_chain_resolved_on_its_own(tree, layers, rnd):
         assert tree == [(r.op, r.path, r.entry.chunks if r.entry is not None else None) for r in resolved]
 
 
+def test_the_tree_of_a_snapshot_nothing_builds_on_is_read_as_it_is_walked():
+    """The last snapshot of each chain had its whole tree made into a list beside its parent's, then held
+    through the walk: a stats of a differential of 300,000 files peaked at 360 MB.  Its records are read as
+    the caller walks them; a tree a differential builds on is still resolved whole first."""
+    snaps = [snapshot("s0", None, 0), snapshot("s1", "s0", 1), snapshot("s2", "s1", 2)]
+    own = {sid: as_records({b"f%d" % i: i % 9 for i in range(n)}) for sid, n in (("s0", 6), ("s1", 5), ("s2", 4))}
+    read: dict[str, int] = {}
+
+    def own_records(s):
+        for r in own[s.id]:
+            read[s.id] = read.get(s.id, 0) + 1
+            yield r
+
+    walked = []
+    for s, tree in resolved_trees(snaps, own_records):
+        it = iter(tree)
+        first = next(it)
+        walked.append((s.id, read[s.id], [first, *it]))
+    assert [(sid, n) for sid, n, _ in walked] == [("s0", 6), ("s1", 5), ("s2", 1)]
+    assert [len(t) for _, _, t in walked] == [6, 6, 6]
+
+
 def test_with_bases_follows_every_chain_once():
     bases = {b"c": b"b", b"b": b"a", b"e": b"b", b"x": None}
     assert with_bases({b"c", b"x"}, bases.get) == {b"a", b"b", b"c", b"x"}
     assert with_bases(set(), bases.get) == set()
+    assert bases_of({b"c", b"x", b"b"}, bases.get) == {b"a"}
 
 
 def brute_force(repo, snaps):
