@@ -787,10 +787,12 @@ def _stop_interrupted(proc: subprocess.Popen, before: Iterable[int], marker: byt
 
 
 def run_command(command: str, env: dict[str, str], *, timeout: float | None = None,
-                end_leftovers: bool = True) -> CommandResult:
+                end_leftovers: bool = True, marker_to: int | None = None) -> CommandResult:
     """Run ``command`` through the shell in its own process group; the group is killed after ``timeout``,
     and, with ``end_leftovers``, what the command left running once it exits (a database it started
-    must not go on in a scratch directory about to be removed).
+    must not go on in a scratch directory about to be removed).  ``marker_to``: a file (the scratch
+    directory's marker) the mark its processes carry is written into, for a later run to stop them by
+    should this one be killed outright (``_remove_abandoned``).
 
     Output goes to a temporary file, not a pipe: a command that leaves a daemon
     behind (``pg_ctl start``) must not keep us waiting for the pipe's end.
@@ -800,6 +802,9 @@ def run_command(command: str, env: dict[str, str], *, timeout: float | None = No
     reaping = end_leftovers and become_subreaper()
     marker = b"CHUNKVAULT_COMMAND_RUN=" + os.urandom(8).hex().encode()
     env = {**env, "CHUNKVAULT_COMMAND_RUN": marker.split(b"=", 1)[1].decode()}
+    if marker_to is not None:
+        with contextlib.suppress(OSError):
+            os.pwrite(marker_to, marker, 0)
     try:
         with tempfile.TemporaryFile() as out:
             proc: subprocess.Popen | None = None
@@ -888,12 +893,54 @@ def _remove_abandoned(where: str, warnings: list[str]) -> None:
             continue
         try:
             if abandoned(fd):
+                if _end_marked(os.pread(fd, 64, 0)):
+                    warnings.append(f"stopped what the command of a verify-restore that was killed left running "
+                                    f"in {path}")
                 remove_tree(path)
                 warnings.append(f"removed the scratch directory {path} of a verify-restore that was killed")
         except OSError:  # it could not be removed: left as it is
             continue
         finally:
             os.close(fd)
+
+
+def _end_marked(marker: bytes, grace: float = LEFTOVER_GRACE) -> bool:
+    """Stop this user's processes that carry ``marker`` (a killed run's command, and what it started: they
+    outlived it, a database server too, and its scratch directory was removed under them): SIGTERM, then
+    SIGKILL after ``grace`` s.  Whether any was found."""
+    if not marker.startswith(b"CHUNKVAULT_COMMAND_RUN="):
+        return False
+
+    def marked() -> list[int]:
+        try:
+            names = os.listdir("/proc")
+        except OSError:
+            return []
+        me = os.getpid()
+        return [int(n) for n in names if n.isdigit() and int(n) != me and carries(int(n), marker)]
+
+    found = marked()
+    deadline = time.monotonic() + grace
+    sig = signal.SIGTERM
+    left = found
+    while left and time.monotonic() < deadline + LEFTOVER_GRACE:
+        for pid in left:
+            _signal(os.kill, pid, sig)
+        time.sleep(0.05)
+        left = [pid for pid in marked() if _state(pid) != b"Z"]
+        if time.monotonic() >= deadline:
+            sig = signal.SIGKILL
+    return bool(found)
+
+
+def _state(pid: int) -> bytes | None:
+    """A process's state letter (b"Z": ended, not yet reaped by its parent); None once gone."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            line = f.read()
+    except OSError:
+        return None
+    return line[line.rfind(b")") + 2:][:1]
 
 
 def remove_tree(path: str) -> None:
@@ -1105,7 +1152,8 @@ def verify_restore(repo: "Repository", snapshot: str | Snapshot = "latest", *, t
                 cmd_env = without_secrets(os.environ if env is None else env)  # a server it starts keeps them
                 cmd_env.update(CHUNKVAULT_RESTORE_DIR=target, CHUNKVAULT_SNAPSHOT_ID=snap.id,
                                CHUNKVAULT_SNAPSHOT_TIME=snap.time, CHUNKVAULT_SNAPSHOT_KIND=snap.kind)
-                report.command = run_command(then, cmd_env, timeout=timeout, end_leftovers=not keep)
+                report.command = run_command(then, cmd_env, timeout=timeout, end_leftovers=not keep,
+                                             marker_to=None if keep else in_use)
                 if report.command.leftovers:
                     report.warnings.append("the command left processes running: they were stopped")
                 if report.command.output_full:  # its failure may be the full disk's: nothing is known of the data

@@ -1,4 +1,5 @@
 """verify-restore: a snapshot restored into scratch space, compared with its manifest, then checked by a command."""
+import contextlib
 import errno
 import json
 import os
@@ -723,6 +724,45 @@ def test_the_scratch_directory_of_a_killed_run_is_removed_by_the_next(tmp_path, 
     assert os.listdir(os.path.dirname(kept.kept_at)) == ["restore"]  # no marker: never taken for a killed run's
     for d in scratch.iterdir():
         verify_mod.remove_tree(str(d))
+
+
+def test_what_the_command_of_a_killed_run_left_running_is_stopped_by_the_next(tmp_path, new_repo):
+    """A run killed outright (SIGKILL, the OOM killer) while its --then command ran left the command, and a
+    server it had started on the copy, running for good; the next run removed the copy under them.  The
+    mark its processes carry is in the scratch directory's marker: the next run stops them first."""
+    import signal
+    import subprocess
+
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "f").write_bytes(b"data")
+    repo = new_repo(str(tmp_path / "repo"))
+    repo.backup([str(src)])
+    scratch = scratch_dir(tmp_path)
+    pid_file = tmp_path / "pid"
+    env = {**os.environ, "CHUNKVAULT_PASSWORD": PASSWORD}
+    run = subprocess.Popen([sys.executable, "-m", "chunkvault.cli", "verify-restore", "-r", str(tmp_path / "repo"),
+                            "--scratch", str(scratch), "--then", f"sleep 300 & echo $! > {shlex.quote(str(pid_file))}; "
+                            "wait"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 60
+    while not (pid_file.exists() and pid_file.read_text().strip()) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    left = int(pid_file.read_text())
+    run.send_signal(signal.SIGKILL)
+    run.wait()
+    try:
+        assert not _ended(left, within=0.5)  # it outlived the run
+        [leftover] = os.listdir(scratch)
+        old = time.time() - 3600
+        os.utime(scratch / leftover / ".in-use", (old, old))
+        report = verify_restore(repo, "latest", scratch=str(scratch))
+        assert report.ok and os.listdir(scratch) == []
+        assert any(w.startswith("stopped what the command of a verify-restore that was killed left running")
+                   for w in report.warnings)
+        assert _ended(left, within=10)
+    finally:
+        with contextlib.suppress(OSError):
+            os.kill(left, signal.SIGKILL)
 
 
 SETPRIV = ["setpriv", "--bounding-set", "-dac_override,-dac_read_search"]
