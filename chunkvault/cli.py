@@ -454,14 +454,6 @@ def _json_text(raw: bytes) -> str:
     return raw.decode("utf-8", "surrogateescape")
 
 
-def _is_utf8(raw: bytes) -> bool:
-    try:
-        raw.decode("utf-8")
-    except UnicodeDecodeError:
-        return False
-    return True
-
-
 def _names_json(key: str, names: list[str]) -> dict[str, Any]:
     """A list of paths for JSON, as ``_name_json`` gives one: ``<key>_b64`` (each path's bytes, in order)
     only when one of them is not UTF-8."""
@@ -489,10 +481,12 @@ def _xattrs_json(raw: bytes) -> dict[str, Any]:
     in base64."""
     if not raw:  # most entries: the listing of 300,000 files spent a tenth of its time here
         return {"xattrs": {}}
+    from .store.tarformat import is_utf8
+
     pairs = decode_xattrs(raw)
     out: dict[str, Any] = {"xattrs": {_json_text(name): base64.b64encode(value).decode()
                                       for name, value in pairs.items()}}
-    if not all(_is_utf8(name) for name in pairs):
+    if not all(is_utf8(name) for name in pairs):
         out["xattrs_b64"] = {base64.b64encode(name).decode("ascii"): base64.b64encode(value).decode()
                              for name, value in pairs.items()}
     return out

@@ -370,18 +370,26 @@ def test_a_stray_file_among_the_index_objects_is_named_as_one_among_the_packs_is
     assert said == "unexpected object index/notes.txt (no index object is kept under that name)"
 
 
-def test_a_pack_whose_header_and_index_disagree_is_named_with_the_way_on(repo_with_data, password, cli):
-    """Indexed in part (a repair left out its blobs that did not verify): the problem said only that they
-    disagree; `repair packs` is what makes it whole."""
-    from chunkvault.store.indexfile import IndexData, decode_index
-    from chunkvault.store.repository import pack_key
+def _indexed_packs(store):
+    """The index object names, and pack id -> entries as they list them."""
+    from chunkvault.store.indexfile import decode_index
 
-    root, repo, _s1, _s2 = repo_with_data
-    store = repo.store
     names = store.index_names()
     packs = {}
     for n in names:
         packs.update(decode_index(store.sealer, store.remote.get(f"index/{n}"), n).packs)
+    return names, packs
+
+
+def test_a_pack_whose_header_and_index_disagree_is_named_with_the_way_on(repo_with_data, password, cli):
+    """Indexed in part (a repair left out its blobs that did not verify): the problem said only that they
+    disagree; `repair packs` is what makes it whole."""
+    from chunkvault.store.indexfile import IndexData
+    from chunkvault.store.repository import pack_key
+
+    root, repo, _s1, _s2 = repo_with_data
+    store = repo.store
+    names, packs = _indexed_packs(store)
     pid = max(packs, key=lambda p: len(packs[p]))
     packs[pid] = packs[pid][1:]
     store.write_index(IndexData(packs=packs, supersedes=[bytes.fromhex(n) for n in names]))
@@ -397,14 +405,11 @@ def test_a_pack_whose_header_and_index_disagree_is_named_with_the_way_on(repo_wi
 def test_an_index_listing_a_packs_entries_in_another_order_agrees_with_its_header(repo_with_data, password):
     """A check compares the index's bytes for a pack with its header's first, and decodes both only where
     they differ: entries listed in another order (as another writer may index them) still agree."""
-    from chunkvault.store.indexfile import IndexData, decode_index
+    from chunkvault.store.indexfile import IndexData
 
     root, repo, _s1, _s2 = repo_with_data
     store = repo.store
-    names = store.index_names()
-    packs = {}
-    for n in names:
-        packs.update(decode_index(store.sealer, store.remote.get(f"index/{n}"), n).packs)
+    names, packs = _indexed_packs(store)
     pid = max(packs, key=lambda p: len(packs[p]))
     assert len(packs[pid]) > 1
     packs[pid] = packs[pid][::-1]
