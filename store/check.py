@@ -21,8 +21,7 @@ from chunkvault.errors import (NOT_DAMAGE, ChunkvaultError, CorruptObject, Newer
 from chunkvault.remotes.layer import parallel_map
 from chunkvault.units import parse_size
 
-from . import forked
-from . import _blobtable
+from . import _blobtable, forked
 from .blob import KIND_DELTA, open_blob
 from .blobindex import BlobIndex
 from .chain import broken_chains, resolving_chains

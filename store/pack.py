@@ -192,7 +192,8 @@ def fetch_header(sealer: Sealer, fetch: Callable[[int, int], bytes | memoryview]
 
     ``expected``: the bytes header and trailer should take (``PACK_FIXED_OVERHEAD`` and the entries the
     index has there, encoded), read in one go with the trailer where the header fits in them: off local disk
-    each read waits a round trip, and a check waited two in a row per pack.  A header larger than that is read as before."""
+    each read waits a round trip, and a check waited two in a row per pack.  A header larger than that is
+    read as before."""
     if TRAILER.size < expected <= size:
         end = memoryview(fetch(size - expected, expected))
         if len(end) == expected:
