@@ -458,16 +458,19 @@ class _Comparer:
                 os.unlink(probe)
                 os.utime(self.root, ns=(before.st_atime_ns, before.st_mtime_ns))
 
-    def _time_limit(self, ns: int) -> str | None:
+    def _time_limit(self, ns: int, restored: int) -> str | None:
         """Why the target cannot hold modification time ``ns`` (before 1901 or after 2038 on ext4 with small
-        inodes, before 1980 on FAT), if it cannot: the restore set the nearest it holds."""
+        inodes, before 1980 on FAT), if it cannot and the copy has the nearest it holds (``restored``): a copy
+        with another time was restored wrong, wherever it was."""
         if _EVERY_TARGET_HOLDS[0] <= ns < _EVERY_TARGET_HOLDS[1]:
             return None
 
         def attempt(fd: int) -> str | None:
             os.utime(fd, ns=(ns, ns))
             got = os.fstat(fd).st_mtime_ns
-            return None if abs(got - ns) < self.time_step else f"holds no such time: it keeps {_ns(got)} instead"
+            if abs(got - ns) < self.time_step or abs(got - restored) >= self.time_step:
+                return None
+            return f"holds no such time: it keeps {_ns(got)} instead"
         try:
             return self._probe(attempt)
         except (OSError, OverflowError, ValueError):
@@ -562,7 +565,8 @@ class _Comparer:
     def _entry(self, e: Entry, st: os.stat_result) -> None:
         found = compare_meta(e, st, owners=self.owners, time_step=self.time_step)
         for m in found:
-            self.add(m, functools.partial(self._time_limit, e.mtime_ns) if m.kind == "mtime" else None)
+            self.add(m, functools.partial(self._time_limit, e.mtime_ns, st.st_mtime_ns) if m.kind == "mtime"
+                     else None)
         if found and found[0].kind == "type":
             return
         path = self.path_of(e.path)

@@ -323,6 +323,30 @@ def test_an_attribute_the_scratch_file_system_refuses_is_said_as_its_limit(tmp_p
     assert "2 mismatch(es), 1 of them what the scratch directory's file system cannot hold" in out
 
 
+def test_a_time_restored_wrong_is_no_limit_of_a_target_that_cannot_hold_the_right_one(tmp_path, new_repo):
+    """A time the target cannot hold (past 2038 on ext4 with small inodes) was said as its limit whatever
+    the copy held: a file left with another time (a restore gone wrong) read as the target's limit too.
+    It is one only where the copy holds what the target keeps instead."""
+    from chunkvault.verify import compare_tree
+    from treeutil import mounted_ext4_whole_seconds
+
+    src = tmp_path / "src"
+    src.mkdir()
+    for name in ("clamped", "wrong"):
+        (src / name).write_bytes(b"data")
+        os.utime(src / name, ns=(4_102_444_800 * 10**9,) * 2)  # 2100
+    repo = new_repo()
+    repo.backup([str(src)])
+    target = tmp_path / "target"
+    target.mkdir()
+    with mounted_ext4_whole_seconds(str(target)):
+        repo.restore("latest", str(target / "a"))
+        os.utime(target / "a" / "wrong", ns=(1_700_000_000 * 10**9,) * 2)  # a time it holds
+        found = {m.path: m for m in compare_tree(repo.tree("latest"), str(target / "a")).mismatches}
+        assert found["clamped"].kind == "mtime" and "holds no such time" in found["clamped"].limit
+        assert found["wrong"].kind == "mtime" and found["wrong"].limit is None
+
+
 def test_a_changed_byte_is_caught_even_with_size_and_mtime_kept(repo_with_tree, tmp_path, monkeypatch, run_cli):
     def damage(target):
         p = os.path.join(target, "base/1/1002")
