@@ -478,14 +478,21 @@ class _Comparer:
 
     def _xattr_limit(self, name: bytes, value: bytes) -> str | None:
         """Why the target refuses extended attribute ``name`` of this size (none in that namespace, values
-        larger than a block on ext4), if it does; asked once per name and size."""
+        larger than a block on ext4), if it does; asked once per name and size.  Only what says so is: no
+        space for a value smaller than a block is a full (or over quota) target, and another error (EIO,
+        EPERM) no limit of the file system's; either read as one hid an attribute the restore left out."""
         key = (name, len(value))
         if key not in self.xattr_limits:
             def attempt(fd: int) -> str | None:
                 try:
                     os.setxattr(fd, name, value)
                 except OSError as exc:
-                    return f"refuses {os.fsdecode(name)} of {len(value)} bytes: {exc.strerror or exc}"
+                    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                        limit = len(value) >= os.fstatvfs(fd).f_bsize
+                    else:
+                        limit = exc.errno in (errno.ENOTSUP, errno.EOPNOTSUPP, errno.E2BIG, errno.ERANGE)
+                    if limit:
+                        return f"refuses {os.fsdecode(name)} of {len(value)} bytes: {exc.strerror or exc}"
                 return None
             self.xattr_limits[key] = self._probe(attempt)
         return self.xattr_limits[key]

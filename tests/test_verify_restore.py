@@ -303,8 +303,8 @@ def test_an_attribute_the_scratch_file_system_refuses_is_said_as_its_limit(tmp_p
     real = os.setxattr
 
     def setxattr(target, name, value, *args, **kwargs):  # the file system's limit
-        if os.fsencode(name) == b"user.big":
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        if os.fsencode(name) == b"user.big":  # (no space for a value this small would be a full target's)
+            raise OSError(errno.ENOTSUP, os.strerror(errno.ENOTSUP))
         return real(target, name, value, *args, **kwargs)
 
     monkeypatch.setattr(os, "setxattr", setxattr)
@@ -314,7 +314,7 @@ def test_an_attribute_the_scratch_file_system_refuses_is_said_as_its_limit(tmp_p
     assert code == 18, err
     r = json.loads(out)["snapshots"][0]
     found = {m["path"]: m for m in r["mismatches"]}
-    assert found["big"]["kind"] == "xattrs" and "No space left on device" in found["big"]["limit"]
+    assert found["big"]["kind"] == "xattrs" and os.strerror(errno.ENOTSUP) in found["big"]["limit"]
     assert found["other"]["kind"] == "xattrs" and found["other"]["limit"] is None
     assert r["mismatch_count"] == 2 and r["mismatches_limited"] == 1
     assert os.listdir(scratch_dir(tmp_path)) == []  # the probe files too
@@ -345,6 +345,36 @@ def test_a_time_restored_wrong_is_no_limit_of_a_target_that_cannot_hold_the_righ
         found = {m.path: m for m in compare_tree(repo.tree("latest"), str(target / "a")).mismatches}
         assert found["clamped"].kind == "mtime" and "holds no such time" in found["clamped"].limit
         assert found["wrong"].kind == "mtime" and found["wrong"].limit is None
+
+
+def test_an_attribute_a_full_target_cannot_take_is_no_limit_of_its_file_system(tmp_path, new_repo):
+    """A probe's attribute refused for want of space (the target is full, not unable to hold it) was said as
+    the file system's limit: an attribute the restore left out read as one on a full target."""
+    from chunkvault.verify import compare_tree
+    from treeutil import mounted_ext4_whole_seconds
+
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "f").write_bytes(b"data")
+    os.setxattr(src / "f", "user.k", b"v" * 500)  # fits a block: no inode of 128 bytes holds it
+    (src / "g").write_bytes(b"data")
+    os.setxattr(src / "g", "user.big", b"v" * 1100)  # larger than its block of 1 KiB: it holds none such
+    repo = new_repo()
+    repo.backup([str(src)])
+    target = tmp_path / "target"
+    target.mkdir()
+    with mounted_ext4_whole_seconds(str(target)):
+        repo.restore("latest", str(target / "a"))
+        os.removexattr(target / "a" / "f", "user.k")  # the restore gone wrong
+        with open(target / "fill", "wb", buffering=0) as f:
+            for size in (64 << 10, 1 << 10, 1):  # to its last byte
+                with contextlib.suppress(OSError):
+                    while True:
+                        f.write(b"\0" * size)
+        found = {m.path: m for m in compare_tree(repo.tree("latest"), str(target / "a")).mismatches}
+        assert found["f"].kind == "xattrs" and found["f"].limit is None, found
+        assert "refuses user.big of 1100 bytes: No space left on device" in found["g"].limit
+        os.unlink(target / "fill")
 
 
 def test_a_changed_byte_is_caught_even_with_size_and_mtime_kept(repo_with_tree, tmp_path, monkeypatch, run_cli):
