@@ -939,7 +939,10 @@ def test_an_upload_that_trickles_or_stalls_is_cut_off_whatever_length_it_declare
     assert wait_for(lambda: server.log().count("upload cut short") == 2)
     trickled = re.search(rf"PUT {KEY}: upload cut short after (\d+) of {declared} bytes, nothing stored: "
                          r"(\d+) bytes in 2 s, below the 8.0 KiB/s --min-upload-rate", server.log())
-    assert trickled and 200_000 <= int(trickled.group(1)) < 200_100 and int(trickled.group(2)) < 100, server.log()
+    # Fewer than 100 drips: the burst earned no credit (24 s of it at the rate).  The bytes the message counts in
+    # the last window are the drips and what of the burst the server read after the window's last restart, which
+    # the kernel's splitting of it into reads decides (3,750 in one run): not asserted.
+    assert trickled and 200_000 <= int(trickled.group(1)) < 200_100, server.log()
     assert (f"PUT {other}: upload cut short after 300000 of {declared} bytes, nothing stored: no byte for 1 s "
             "(--body-timeout)") in server.log()
     assert files_under(server.path) == [] and not list(server.path.rglob(TEMP_PREFIX + "*"))
