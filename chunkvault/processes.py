@@ -2,6 +2,7 @@
 verification commands)."""
 from __future__ import annotations
 
+import errno
 import os
 import signal
 import subprocess
@@ -79,6 +80,41 @@ def stop_being_subreaper() -> None:
     prctl = _prctl()
     if prctl is not None:
         prctl(_PR_SET_CHILD_SUBREAPER, 0, 0, 0, 0)
+
+
+def pin_carrying(pid: int, marker: bytes) -> int | None:
+    """A descriptor naming process ``pid`` for as long as it is open (a pidfd), taken only if the process
+    carries ``marker``: checked again once pinned, since the pid may have passed to another process since it
+    was listed, and a signal sent through it never reaches one the pid passes to later.  None when it does
+    not carry the marker (or is gone); -1 on a kernel without pidfds (older than 5.3): the pid is all there
+    is to signal."""
+    if not carries(pid, marker):
+        return None
+    try:
+        fd = os.pidfd_open(pid)
+    except OSError as exc:
+        return -1 if exc.errno == errno.ENOSYS else None
+    if carries(pid, marker):
+        return fd
+    os.close(fd)
+    return None
+
+
+def signal_pinned(pid: int, fd: int, sig: int | None) -> None:
+    """Send ``sig`` (None: none) to a process ``pin_carrying`` pinned as ``fd``, and release the pin; nothing
+    is sent to one that is gone."""
+    try:
+        if sig is None:
+            pass
+        elif fd >= 0:
+            signal.pidfd_send_signal(fd, sig)
+        else:
+            os.kill(pid, sig)
+    except OSError:
+        pass
+    finally:
+        if fd >= 0:
+            os.close(fd)
 
 
 def carries(pid: int, marker: bytes) -> bool:

@@ -42,7 +42,8 @@ from .localfiles import abandoned, no_room_after
 from .errors import (ChunkvaultError, CorruptObject, MissingObject, NewerObject, SnapshotNotFound, StorageFull,
                      TargetUnwritable, UsageError, VerificationFailed)
 from .pgstart import PG_START_TIMEOUT, PgStartResult, prove_data_directories
-from .processes import become_subreaper, carries, children, kill_group, stop_being_subreaper, without_secrets
+from .processes import (become_subreaper, carries, children, kill_group, pin_carrying, signal_pinned,
+                        stop_being_subreaper, without_secrets)
 from .store.manifest import (
     T_BLOCKDEV, T_CHARDEV, T_DIR, T_FIFO, T_FILE, T_HARDLINK, T_SYMLINK, TYPE_NAMES, Entry, sort_key, unread,
 )
@@ -922,36 +923,30 @@ def _end_marked(marker: bytes, grace: float = LEFTOVER_GRACE) -> bool:
     if not marker.startswith(b"CHUNKVAULT_COMMAND_RUN="):
         return False
 
-    def marked() -> list[int]:
+    def marked() -> dict[int, int]:
+        """The live processes that carry the marker (a zombie's environment no longer reads), each pinned
+        (``pin_carrying``): a signal never reaches another process their pid passed to since the listing."""
         try:
             names = os.listdir("/proc")
         except OSError:
-            return []
+            return {}
         me = os.getpid()
-        return [int(n) for n in names if n.isdigit() and int(n) != me and carries(int(n), marker)]
+        pinned = ((int(n), pin_carrying(int(n), marker)) for n in names if n.isdigit() and int(n) != me)
+        return {pid: fd for pid, fd in pinned if fd is not None}
 
-    found = marked()
+    left = marked()
+    found = bool(left)
     deadline = time.monotonic() + grace
-    sig = signal.SIGTERM
-    left = found
     while left and time.monotonic() < deadline + LEFTOVER_GRACE:
-        for pid in left:
-            _signal(os.kill, pid, sig)
+        sig = signal.SIGKILL if time.monotonic() >= deadline else signal.SIGTERM
+        for pid, fd in left.items():
+            signal_pinned(pid, fd, sig)
         time.sleep(0.05)
-        left = [pid for pid in marked() if _state(pid) != b"Z"]
-        if time.monotonic() >= deadline:
-            sig = signal.SIGKILL
-    return bool(found)
-
-
-def _state(pid: int) -> bytes | None:
-    """A process's state letter (b"Z": ended, not yet reaped by its parent); None once gone."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            line = f.read()
-    except OSError:
-        return None
-    return line[line.rfind(b")") + 2:][:1]
+        left = marked()
+    for fd in left.values():  # even SIGKILL did not end them
+        if fd >= 0:
+            os.close(fd)
+    return found
 
 
 def remove_tree(path: str) -> None:

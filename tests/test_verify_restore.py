@@ -819,6 +819,35 @@ def test_what_the_command_of_a_killed_run_left_running_is_stopped_by_the_next(tm
             os.kill(left, signal.SIGKILL)
 
 
+def test_a_process_given_the_pid_of_a_listed_leftover_is_not_signalled(monkeypatch):
+    """A killed run's command was listed as carrying its mark, then ended, and its pid passed to another
+    process before the signal: that process is left alone (the mark is checked again on a descriptor that
+    pins the process, and the signal goes through that descriptor)."""
+    import signal
+    import subprocess
+
+    from chunkvault import processes, verify
+
+    other = subprocess.Popen(["sleep", "60"])
+    real = processes.carries
+    listed = []
+
+    def carries(pid, marker):
+        if pid == other.pid and not listed:  # as the listing saw it: the pid was the command's then
+            listed.append(pid)
+            return True
+        return real(pid, marker)
+
+    monkeypatch.setattr(processes, "carries", carries)
+    monkeypatch.setattr(verify, "carries", carries)
+    try:
+        assert verify._end_marked(b"CHUNKVAULT_COMMAND_RUN=0123", grace=0.2) is False
+        assert listed == [other.pid] and other.poll() is None
+    finally:
+        other.send_signal(signal.SIGKILL)
+        other.wait()
+
+
 SETPRIV = ["setpriv", "--bounding-set", "-dac_override,-dac_read_search"]
 
 
