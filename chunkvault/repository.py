@@ -1509,7 +1509,10 @@ class Repository:
         sub = self._subtree(snap, subtree)
         named = snapshot_path(path) if path is not None else b""
         within = sub.snapshot_path(named) if path is not None else sub.root
-        records = self._repo.tree(snap, chain) if not within else self._repo.tree_within(snap, within, chain)
+        if not recursive:  # the subtrees of what lies in it are passed over, not read
+            records = self._repo.tree_shallow(snap, within, chain)
+        else:
+            records = self._repo.tree(snap, chain) if not within else self._repo.tree_within(snap, within, chain)
         entries = (r.entry for r in sub.records(records)
                    if r.entry is not None and in_subtree(sub.snapshot_path(r.path), within))
         if not recursive:

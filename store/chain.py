@@ -112,6 +112,15 @@ def on_way_to(path: bytes, directory: bytes) -> bool:
     return path == directory or path.startswith(directory + b"/") or directory.startswith(path + b"/") or not path
 
 
+def in_listing(path: bytes, directory: bytes) -> bool:
+    """Whether ``path`` is ``directory``, lies directly in it, or is a directory above it (the root included):
+    closed under taking ancestors as ``on_way_to``'s paths are, so that merging only a chain's records of them
+    resolves them (``ManifestSeeker.shallow``)."""
+    parent = path.rpartition(b"/")[0]
+    return (path == directory or (parent == directory and path != b"") or directory.startswith(path + b"/")
+            or not path)
+
+
 def lookup(path: bytes, layers: Sequence[Callable[[bytes], Record | None]]) -> Record | None:
     """The resolved record of one path, reading only the records of it and its ancestors.
 

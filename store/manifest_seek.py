@@ -11,17 +11,21 @@ from __future__ import annotations
 
 import itertools
 from collections import OrderedDict
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Callable, Iterator, NamedTuple
 
 from chunkvault.errors import CorruptObject
 
-from .chain import ancestors
+from .chain import ancestors, in_listing
 from .manifest import _HEAD, Record, decode_records, iter_records, sort_key
 
 #: Blobs kept as read: the binary search keeps each blob's first key apart, so these serve only the next look-ups
 #: near the last (a diff's, in path order); sixteen per seeker, kept for a whole diff across a chain of 24, held
 #: some 100 MiB.
 _CACHED_BLOBS = 4
+#: Blobs a shallow walk reads at once: those of the segments after the one it reads, or the probes of a seek.  One
+#: after another, a listing over a remote waited a round trip per blob, where a walk of the whole tree reads 4 at once.
+_AHEAD = 8
 #: Blobs kept decoded: a blob's records as objects take some five times its bytes, and a chain's seekers each
 #: kept sixteen (a diff of a chain of 24 looking up hard links across a large tree: gigabytes).
 _DECODED_BLOBS = 2
@@ -41,8 +45,12 @@ class ManifestSeeker:
         self._blobs: OrderedDict[int, bytes] = OrderedDict()
         # A blob's records from its first record start, decoded, and the bytes of the record it ends inside
         self._decoded: OrderedDict[int, tuple[list[Record], bytes]] = OrderedDict()
+        self._ahead: dict[int, Future[bytes]] = {}  # blobs a shallow walk reads ahead
 
     def _blob(self, i: int) -> bytes:
+        fetched = self._ahead.get(i)
+        if fetched is not None:  # read ahead by a shallow walk, kept until it passes it
+            return fetched.result()
         data = self._blobs.get(i)
         if data is None:
             data = self._read(self.ids[i])
@@ -125,6 +133,112 @@ class ManifestSeeker:
             if k > key:
                 break
         return None
+
+    def shallow(self, directory: bytes) -> Iterator[Record]:
+        """This manifest's own records of ``directory``, of the paths directly in it and of the directories above
+        it, in order.  The manifest is read segment by segment (from one record start to the next), the blobs of
+        the next few segments fetched meanwhile (up to ``_AHEAD``, more as it reads on in turn); a subtree of a
+        path in the directory that reaches past the first few of them is passed over, the segment where the next
+        path lies found by probing several at once (``_segment_after``): a listing of the root of a tree of
+        millions reads the segments that hold its entries and a few probes past each long subtree, not the whole
+        manifest, in about as many round trips as a walk of the whole tree where it must read most of it."""
+        segs = segments(len(self.ids), self._starts)
+        if segs is None:  # nothing to seek by: every record read
+            yield from (r for r in iter_records(self._pieces(0, 0), self.what) if in_listing(r.path, directory))
+            return
+        for above in [b"", *ancestors(directory)] if directory else []:
+            rec = self.find(above)
+            if rec is not None:
+                yield rec
+        key = sort_key(directory)
+        below = key + b"\x00" if directory else b""
+        target = key  # the records before it are passed over
+        at = self._segment_of(segs, key, 0) if directory else 0  # the root's record comes first
+        pool = ThreadPoolExecutor(_AHEAD)
+        ahead = 1  # segments read ahead: twice as many after each read in turn, one after a seek
+        try:
+            while at < len(segs):
+                window = segs[at : at + max(ahead, 2) + 1]
+                self._fetch(pool, [i for seg in window for i in range(seg.first, seg.last + 1)],
+                            keep_from=segs[at].first)
+                records = self._segment_records(segs, at)
+                after, ahead = at + 1, min(2 * ahead, _AHEAD)
+                for rec in records:
+                    k = sort_key(rec.path)
+                    if k < target:
+                        continue
+                    if k == key:
+                        yield rec
+                        continue
+                    if not k.startswith(below):
+                        return  # past the directory's subtree
+                    sep = k.find(b"\x00", len(below))
+                    if sep < 0:
+                        yield rec
+                        continue
+                    target = k[:sep] + b"\x01"  # just past the subtree of the path in the directory that holds it
+                    if sort_key(records[-1].path) < target:  # it reaches past this segment
+                        far = at + max(2, ahead // 2)  # fetched with the segments before: no wait of its own
+                        if far < len(segs) and self._first_key(segs[far].first) <= target:
+                            after, ahead = self._segment_after(segs, target, far, pool), 1  # and past it: sought
+                        break
+                at = after
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
+            self._ahead.clear()
+
+    def _fetch(self, pool: ThreadPoolExecutor, blobs: list[int], keep_from: int | None = None) -> None:
+        """Read these blobs on ``pool`` (those not read or under way); ``keep_from``: drop those fetched before it."""
+        if keep_from is not None:
+            for i in [i for i in self._ahead if i < keep_from]:
+                self._ahead.pop(i).cancel()
+        for i in blobs:
+            if i not in self._ahead and i not in self._blobs:
+                self._ahead[i] = pool.submit(self._read, self.ids[i])
+
+    def _segment_after(self, segs: list[Segment], key: bytes, lo: int, pool: ThreadPoolExecutor) -> int:
+        """The segment after ``lo`` (whose first key is at or before ``key``) where the first record at or after
+        ``key`` lies: ``lo + 1``, ``lo + 2``, ``lo + 4``, ``lo + 8`` probed at once (then the next four powers of
+        two), then up to ``_AHEAD`` points evenly between the last at or before it and the first after, at once,
+        until they meet.  One probe at a time, a walk over a remote waited a round trip per probe."""
+        good, high = lo, len(segs)
+        reach = 1  # the next power of two to probe from ``lo``, while no probe has gone past ``key``
+        while high - good > 1:
+            probes = [lo + (reach << b) for b in range(4) if lo + (reach << b) < high] if reach else []
+            reach = reach << 4 if probes else 0
+            if not probes:
+                count = min(_AHEAD, high - good - 1)
+                probes = sorted({good + (high - good) * n // (count + 1) for n in range(1, count + 1)})
+            self._fetch(pool, [segs[p].first for p in probes])
+            for p in probes:
+                if self._first_key(segs[p].first) <= key:
+                    good = p
+                else:
+                    high, reach = p, 0
+                    break
+        return good
+
+    def _segment_of(self, segs: list[Segment], key: bytes, lo: int) -> int:
+        """The segment from ``lo`` on where the first record at or after ``key`` lies (the last whose first key
+        is at or before it, else ``lo``), by halving, as ``find`` looks a path up."""
+        if lo >= len(segs) or self._first_key(segs[lo].first) > key:
+            return lo
+        good, high = lo, len(segs)
+        while high - good > 1:
+            mid = (good + high) // 2
+            if self._first_key(segs[mid].first) <= key:
+                good = mid
+            else:
+                high = mid
+        return good
+
+    def _segment_records(self, segs: list[Segment], at: int) -> list[Record]:
+        seg = segs[at]
+        buf = seg.join([self._blob(i) for i in range(seg.first, seg.last + 1)])
+        records, used = decode_records(buf, self.what)
+        if used != len(buf):
+            raise CorruptObject(self.what, "manifest ends inside a record")
+        return records
 
     def within(self, directory: bytes) -> Iterator[Record]:
         """This manifest's own records of the paths ``chain.on_way_to(path, directory)`` holds, in order:

@@ -1647,6 +1647,17 @@ class Repo:
             _nothing_deleted(full.within(directory), first, snap),
             [seeker.within(directory) for s, seeker in diffs if s.manifest]))
 
+    def tree_shallow(self, snap: Snapshot, directory: bytes, snapshots: Iterable[Snapshot] | None = None
+                     ) -> "AheadWalk":
+        """The records of ``tree`` of ``directory``, of what lies directly in it and of the directories above it
+        (``chain.in_listing``), reading only the parts of the manifests that hold them: a listing of the root
+        without its subtrees read and resolved the whole tree."""
+        (first, full), *diffs = self._seekers(snap, snapshots)
+        ahead = [bytes.fromhex(s.manifest[0]) for s, _ in [(first, full), *diffs] if len(s.manifest) == 1]
+        return AheadWalk(lambda: self._read_ahead(ahead), lambda: chain.resolve(
+            _nothing_deleted(full.shallow(directory), first, snap),
+            [seeker.shallow(directory) for s, seeker in diffs if s.manifest]))
+
     def manifest_records_within(self, snap: Snapshot, directory: bytes) -> Iterator[Record]:
         """The records of ``manifest_records`` on the way to ``directory`` (``chain.on_way_to``), found by
         seeking: what ``find`` needs of each manifest when its patterns name a directory."""

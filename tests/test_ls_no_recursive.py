@@ -4,6 +4,7 @@ import json
 import pytest
 
 from chunkvault.errors import UsageError
+from chunkvault.store.manifest import T_DIR
 
 
 @pytest.fixture
@@ -62,3 +63,85 @@ def test_api_refuses_a_recursive_that_is_not_a_bool(tree):
     repo, snap, _ = tree
     with pytest.raises(UsageError):
         list(repo.tree(snap, recursive="no"))
+
+
+#: Small manifest blobs: a few thousand entries make a manifest of hundreds of them.
+SMALL = {"min_size": 256, "avg_size": 1024, "max_size": 4096}
+
+
+def _listing(entries, directory: bytes) -> list:
+    return [e for e in entries if e.path == directory or (e.path and e.path.rpartition(b"/")[0] == directory)]
+
+
+def test_it_lists_what_the_whole_tree_holds_there_through_a_chain(tmp_path, new_repo):
+    """The shallow walk merges only each manifest's records of the directory, of what is directly in it and of
+    the directories above it: through differentials that delete a directory, turn one into a file, and change
+    subtrees, every directory lists what the resolved tree holds directly in it, entry for entry."""
+    import shutil
+
+    src = tmp_path / "src"
+    for a in range(6):
+        for b in range(5):
+            d = src / f"d{a}" / f"s{b}"
+            d.mkdir(parents=True)
+            for c in range(40):
+                (d / f"f{c}").write_text(f"{a} {b} {c}")
+        (src / f"d{a}.txt").write_text("beside")
+    repo = new_repo(str(tmp_path / "repo"), chunker=SMALL)
+    repo.backup([str(src)], kind="full")
+    shutil.rmtree(src / "d1")
+    shutil.rmtree(src / "d2")
+    (src / "d2").write_text("a file where a directory was")
+    (src / "d3" / "s9").mkdir()
+    (src / "d3" / "s9" / "new").write_text("new")
+    repo.backup([str(src)], kind="diff")
+    shutil.rmtree(src / "d4" / "s0")
+    (src / "d5" / "s1" / "f3").unlink()
+    (src / "d1").mkdir()
+    (src / "d1" / "back").write_text("back")
+    snap = repo.backup([str(src)], kind="diff").snapshot
+    chain = repo.store.chain_of(snap)
+    assert len(chain) == 3 and len(chain[0].manifest) > 20
+    whole = list(repo.tree(snap))
+    dirs = sorted({e.path for e in whole if e.type == T_DIR} | {b"d2", b"d3/s9/new", b"nothing", b"d4/s0"})
+    for directory in dirs:
+        shallow = list(repo.tree(snap, directory or None, recursive=False))
+        assert shallow == _listing(whole, directory), directory
+    assert [e.path for e in repo.tree(snap, recursive=False)] == [
+        b"", b"d0", b"d0.txt", b"d1", b"d1.txt", b"d2", b"d2.txt", b"d3", b"d3.txt", b"d4", b"d4.txt", b"d5",
+        b"d5.txt"]
+
+
+def test_a_listing_of_the_root_reads_the_manifest_where_its_entries_lie(tmp_path, new_repo):
+    """``ls --no-recursive`` of the root read and resolved the whole tree (2 s for one of 302,000 files) to list
+    a dozen entries: it seeks past each subtree, reading the manifest blobs around each entry listed and a few
+    probes to find the next."""
+    src = tmp_path / "src"
+    for a in range(3):
+        for b in range(10):
+            d = src / f"d{a}" / f"s{b}"
+            d.mkdir(parents=True)
+            for c in range(60):
+                (d / f"f{c}").write_text("x")
+    (src / "top").write_text("top")
+    repo = new_repo(str(tmp_path / "repo"), chunker=SMALL)
+    snap = repo.backup([str(src)]).snapshot
+    store = repo.store
+    manifest = set(snap.manifest)
+    reads = []
+    real = store.read_blob
+
+    def read_blob(blob_id, **kwargs):
+        if blob_id.hex() in manifest:
+            reads.append(blob_id)
+        return real(blob_id, **kwargs)
+
+    store.read_blob = read_blob
+    assert [e.path for e in repo.tree(snap, recursive=False)] == [b"", b"d0", b"d1", b"d2", b"top"]
+    assert len(manifest) > 150 and len(reads) < len(manifest) / 3, (len(reads), len(manifest))
+    reads.clear()
+    assert len(list(repo.tree(snap, "d1"))) == 611
+    whole = len(reads)
+    reads.clear()
+    assert [e.path for e in repo.tree(snap, "d1", recursive=False)][:3] == [b"d1", b"d1/s0", b"d1/s1"]
+    assert len(reads) <= whole, (len(reads), whole)  # what it probes past each subtree, at most

@@ -7,7 +7,7 @@ import pytest
 from chunkvault.errors import CorruptObject, UsageError
 from chunkvault.store.manifest import OP_ENTRY, T_FILE, Entry, Record, sort_key
 from chunkvault.store.manifest_io import store_manifest
-from chunkvault.store.chain import on_way_to
+from chunkvault.store.chain import in_listing, on_way_to
 from chunkvault.store.manifest_seek import ManifestSeeker
 from chunkvault.store.snapshot import KIND_FULL, Snapshot
 
@@ -84,6 +84,22 @@ def test_records_on_the_way_to_a_directory_agree_with_a_scan_and_read_few_blobs(
         assert len(reads) < 80 + 15 * near, (directory, len(reads))  # seeks, not a scan of the blobs
     slow = ManifestSeeker(repo.read_blob, ids, [], "test manifest")  # without offsets: by scanning
     assert list(slow.within(recs[700].path)) == [r for r in recs if on_way_to(r.path, recs[700].path)]
+
+
+def test_a_shallow_walk_agrees_with_a_scan(new_repo):
+    """``shallow``: a directory's record, those directly in it and those above it, seeking past each subtree;
+    records spanning several blobs (no record starts in some) and names that sort between a directory and its
+    subtree (``a-``, ``a.b``) included."""
+    repo = new_repo(chunker=SMALL).store
+    recs = _records(random.Random(8), 1500)
+    ids, mw = store_manifest(repo, recs)
+    assert len(ids) > 2000 and -1 in mw.starts
+    seeker = ManifestSeeker(repo.read_blob, ids, mw.starts, "test manifest")
+    dirs = {p for r in recs for p in [r.path.rsplit(b"/", 1)[0], r.path]} | {b"", b"zzz", b"a0/none", b"\x00"}
+    for directory in sorted(dirs):
+        assert list(seeker.shallow(directory)) == [r for r in recs if in_listing(r.path, directory)], directory
+    slow = ManifestSeeker(repo.read_blob, ids, [], "test manifest")  # without offsets: by scanning
+    assert list(slow.shallow(b"a1")) == [r for r in recs if in_listing(r.path, b"a1")]
 
 
 def test_snapshot_with_bad_offsets_is_refused(new_repo):
