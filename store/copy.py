@@ -28,7 +28,7 @@ from .locks import COPY_INTO, SHARED, RepoLock
 from .manifest import Record
 from .manifest_io import ManifestWriter
 from .blob import Plaintext
-from .repository import BlobWriter, Repo
+from .repository import BlobWriter, Repo, SavesAfterIndex, new_snapshot_id
 from .chronology import chronological_key
 from .config import FORMAT_WAL
 from . import walarchive
@@ -293,9 +293,9 @@ def _chunk_ids(records: Iterable[Record]) -> Iterator[bytes]:
 def _copy_manifest(dst: Repo, writer: BlobWriter, mapper: _BlobMapper,
                    records: Callable[[], Iterable[Record]], then: Callable[[], None] = lambda: None
                    ) -> tuple[list[bytes], ManifestWriter]:
-    """The chunks and manifest of ``records()`` (read twice) stored in the destination (flushed: everything
-    the snapshot references is stored before it is written); the manifest's blob ids and writer.  ``then``
-    is called once the chunks are sent (to read the next snapshot ahead while this one is written)."""
+    """The chunks and manifest of ``records()`` (read twice) handed to the destination's writer (not flushed:
+    the snapshot is saved once they are indexed, ``SavesAfterIndex``); the manifest's blob ids and writer.
+    ``then`` is called once the chunks are sent (to read the next snapshot ahead while this one is written)."""
     mapper.ensure(_chunk_ids(records()))
     then()
     mw = ManifestWriter(dst, writer)
@@ -307,8 +307,12 @@ def _copy_manifest(dst: Repo, writer: BlobWriter, mapper: _BlobMapper,
             mw.add(rec)
     with _STORING:
         manifest = mw.finish()
-        writer.flush()
     return manifest, mw
+
+
+def _flushed(writer: BlobWriter) -> None:
+    with _STORING:
+        writer.flush()
 
 
 def _same_tree(source: Snapshot, copied: Snapshot) -> bool:
@@ -366,6 +370,17 @@ def _copy_snapshots(src: Repo, dst: Repo, spec_ids: list[str] | None,
         with dst.writer() as writer, dst.saves_noted_together(lock.confirm) as note_saves, \
                 contextlib.closing(_BlobMapper(src, dst, writer, progress)) as mapper:
             writer.guard = lock.confirm
+            saves = SavesAfterIndex(writer, flush=lambda: _flushed(writer))
+            unsaved: dict[str, Snapshot] = {}  # the copies made whose saves wait for their data's index
+
+            def loaded(sid: str) -> Snapshot:
+                return unsaved.get(sid) or dst.load_snapshot(sid)
+
+            def save(copy: Snapshot, source: str) -> None:
+                # a prune that took the lock for stale may have deleted what it reuses
+                dst.save_snapshot_held(copy, lock, named=True)
+                del unsaved[copy.id]
+                result.copied.append((source, copy.id))
             held = {s.id for s in src_snaps if not origins(s).isdisjoint(done)}
             noted = time.monotonic()
             order = copy_order(src_snaps, wanted, held)
@@ -377,7 +392,7 @@ def _copy_snapshots(src: Repo, dst: Repo, spec_ids: list[str] | None,
                 if there is not None:
                     done[snap.id] = there  # its differentials build on that one
                     result.skipped.append(snap.id)
-                    theirs = dst.load_snapshot(there)
+                    theirs = loaded(there)
                     if theirs.host != snap.host:
                         result.other_host.append((snap.id, there, theirs.host))
                     continue
@@ -388,7 +403,7 @@ def _copy_snapshots(src: Repo, dst: Repo, spec_ids: list[str] | None,
                         "was not copied" if failed else "is not in the source (unreadable or gone)")))
                     continue
                 kind = snap.kind
-                if parent is not None and not _same_tree(src.load_snapshot(snap.parent), dst.load_snapshot(parent)):
+                if parent is not None and not _same_tree(src.load_snapshot(snap.parent), loaded(parent)):
                     kind, parent = KIND_FULL, None  # its copied parent was rewritten since: resolved, as a full
                 if kind == snap.kind:
                     mapper.read_ahead(snap)  # (done already, unless the one before was not copied)
@@ -409,10 +424,11 @@ def _copy_snapshots(src: Repo, dst: Repo, spec_ids: list[str] | None,
                                 # the first origin, kept through every hop: A to B to C, then A to C, must
                                 # find A's snapshot in C (it was copied again, C's back to A too)
                                 stats={**snap.stats, COPIED_FROM: snap.stats.get(COPIED_FROM) or snap.id},
-                                stdin_name=snap.stdin_name)
-                dst.save_snapshot_held(copy, lock)  # a prune that took it for stale may have deleted what it reuses
-                done[snap.id] = copy.id
-                result.copied.append((snap.id, copy.id))
+                                stdin_name=snap.stdin_name, id=new_snapshot_id())
+                done[snap.id] = copy.id  # its differentials name it as their parent before it is saved
+                unsaved[copy.id] = copy
+                saves.then(lambda c=copy, s=snap.id: save(c, s))
+            saves.flush()
             pending = _send_wal(src, dst, mapper, result, unneeded_wal) if wal else []
             with _STORING:
                 writer.flush()

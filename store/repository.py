@@ -205,6 +205,11 @@ _Run = tuple[str, int, int, list[tuple[int, int, bytes, int]]]
 OBJECT_ID = re.compile("[0-9a-f]{64}")  # the name of a pack, an index object or a snapshot
 
 
+def new_snapshot_id() -> str:
+    """A new snapshot's id: random, never reused."""
+    return os.urandom(32).hex()
+
+
 def superseded_names(objects: Iterable[IndexColumns | IndexData]) -> set[str]:
     """The names of the index objects these supersede."""
     return {s.hex() for d in objects for s in d.supersedes}
@@ -1354,12 +1359,15 @@ class Repo:
             raise exc.explained(f"; {what} needs every snapshot: forget it by id first (`repair snapshots` "
                                 "lists what it takes down)")
 
-    def save_snapshot(self, snap: Snapshot, *, replace: bool = False) -> Snapshot:
-        """Store a new snapshot (a fresh random id), or rewrite one in place (rebase).  One of version 2 raises
+    def save_snapshot(self, snap: Snapshot, *, replace: bool = False, named: bool = False) -> Snapshot:
+        """Store a new snapshot (a fresh random id; ``named``: the one ``new_snapshot_id`` gave it, which others
+        may name as their parent before it is saved), or rewrite one in place (rebase).  One of version 2 raises
         the config to ``FORMAT_XATTRS`` first: a chunkvault before extended attributes would take it for damage
         and forget its parent from under it."""
-        if not replace:
-            snap.id = os.urandom(32).hex()
+        if named and not OBJECT_ID.fullmatch(snap.id):
+            raise ValueError("a named snapshot needs an id from new_snapshot_id")
+        if not replace and not named:
+            snap.id = new_snapshot_id()
         elif not snap.id:
             raise ValueError("replacing a snapshot needs its id")
         if snap.version >= 2:
@@ -1393,7 +1401,7 @@ class Repo:
             raise PermissionDenied(f"{purpose} deletes objects, and {self.remote.display_url} does not allow "
                                    f"it: {exc}") from None
 
-    def save_snapshot_held(self, snap: Snapshot, lock: "RepoLock") -> Snapshot:
+    def save_snapshot_held(self, snap: Snapshot, lock: "RepoLock", *, named: bool = False) -> Snapshot:
         """Store a new snapshot that refers to data this command's ``lock`` kept a prune from deleting: the
         lock is looked at before and after (another host whose clock runs ahead may have taken it for stale,
         then pruned), and the snapshot taken back (LockLost) when it is gone.  A remote out of reach once the
@@ -1401,7 +1409,7 @@ class Repo:
         the index object written just now) is that look: asked again, it was a round trip more per snapshot
         in a row, for a lock that goes stale in minutes."""
         lock.ensure_held()
-        saved = self.save_snapshot(snap)
+        saved = self.save_snapshot(snap, named=named)
         try:
             lock.confirm()
         except LockLost:
@@ -2190,6 +2198,42 @@ class BlobWriter:
         if exc is not None:
             self.abandon(exc)
         self.close()
+
+
+class SavesAfterIndex:
+    """Snapshot writes that refer to blobs ``writer`` stores, each held until an index object lists those blobs,
+    then done in the order given.  A command that writes many small snapshots (``copy``, ``rewrite``) flushed its
+    writer before each, an index object per snapshot: a copy of 2,000 left 2,000 of them, all read at every
+    later open.  Held, they go together as a backup's index goes: once the writer has written an index object
+    of its own (``INDEX_EVERY_PACKS``), once the first held has waited ``INDEX_EVERY_SECONDS``, and at ``flush``.
+    Killed meanwhile, the held snapshots are not saved (a rerun writes them again), and no snapshot saved
+    refers to a blob that no index object lists."""
+
+    def __init__(self, writer: BlobWriter, flush: Callable[[], None] | None = None):
+        self.writer = writer
+        self._flush = flush if flush is not None else writer.flush  # the caller's, wrapped as it needs
+        self._held: list[Callable[[], None]] = []
+        self._since = 0.0
+        self._indexes = len(writer.index_names)
+
+    def then(self, write: Callable[[], None]) -> None:
+        """Do ``write`` once the blobs stored so far are indexed (now, when that is due)."""
+        if not self._held:
+            self._since = time.monotonic()
+        self._held.append(write)
+        if (len(self.writer.index_names) > self._indexes
+                or time.monotonic() - self._since >= self.writer.INDEX_EVERY_SECONDS):
+            self.flush()
+
+    def flush(self) -> None:
+        """Upload what is stored, write its index, then the held writes (a failure stops at that one)."""
+        if not self._held:
+            return
+        self._flush()
+        self._indexes = len(self.writer.index_names)
+        held, self._held = self._held, []
+        for write in held:
+            write()
 
 
 class CountingWriter(BlobWriter):

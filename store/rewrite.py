@@ -25,8 +25,8 @@ from .excludes import ExcludeRules
 from .find import tree_glob
 from .locks import EXCLUSIVE, RepoLock
 from .manifest import OP_DELETE, T_HARDLINK, ManifestStats, Record, delete_record, sort_key
-from .manifest_io import store_manifest
-from .repository import Repo
+from .manifest_io import ManifestWriter
+from .repository import Repo, SavesAfterIndex
 from .snapshot import KIND_FULL, Snapshot
 
 
@@ -170,16 +170,27 @@ def rewrite_snapshots(repo: Repo, select: Selection, globs: list[str], *, dry_ru
         # Children before their parents: killed at any point, a snapshot rewritten has its new tree, one
         # not yet has its old one (its whole chain is not rewritten yet either).  Parents first, a killed
         # rewrite left differentials whose own records of excluded files had lost their directories.
+        # Each snapshot is saved once its manifest's blobs are indexed, several to an index object, in this order.
         depth = chain_lengths(parents)
-        with _counted(len(plans), "rewritten") as saved:
-            for snap, plan in sorted(plans, key=lambda planned: -depth[planned[0].id]):
-                blob_ids, mw = store_manifest(repo, plan.records, lock.ensure_held)
+        with _counted(len(plans), "rewritten") as saved, repo.writer() as writer:
+            writer.guard = lock.ensure_held
+            saves = SavesAfterIndex(writer)
+
+            def save(snap: Snapshot, plan: SnapshotRewrite, blob_ids: list[bytes], mw: ManifestWriter) -> None:
                 snap.manifest = [i.hex() for i in blob_ids]
                 snap.manifest_starts = mw.starts
                 snap.version = mw.version
                 snap.stats = {**snap.stats, "rewritten": True, "manifest_records": mw.records}
                 save_counts(repo, snap, plan.stats, lock)
                 saved()
+
+            for snap, plan in sorted(plans, key=lambda planned: -depth[planned[0].id]):
+                mw = ManifestWriter(repo, writer)
+                for rec in plan.records:
+                    mw.add(rec)
+                blob_ids = mw.finish()
+                saves.then(lambda s=snap, p=plan, b=blob_ids, m=mw: save(s, p, b, m))
+            saves.flush()
         recounting = inherited + stale
         recounted = (lambda done: f" ({len(plans)} snapshot(s) rewritten, and the counts of {done} of the "
                      f"{len(recounting)} built on {'it' if len(plans) == 1 else 'them'} updated before it; the "

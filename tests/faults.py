@@ -22,6 +22,7 @@ from typing import Callable, Iterable, Iterator
 
 from chunkvault.errors import RemoteUnavailable
 from chunkvault.remotes.base import ObjectInfo, Remote
+from chunkvault.remotes.local import LocalRemote
 
 OPS = ("put", "get", "list", "delete", "stat")
 
@@ -211,6 +212,29 @@ class FailingWrite(FaultyRemote):
                     self.inner.put(key, data, if_absent=if_absent)
                 raise self.error()
         super().put(key, data, if_absent=if_absent)
+
+
+class IndexedFirst(LocalRemote):
+    """Local storage that checks, at each snapshot object stored, that the index objects stored by then list
+    every blob that snapshot needs: killed just after, the repository holds no snapshot it cannot read."""
+
+    def __init__(self, root: str, password: str):
+        super().__init__(root)
+        self.password = password
+        self.saves = 0
+
+    def put(self, key, data, *, if_absent=False):
+        super().put(key, data, if_absent=if_absent)
+        if key.startswith("snapshots/"):
+            from chunkvault import Repository
+            from crashkit import indexed_blobs, tree_blobs
+
+            with Repository.open(self.root, self.password, ledger=False) as fresh:
+                store = fresh.store
+                snap = store.load_snapshot(key.split("/")[1])
+                lacking = tree_blobs(store, snap) - indexed_blobs(store).keys()
+                assert not lacking, f"{key} saved before {len(lacking)} of its blob(s) were indexed"
+            self.saves += 1
 
 
 @contextlib.contextmanager

@@ -13,7 +13,7 @@ from chunkvault import Repository
 from chunkvault.errors import RemoteUnavailable
 from chunkvault.remotes.local import LocalRemote
 from conftest import PASSWORD
-from faults import FaultyRemote
+from faults import FaultyRemote, IndexedFirst
 from treeutil import describe
 
 
@@ -614,3 +614,154 @@ def test_snapshots_stored_under_a_lock_lost_since_are_not_noted_and_a_failure_st
             with store.saves_noted_together(lock.confirm):
                 save(lock)
                 raise ValueError("the copy's own")
+
+
+def many_small(path: str, n: int, *, chain: int = 4, size: int = 3000) -> list[str]:
+    """A repository at ``path`` holding ``n`` small snapshots, each with a file of its own (``size`` random
+    bytes), in chains of a full and ``chain - 1`` differentials; written through the store, for speed."""
+    import datetime
+
+    import blake3
+
+    from chunkvault.store.manifest import OP_ENTRY, T_DIR, T_FILE, Entry, Record
+    from chunkvault.store.manifest_io import ManifestWriter
+    from chunkvault.store.snapshot import Snapshot
+
+    rnd = random.Random(n)
+    start = datetime.datetime(2026, 1, 1, tzinfo=datetime.timezone.utc)
+    with Repository.init(path, PASSWORD, kdf_seconds=0, ledger=False) as repo:
+        store, made, parent = repo.store, [], None
+        with store.writer() as writer:
+            for i in range(n):
+                data = rnd.randbytes(size)
+                bid = store.blob_id(data)
+                writer.add(bid, data)
+                mw = ManifestWriter(store, writer)
+                name = f"f{i}".encode()
+                if i % chain == 0:
+                    parent = None
+                    mw.add(Record(OP_ENTRY, b"", Entry(b"", T_DIR, 0o755)))
+                mw.add(Record(OP_ENTRY, name, Entry(name, T_FILE, size=size, digest=blake3.blake3(data).digest(),
+                                                    chunks=bid)))
+                snap = Snapshot(time=(start + datetime.timedelta(hours=i)).isoformat(timespec="microseconds"),
+                                kind="full" if parent is None else "diff", parent=parent, host="h", paths=["/src"],
+                                manifest=[b.hex() for b in mw.finish()], manifest_starts=mw.starts,
+                                stats={"files": i % chain + 1, "dirs": 1, "bytes": size * (i % chain + 1)})
+                made.append(snap)
+                parent = snap
+            writer.flush()
+        for snap in made:
+            if snap.parent is not None:
+                snap.parent = snap.parent.id
+            store.save_snapshot(snap)
+        return [s.id for s in made]
+
+
+def _index_objects(path) -> int:
+    return len(os.listdir(os.path.join(path, "index")))
+
+
+def test_copying_many_small_snapshots_writes_their_index_together(tmp_path):
+    """A copy flushed its writer before each snapshot it saved: 2,000 small snapshots left 2,000 index objects
+    (and as many packs), every one read at each later open.  Their saves now wait for the index as a backup's
+    snapshot does, and it is written together."""
+    ids = many_small(str(tmp_path / "src-repo"), 40)
+    dst_dir = str(tmp_path / "dst")
+    with Repository.open(str(tmp_path / "src-repo"), PASSWORD, ledger=False) as src, \
+            Repository.init(dst_dir, "pw2", kdf_seconds=0, copy_chunker_from=src, ledger=False) as dst:
+        result = src.copy_to(dst)
+        assert len(result.copied) == 40 and [s for s, _ in result.copied] == ids
+        assert _index_objects(dst_dir) == 1 and len(os.listdir(os.path.join(dst_dir, "data"))) <= 2
+        assert dst.check(read_data=True).ok
+        assert {s.stats["copied_from"] for s in dst.snapshots()} == set(ids)
+        last = dst.snapshots()[-1]
+        assert [e.path for e in dst.tree(last)] == [b"", b"f36", b"f37", b"f38", b"f39"]
+
+
+def test_no_copied_snapshot_is_saved_before_the_index_lists_its_blobs(tmp_path, monkeypatch):
+    from chunkvault.store.repository import BlobWriter
+
+    monkeypatch.setattr(BlobWriter, "INDEX_EVERY_PACKS", 2)  # a batch every few snapshots
+    many_small(str(tmp_path / "src-repo"), 30)
+    dst_dir = str(tmp_path / "dst")
+    with Repository.open(str(tmp_path / "src-repo"), PASSWORD, ledger=False) as src:
+        Repository.init(dst_dir, "pw2", kdf_seconds=0, copy_chunker_from=src, pack_size=8192, ledger=False).close()
+        checking = IndexedFirst(dst_dir, "pw2")
+        with Repository.open(checking, "pw2", ledger=False) as dst:
+            assert len(src.copy_to(dst).copied) == 30
+    assert checking.saves == 30
+    assert 3 < _index_objects(dst_dir) < 20  # in batches: the writer's own every two packs, and one per batch
+
+
+@pytest.mark.parametrize("fail_after", [3, 9, 17, 25])
+def test_a_copy_of_many_snapshots_cut_off_by_its_destination_leaves_each_saved_one_readable(tmp_path, monkeypatch,
+                                                                                            fail_after):
+    """The destination gone after some uploads: each snapshot saved by then has its blobs indexed, and the
+    copy run again sends the others, each snapshot once and no indexed blob twice."""
+    from crashkit import duplicates, indexed_blobs
+    from chunkvault.store.repository import BlobWriter
+
+    monkeypatch.setattr(BlobWriter, "INDEX_EVERY_PACKS", 2)
+    ids = many_small(str(tmp_path / "src-repo"), 24)
+    dst_dir = str(tmp_path / "dst")
+    src = Repository.open(str(tmp_path / "src-repo"), PASSWORD, ledger=False)
+    Repository.init(dst_dir, "pw2", kdf_seconds=0, copy_chunker_from=src, pack_size=8192, ledger=False).close()
+    faulty = FaultyRemote(LocalRemote(dst_dir), seed=1, fail_after=fail_after)
+    with pytest.raises(RemoteUnavailable):
+        src.copy_to(Repository.open(faulty, "pw2", ledger=False))
+    for lock in (tmp_path / "dst" / "locks").iterdir():  # its holder's pid is this process's: not stale here
+        lock.unlink()
+    with Repository.open(dst_dir, "pw2", ledger=False) as dst:
+        partial = dst.snapshots()
+        assert dst.check(read_data=True).ok
+        result = src.copy_to(dst)
+        assert len(result.copied) + len(partial) == 24 and len(result.skipped) == len(partial)
+        assert sorted(s.stats["copied_from"] for s in dst.snapshots()) == sorted(ids)
+        assert dst.check(read_data=True).ok
+        assert duplicates(indexed_blobs(dst.store)) == 0
+    src.close()
+
+
+def test_a_copy_of_many_snapshots_killed_part_way_resumes(tmp_path, cli):
+    """SIGKILL once ten more snapshots are saved, three times: the destination checks clean with each saved
+    snapshot readable, and the last run completes it, each snapshot once and no indexed blob twice."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from crashkit import duplicates, indexed_blobs
+
+    ids = many_small(str(tmp_path / "src-repo"), 400, size=6000)
+    dst_dir = str(tmp_path / "dst")
+    with Repository.open(str(tmp_path / "src-repo"), PASSWORD, ledger=False) as src:
+        Repository.init(dst_dir, PASSWORD, kdf_seconds=0, copy_chunker_from=src, pack_size=16384,
+                        ledger=False).close()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CHUNKVAULT_")}
+    env.update(CHUNKVAULT_PASSWORD=PASSWORD, CHUNKVAULT_TO_PASSWORD=PASSWORD)
+    def stored() -> int:  # snapshot objects (not the temporary files they are written through)
+        where = tmp_path / "dst" / "snapshots"
+        return sum(len(n) == 64 for n in os.listdir(where)) if where.exists() else 0
+
+    saved = []
+    for _ in range(3):
+        before = stored()
+        proc = subprocess.Popen([sys.executable, "-m", "chunkvault.cli", "copy", "-r", str(tmp_path / "src-repo"),
+                                 "--to", dst_dir, "-q"], env=env, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 120
+        while stored() < before + 10 and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.005)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        for lock in (tmp_path / "dst" / "locks").iterdir():  # a killed process's lock: stale by its pid anyway
+            lock.unlink()
+        with Repository.open(dst_dir, PASSWORD, ledger=False) as dst:
+            assert dst.check().ok
+            saved.append(len(dst.snapshots()))
+    assert 0 < saved[0] < saved[-1] < 400, saved
+    cli("copy", "-r", str(tmp_path / "src-repo"), "--to", dst_dir, "-q", env={"CHUNKVAULT_TO_PASSWORD": PASSWORD})
+    with Repository.open(dst_dir, PASSWORD, ledger=False) as dst:
+        assert sorted(s.stats["copied_from"] for s in dst.snapshots()) == sorted(ids)
+        assert dst.check(read_data=True).ok
+        assert duplicates(indexed_blobs(dst.store)) == 0

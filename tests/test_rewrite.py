@@ -440,3 +440,46 @@ def test_a_rewrite_stopped_while_recounting_the_differentials_on_it_counts_them_
         assert repo.rewrite(["*.key"], [full], dry_run=False).recounted == []  # put right, they stay so
         full_files = next(s for s in repo.snapshots() if s.id == full).stats["files"]
     assert full_files == 0
+
+
+def _series_with_a_key(tmp_path, path: str, n: int, **init) -> list[str]:
+    """``n`` snapshots (fulls and differentials) of a tree holding ``secret.key``, changed each time."""
+    src = tmp_path / "src"
+    src.mkdir()
+    with Repository.init(path, PASSWORD, kdf_seconds=0, ledger=False, **init) as repo:
+        for i in range(n):
+            (src / "secret.key").write_text(f"key {i}")
+            (src / f"f{i}").write_text(f"file {i}")
+            repo.backup([str(src)], kind="diff" if i % 4 else "full")
+        return [s.id for s in repo.snapshots()]
+
+
+def test_rewriting_many_snapshots_writes_their_index_together(tmp_path):
+    """Each snapshot's new manifest was flushed with an index object of its own before the snapshot was saved:
+    a rewrite of a year of hourly snapshots left thousands, every one read at each later open.  They are
+    written together now, each snapshot saved once an index object lists its manifest."""
+    path = str(tmp_path / "repo")
+    ids = _series_with_a_key(tmp_path, path, 12)
+    before = len(os.listdir(os.path.join(path, "index")))
+    with Repository.open(path, PASSWORD, ledger=False) as repo:
+        report = repo.rewrite(["*.key"], dry_run=False)
+        assert sorted(report.rewritten) == sorted(ids)
+        assert len(os.listdir(os.path.join(path, "index"))) == before + 1
+        assert not any(e.path.endswith(b".key") for s in repo.snapshots() for e in repo.tree(s))
+        assert repo.check(read_data=True).ok
+
+
+def test_no_rewritten_snapshot_is_saved_before_the_index_lists_its_manifest(tmp_path, monkeypatch):
+    from chunkvault.store.repository import BlobWriter
+    from faults import IndexedFirst
+
+    monkeypatch.setattr(BlobWriter, "INDEX_EVERY_PACKS", 1)  # a batch every few snapshots
+    path = str(tmp_path / "repo")
+    ids = _series_with_a_key(tmp_path, path, 12, pack_size=2048)
+    before = len(os.listdir(os.path.join(path, "index")))
+    checking = IndexedFirst(path, PASSWORD)
+    with Repository.open(checking, PASSWORD, ledger=False) as repo:
+        assert sorted(repo.rewrite(["*.key"], dry_run=False).rewritten) == sorted(ids)
+    assert checking.saves == 12
+    added = len(os.listdir(os.path.join(path, "index"))) - before
+    assert 1 < added < 12  # in batches: the writer's own at each pack, and one per batch
