@@ -357,11 +357,24 @@ def _max_object_size(name: str, value: Any) -> int:
     return size
 
 
+class _EncryptedKey(Exception):
+    """The TLS key asked for its passphrase."""
+
+
+def _no_passphrase() -> bytes:
+    """The passphrase callback: the service has no terminal to ask on (OpenSSL's own prompt, at a SIGHUP, held
+    the service's main thread reading a terminal, SIGTERM unanswered; without one it said "Invalid argument")."""
+    raise _EncryptedKey()
+
+
 def _tls_context(cert: str, key: str) -> ssl.SSLContext:
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     try:
-        context.load_cert_chain(cert, key)
+        context.load_cert_chain(cert, key, password=_no_passphrase)
+    except _EncryptedKey:
+        raise UsageError(f"TLS key {key} is encrypted, and the service cannot ask for its passphrase: give it the "
+                         "key decrypted (openssl pkey -in KEY -out NEW), readable by its user alone") from None
     except (OSError, ssl.SSLError) as exc:
         reason = getattr(exc, "strerror", None) or getattr(exc, "reason", None) or exc
         raise UsageError(f"cannot load TLS certificate {cert} with key {key}: {reason}") from None

@@ -432,6 +432,36 @@ def test_a_ca_file_that_cannot_be_used_is_refused_at_once_by_name(tmp_path):
             HTTPRemote.from_url("https://127.0.0.1:6362/", token=FULL_TOKEN, ca_file=str(path))
 
 
+def _encrypt_key(key: Path) -> None:
+    from cryptography.hazmat.primitives import serialization
+
+    loaded = serialization.load_pem_private_key(key.read_bytes(), None)
+    key.write_bytes(loaded.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                         serialization.BestAvailableEncryption(b"passphrase")))
+
+
+def test_an_encrypted_tls_key_is_refused_by_name_without_a_passphrase_prompt(serve_factory, tmp_path):
+    """OpenSSL asked for the passphrase on the terminal ("Enter PEM pass phrase:"), where a reload then held
+    the service's main thread, or said "Invalid argument" without one."""
+    cert, key = make_self_signed(tmp_path)
+    encrypted = tmp_path / "encrypted.key"
+    shutil.copy(key, encrypted)
+    _encrypt_key(encrypted)
+    result = run_serve("--listen", f"127.0.0.1:{free_port()}", "--path", str(tmp_path), "--tls-cert", str(cert),
+                       "--tls-key", str(encrypted))
+    assert result.returncode == 2
+    assert result.stderr == (f"chunkvault serve: TLS key {encrypted} is encrypted, and the service cannot ask for "
+                             "its passphrase: give it the key decrypted (openssl pkey -in KEY -out NEW), readable by "
+                             "its user alone\n")
+    server = serve_factory("--tokens", str(write_tokens(tmp_path)), "--tls-cert", str(cert), "--tls-key", str(key),
+                           tls=True)
+    _encrypt_key(key)  # a renewal's key, encrypted: the reload keeps the certificate it had
+    server.proc.send_signal(signal.SIGHUP)
+    assert wait_for(lambda: "reload failed" in server.log()), server.log()
+    assert f"TLS key {key} is encrypted" in server.log() and "pass phrase" not in server.log()
+    assert server.running
+
+
 def test_a_certificate_for_another_name_is_told_apart_from_an_untrusted_one(serve_factory, tmp_path):
     """The hint said to set the CA file, which was set: the name is what is wrong."""
     cert, key = make_self_signed(tmp_path, host="127.0.0.2")
