@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import errno
 import hmac
+import http.client
 import io
 import json
 import os
@@ -66,6 +67,10 @@ BODY_PIECE = 1 * MiB  # an upload's buffer grows by at most this much per read (
 # Bodies up to this size are taken into memory (a lock, which a full disk must still take from the space kept
 # back for it); larger ones go straight into the temp file they are stored through.
 SMALL_BODY = 64 << 10
+# A request's headers, all of them: ours take a few hundred bytes, a proxy adds a few more.  The parser's own limits
+# (100 lines of 64 KiB) let a client without a token have the service hold 6.4 MB per connection it kept sending
+# them on, some 1.6 GB at the connection limit.
+HEADERS_LIMIT = 64 << 10
 READ_TIMEOUT = 120.0  # each write of an answer's head, and of a small answer
 # An upload's body must keep arriving (BodyPace): no gap of body_timeout seconds without a byte (as nginx's
 # client_body_timeout), and MIN_BODY_RATE bytes a second (by default; --min-upload-rate) over each window of
@@ -463,6 +468,25 @@ class BadRequest(Exception):
 
 class NotSharedLock(Exception):
     """A lock object stored with a token that is not full, which does not say it is shared."""
+
+
+class HeadersTooLarge(http.client.HTTPException):
+    """A request's headers went past HEADERS_LIMIT (answered 431 by the parser, as its own limits are)."""
+
+
+class _HeadersReader:
+    """The connection's reader while a request's headers are parsed (``readline``, all the parser calls): it
+    hands over HEADERS_LIMIT bytes of them at most."""
+
+    def __init__(self, rfile: Any):
+        self._rfile, self._left = rfile, HEADERS_LIMIT
+
+    def readline(self, limit: int = -1) -> bytes:
+        line = self._rfile.readline(self._left + 1 if limit < 0 else min(limit, self._left + 1))
+        self._left -= len(line)
+        if self._left < 0:
+            raise HeadersTooLarge(f"the request's headers are above {HEADERS_LIMIT >> 10} KiB")
+        return line
 
 
 def _says_shared(body: bytes) -> bool:
@@ -928,7 +952,11 @@ class Handler(BaseHTTPRequestHandler):
         super().handle_one_request()
 
     def parse_request(self) -> bool:
-        parsed = super().parse_request()
+        rfile, self.rfile = self.rfile, _HeadersReader(self.rfile)
+        try:
+            parsed = super().parse_request()
+        finally:
+            self.rfile = rfile
         self._phase, self._deadline = "body", None  # the head is in; a body's reads are paced (BodyPace)
         self._arm_timeout()  # and so do the answer's writes
         return parsed
@@ -1017,6 +1045,8 @@ class Handler(BaseHTTPRequestHandler):
     def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
         """Malformed requests (bad request line, unknown method): JSON, then close."""
         self.close_connection = True
+        if isinstance(sys.exc_info()[1], HeadersTooLarge):  # the parser says "Too many headers" of any it raised
+            message = str(sys.exc_info()[1])
         self._fail(code, message or self.responses.get(code, ("error",))[0], close=True)
 
     def _reply(self, status: int, body: bytes = b"", *, length: int | None = None,

@@ -357,6 +357,31 @@ def test_uploads_that_declare_large_bodies_and_send_little_hold_no_memory_for_th
             c.close()
 
 
+def test_request_headers_are_capped_in_total_and_hold_no_memory_beyond_it(http_server):
+    """The parser's own limits (100 lines of 64 KiB each) let a client without a token have the service hold
+    6.4 MB per connection it kept sending headers on: 240 MB for 40 connections, 1.6 GB at the connection limit."""
+    line = b"X-Pad: " + b"a" * 65000 + b"\r\n"
+    before = _rss_kib(http_server.proc.pid)
+    conns = []
+    try:
+        for i in range(16):
+            c = socket.create_connection(("127.0.0.1", http_server.port))
+            conns.append(c)
+            with contextlib.suppress(OSError):  # refused once past the cap, the connection is closed
+                c.sendall(b"GET /objects/config HTTP/1.1\r\nHost: x\r\n" + line * 99)
+        time.sleep(1.0)  # each handler has read what it takes of them
+        assert _rss_kib(http_server.proc.pid) - before < 40 << 10
+    finally:
+        for c in conns:
+            c.close()
+    headers = {f"X-Pad-{i}": "a" * 30000 for i in range(3)}  # each line well within the parser's limit
+    status, reply = raw_request(http_server.port, "GET", "/objects/config", headers=headers)
+    assert (status, reply["error"]) == (431, "the request's headers are above 64 KiB")
+    assert "GET - 431" in http_server.log()
+    status, _ = raw_request(http_server.port, "GET", "/objects/config", headers={"X-Pad": "a" * 30000})
+    assert status == 404  # within it: served
+
+
 def test_body_above_the_limit(serve_factory, tmp_path):
     server = serve_factory("--tokens", str(write_tokens(tmp_path)), "--max-object-size", "1M")
     with HTTPRemote.from_url(server.url, token=FULL_TOKEN) as remote:
