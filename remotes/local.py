@@ -347,12 +347,15 @@ class LocalRemote(Remote):
         make_private_dirs(d)  # 0700 whatever the umask: under 000 another user could delete objects
         self._known_dirs.add(d)
 
-    def put(self, key: str, data: bytes, *, if_absent: bool = False) -> None:
+    def put(self, key: str, data: bytes, *, if_absent: bool = False, reserve: bool = True) -> None:
+        """``reserve``: whether a full disk may take the reserve for this write while an exclusive lock is held;
+        a service sharing this remote among its clients says no for one whose token is not full, as the lock
+        is not that client's (a killed prune's stale one held for good let every client's writes take it)."""
         exclusive = key.startswith(EXCLUSIVE_LOCK_PREFIX)
         try:
             self._put(key, data, if_absent)
         except StorageFull:
-            if not (exclusive or self._exclusive) or not self._release_reserve():
+            if not reserve or not (exclusive or self._exclusive) or not self._release_reserve():
                 raise
             self._put(key, data, if_absent)
         if exclusive:
@@ -407,12 +410,14 @@ class LocalRemote(Remote):
 
         self._write_object(key, write, if_absent)
 
-    def put_stream(self, key: str, read: Callable[[int], bytes], length: int, *, if_absent: bool = False) -> bool:
+    def put_stream(self, key: str, read: Callable[[int], bytes], length: int, *, if_absent: bool = False,
+                   reserve: bool = True) -> bool:
         """Store the ``length`` bytes ``read(n)`` hands over a piece at a time (an upload as it arrives), holding
         none of them: they go into the temp file as they come, which is renamed into place only once all are
-        in.  False, with nothing stored, when ``read`` gives b"" before the end (the sender stopped short)."""
+        in.  False, with nothing stored, when ``read`` gives b"" before the end (the sender stopped short).
+        ``reserve`` as for ``put``."""
 
-        if self._exclusive and self._free_bytes() < length + RESERVE_SIZE:  # a stream cannot be sent again
+        if reserve and self._exclusive and self._free_bytes() < length + RESERVE_SIZE:  # a stream cannot be sent again
             self._release_reserve()
 
         def write(fd: int) -> bool:

@@ -1333,7 +1333,7 @@ class Handler(BaseHTTPRequestHandler):
             return self._exists(key, if_absent)
         self._continue()
         try:
-            stored = self._store(key, length, if_absent or guarded, shared_only)
+            stored = self._store(key, length, if_absent or guarded, shared_only, reserve=mode == "full")
         except ObjectExists:
             return self._exists(key, if_absent)
         except NotSharedLock:
@@ -1355,19 +1355,20 @@ class Handler(BaseHTTPRequestHandler):
             return None
         self._reply(201, received=length)
 
-    def _store(self, key: str, length: int, if_absent: bool, shared_only: bool = False) -> bool:
+    def _store(self, key: str, length: int, if_absent: bool, shared_only: bool = False, *, reserve: bool) -> bool:
         """Store the body under ``key``; False when the client stopped short.  A large body goes straight into
         the temp file it is stored through, never whole into memory: uploads at once from clients with
         append-only tokens ran the server out of memory.  With ``shared_only``, a body that is no shared lock
-        is refused (NotSharedLock), nothing stored."""
+        is refused (NotSharedLock), nothing stored.  ``reserve``: whether a full disk may take the space kept
+        back for a forget or prune (a full token's request)."""
         if length > SMALL_BODY:
-            return self.server.remote.put_stream(key, self._receive, length, if_absent=if_absent)
+            return self.server.remote.put_stream(key, self._receive, length, if_absent=if_absent, reserve=reserve)
         body = self._read_body(length)
         if body is None:
             return False
         if shared_only and not _says_shared(bytes(body)):
             raise NotSharedLock(key)
-        self.server.remote.put(key, body, if_absent=if_absent)
+        self.server.remote.put(key, body, if_absent=if_absent, reserve=reserve)
         return True
 
     def _receive(self, n: int) -> bytes:

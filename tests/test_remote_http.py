@@ -1262,6 +1262,40 @@ def test_an_append_only_token_takes_no_exclusive_lock(http_server):
     assert raw_request(http_server.port, "PUT", "/objects/locks/x-" + "2" * 32, b"{}", token=FULL_TOKEN)[0] == 201
 
 
+def test_an_append_only_client_takes_no_reserve_on_a_full_disk_while_an_exclusive_lock_is_held(serve_factory,
+                                                                                                tmp_path):
+    """The reserve is for the forget or prune that frees a full disk.  While an exclusive lock was held (a prune
+    running, or one killed: its stale lock stays until unlock), the service let every client's write take it,
+    an append-only client's pack or lock too, so the prune meant to free the disk found no room left."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(disk)]).returncode != 0:
+        pytest.skip("cannot mount a tmpfs here")
+    try:
+        server = serve_factory("--tokens", str(write_tokens(tmp_path)), path=disk)
+        reserve = disk / ".reserve"
+        assert reserve.stat().st_size == 1 << 20
+        held = json.dumps({"kind": "exclusive", "host": "elsewhere", "pid": 1, "purpose": "prune",
+                           "time": time.time() - 7200}).encode()
+        assert raw_request(server.port, "PUT", "/objects/locks/x-" + "1" * 32, held)[0] == 201
+        free = os.statvfs(disk).f_bavail * os.statvfs(disk).f_frsize
+        (disk / "filler").write_bytes(b"\0" * (free - (256 << 10)))
+        pack = os.urandom(768 << 10)  # more than is free, less than the reserve; streamed to its temp file
+        assert raw_request(server.port, "PUT", f"/objects/{KEY}", pack, token=APPEND_TOKEN)[0] == 507
+        with contextlib.suppress(OSError), open(disk / "filler2", "wb") as f:  # not a byte left
+            while True:
+                f.write(b"\0" * 4096)
+                f.flush()
+        shared = json.dumps({"kind": "shared", "host": "h", "pid": 2, "purpose": "backup"}).encode()
+        assert raw_request(server.port, "PUT", "/objects/locks/" + "2" * 32, shared, token=APPEND_TOKEN)[0] == 507
+        assert reserve.stat().st_size == 1 << 20
+        assert raw_request(server.port, "PUT", f"/objects/{KEY}", pack)[0] == 201  # a full token's write may
+        assert not reserve.exists()
+        server.stop()
+    finally:
+        subprocess.run(["umount", str(disk)])
+
+
 def test_an_append_only_token_stores_no_lock_of_another_kind_under_a_shared_name(http_server):
     """Clients take a lock's kind from its content, any kind but shared for exclusive: an append-only client
     that stored {"kind": "exclusive"} under a shared lock's name held every other client's backup off for as
