@@ -375,6 +375,11 @@ def _no_passphrase() -> bytes:
 def _tls_context(cert: str, key: str) -> ssl.SSLContext:
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
+    for what, path in (("certificate", cert), ("key", key)):
+        try:  # a pipe (no writer: the start waited for one for ever) or a device is no file a reload can read again
+            read_regular(path, 0)
+        except OSError as exc:
+            raise UsageError(f"cannot load TLS {what} {path}: {exc.strerror or exc}") from None
     try:
         context.load_cert_chain(cert, key, password=_no_passphrase)
     except _EncryptedKey:

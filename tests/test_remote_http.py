@@ -487,6 +487,21 @@ def test_an_encrypted_tls_key_is_refused_by_name_without_a_passphrase_prompt(ser
     assert server.running
 
 
+@pytest.mark.parametrize("which", ["cert", "key"])
+def test_a_tls_file_that_is_a_pipe_is_refused_at_once(tmp_path, which):
+    """A named pipe without a writer held the start for ever, waiting for one; a pipe or device with one was
+    read once, and no reload could read it again (as a tokens file, refused so)."""
+    cert, key = make_self_signed(tmp_path)
+    pipe = tmp_path / "pipe.pem"
+    os.mkfifo(pipe, 0o600)
+    files = {"cert": str(cert), "key": str(key), which: str(pipe)}
+    result = run_serve("--listen", f"127.0.0.1:{free_port()}", "--path", str(tmp_path), "--tls-cert", files["cert"],
+                       "--tls-key", files["key"], timeout=15)
+    assert result.returncode == 2
+    what = "certificate" if which == "cert" else "key"
+    assert result.stderr == f"chunkvault serve: cannot load TLS {what} {pipe}: not a regular file\n"
+
+
 def test_a_certificate_for_another_name_is_told_apart_from_an_untrusted_one(serve_factory, tmp_path):
     """The hint said to set the CA file, which was set: the name is what is wrong."""
     cert, key = make_self_signed(tmp_path, host="127.0.0.2")
