@@ -277,6 +277,7 @@ class HTTPRemote(Remote):
         ca_file = ca_file or from_environment(ENVIRONMENT_OPTIONS["ca_file"])
         if ca_file:
             _check_ca_file(str(ca_file))
+        self._ca_file = str(ca_file) if ca_file else None
         self.read_timeout = timeout_option("HTTP", "read_timeout", read_timeout)
         timeout = urllib3.Timeout(connect=timeout_option("HTTP", "connect_timeout", connect_timeout),
                                   read=self.read_timeout)
@@ -325,8 +326,11 @@ class HTTPRemote(Remote):
         except u3.SSLError as exc:
             failure = cert_failure(exc)
             if failure is not None:
-                hint = cert_hint(failure.verify_code, "service", "to trust a private CA or self-signed certificate, "
-                                 f"set {CA_FILE_ENV} or -o http.ca-file=FILE")
+                # with a CA file given, the hint to give one said nothing: that file holds another CA
+                trust = (f"the CA file {self._ca_file} holds no certificate it was issued by: give the CA that issued "
+                         "the service's certificate, or a self-signed one itself" if self._ca_file else
+                         f"to trust a private CA or self-signed certificate, set {CA_FILE_ENV} or -o http.ca-file=FILE")
+                hint = cert_hint(failure.verify_code, "service", trust)
                 raise RemoteError(
                     f"TLS certificate of {self.display_url} not trusted: {failure.verify_message or 'verification failed'} "
                     f"({hint})"

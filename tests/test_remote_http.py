@@ -516,6 +516,28 @@ def test_a_certificate_for_another_name_is_told_apart_from_an_untrusted_one(serv
             remote.get(KEY)
 
 
+def test_a_ca_file_of_another_ca_is_named_not_asked_for(serve_factory, tmp_path, monkeypatch):
+    """The hint said to set the CA file, which was set: it holds another CA than the one that issued the
+    service's certificate."""
+    monkeypatch.delenv("CHUNKVAULT_HTTP_CA_FILE", raising=False)
+    cert, key = make_self_signed(tmp_path)
+    other = tmp_path / "other"
+    other.mkdir()
+    other_cert, _ = make_self_signed(other)
+    server = serve_factory("--tokens", str(write_tokens(tmp_path)), "--tls-cert", str(cert), "--tls-key", str(key),
+                           tls=True)
+    with HTTPRemote.from_url(server.url, token=FULL_TOKEN, ca_file=str(other_cert)) as remote:
+        with pytest.raises(RemoteError) as info:
+            remote.get(KEY)
+    assert f"not trusted: self-signed certificate (the CA file {other_cert} holds no certificate it was issued by: " \
+           "give the CA that issued the service's certificate, or a self-signed one itself)" in str(info.value)
+    assert "CHUNKVAULT_HTTP_CA_FILE" not in str(info.value)
+    monkeypatch.setenv("CHUNKVAULT_HTTP_CA_FILE", str(other_cert))  # from the environment too
+    with HTTPRemote.from_url(server.url, token=FULL_TOKEN) as remote:
+        with pytest.raises(RemoteError, match=f"the CA file {re.escape(str(other_cert))} holds no certificate"):
+            remote.get(KEY)
+
+
 def test_an_expired_certificate_is_told_apart_from_an_untrusted_one(serve_factory, tmp_path):
     """The hint said to set the CA file, which was set: the certificate's validity is what is wrong."""
     cert, key = make_self_signed(tmp_path, expired=True)
