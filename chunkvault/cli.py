@@ -29,8 +29,8 @@ from .errors import (ChunkvaultError, ChunkvaultWarning, CorruptObject, Locked, 
                      RepositoryStateWarning, SnapshotNotFound, TargetNotEmpty, TargetUnwritable, UsageError,
                      VerificationFailed, output_error, resource_exhausted)
 from .store.chain import chain_lengths
-from .store.manifest import (F_UNREADABLE, OP_DELETE, OP_ENTRY, OP_FRESH, T_BLOCKDEV, T_CHARDEV, T_DIR, T_FILE,
-                             TYPE_NAMES, Entry, Record, unread, what_changed)
+from .store.manifest import (F_CHANGED_DURING_READ, F_UNREADABLE, OP_DELETE, OP_ENTRY, OP_FRESH, T_BLOCKDEV,
+                             T_CHARDEV, T_DIR, T_FILE, TYPE_NAMES, Entry, Record, unread, what_changed)
 from .store.overwrite import OVERWRITE_MODES, check_overwrite
 from .store.snapshot import Snapshot, check_local_zone, listed_time, said_second
 from .store.xattrs import decode_xattrs
@@ -502,9 +502,12 @@ def _unreadable(e: Entry, unread_paths: Collection[bytes] = ()) -> str | None:
     """Of an entry the backup could not read (flagged, or among ``unread_paths``: the snapshot's list, which
     names the files and entries it kept as an earlier backup had them): a file's data is none, or an earlier
     backup's ("no data", "earlier data"); a directory could not be listed ("not listed"), another entry is an
-    earlier backup's ("earlier entry").  None for the others."""
+    earlier backup's ("earlier entry"); its extended attributes could not be read ("attributes": read again by
+    the next backup).  None for the others."""
     if not e.flags & F_UNREADABLE and e.path not in unread_paths:
         return None
+    if not e.flags & F_UNREADABLE and e.flags & F_CHANGED_DURING_READ:
+        return "attributes"
     if e.type == T_FILE:
         return "no data" if unread(e) else "earlier data"
     return "not listed" if e.type == T_DIR else "earlier entry"

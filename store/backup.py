@@ -721,7 +721,7 @@ class Backup:
             self.racy_reads += 1
             return False
         e.digest, e.chunks, e.size = prev.digest, prev.chunks, prev.size
-        e.xattrs = self._xattrs(path, path, st, T_FILE, prev, notes)
+        self._xattrs(e, path, path, st, prev, notes)
         return True
 
     def _start_run(self) -> None:
@@ -783,7 +783,7 @@ class Backup:
         except OSError as exc:
             return self._unreadable_file(e, path, prev, notes, exc)
         try:
-            e.xattrs = self._xattrs(fd, path, st, T_FILE, prev, notes)
+            self._xattrs(e, fd, path, st, prev, notes)
             try:
                 reader = HoleSkippingReader(fd) if may_have_holes(st) and seekable(fd) else _FdReader(fd)
                 e.digest, e.chunks, e.size = self._read_stream(reader, e.path, prev, st.st_size, report=False)
@@ -814,7 +814,10 @@ class Backup:
         if len(data) > st.st_size or (dev, ino) != (st.st_dev, st.st_ino):  # read again to tell which
             return None
         try:
-            e.xattrs = b"" if xattrs == 0 else self._xattrs(path, path, st, T_FILE, prev, notes)
+            if xattrs == 0:
+                e.xattrs = b""
+            else:
+                self._xattrs(e, path, path, st, prev, notes)
         except FileNotFoundError:
             return None
         e.digest, e.chunks, e.size = self._take_chunks((data,) if data else (), e.path, prev, report=False)
@@ -881,22 +884,29 @@ class Backup:
             return
         e.flags |= F_CHANGED_DURING_READ
 
-    def _xattrs(self, target: bytes | int, path: bytes, st: os.stat_result, etype: int, prev: Entry | None,
-                notes: list[str]) -> bytes:
-        """The extended attributes of an entry (``target``: its path or open fd): the parent's when the
-        change time, which every change of them moves, says they are the same."""
+    def _xattrs(self, e: Entry, target: bytes | int, path: bytes, st: os.stat_result, prev: Entry | None,
+                notes: list[str]) -> None:
+        """Set the extended attributes of ``e`` (``target``: its path or open fd): the parent's when the change
+        time, which every change of them moves, says they are the same.  Attributes that cannot be read keep
+        the parent's, as data that cannot be read does (an error that may pass is no reason to drop an ACL),
+        and flag the entry, which the next backup then reads again; the path is listed unreadable."""
         if not self.opt.xattrs:
-            return b""
-        if (prev is not None and prev.type == etype and prev.ctime_ns == st.st_ctime_ns and self._xattrs_known
+            e.xattrs = b""
+            return
+        same_type = prev is not None and prev.type == e.type and self._xattrs_known
+        if (same_type and prev.ctime_ns == st.st_ctime_ns and not prev.flags & F_CHANGED_DURING_READ
                 and not self._ignore & IGNORE_CTIME and not _racy(st.st_ctime_ns, self._racy)):
-            return prev.xattrs
+            e.xattrs = prev.xattrs
+            return
         try:
-            return read_xattrs(target)
+            e.xattrs = read_xattrs(target)
         except FileNotFoundError:
             raise
         except OSError as exc:
             notes.append(f"cannot read extended attributes of {os.fsdecode(path)}: {exc.strerror}")
-            return b""
+            e.xattrs = prev.xattrs if same_type else b""
+            e.flags |= F_CHANGED_DURING_READ
+            self._unread.add(e.path)
 
     def _base_entry(self, rel: bytes, st: os.stat_result, etype: int, prev: Entry | None = None) -> Entry:
         """The entry's stat fields; those the backup ignores are kept from ``prev`` (of the same type), so
@@ -946,7 +956,7 @@ class Backup:
         mode = st.st_mode
         if stat.S_ISDIR(mode):
             e = self._base_entry(rel, st, T_DIR, prev)
-            e.xattrs = self._xattrs(path, path, st, T_DIR, prev, notes)
+            self._xattrs(e, path, path, st, prev, notes)
             if not ok:
                 e.flags |= F_UNREADABLE
             return e
@@ -972,7 +982,7 @@ class Backup:
         else:
             notes.append(f"skipped socket or unknown file type: {os.fsdecode(path)}")
             return None
-        e.xattrs = self._xattrs(path, path, st, e.type, prev, notes)
+        self._xattrs(e, path, path, st, prev, notes)
         return e
 
     def _replaced_symlink(self, rel: bytes, path: bytes, prev: Entry | None, notes: list[str]

@@ -193,6 +193,39 @@ def test_attributes_that_cannot_be_read_are_a_warning(repo, source, monkeypatch)
     assert len(warned) == 2 and any(w.endswith("etc: Permission denied") for w in warned)
 
 
+def test_attributes_that_cannot_be_read_keep_the_parents_and_are_read_again(repo, source, monkeypatch, cli,
+                                                                          tmp_path):
+    """An error reading them (EIO, EACCES) is the path's unreadable (exit 3), not a silent loss: the entry keeps
+    the parent's attributes, and the next backup reads them again, even where its stat says unchanged (they
+    were taken from the parent on its change time, so that one error dropped an ACL from every later one)."""
+    real = os.listxattr
+    failing = [True]
+
+    def refuse(target, *args, **kwargs):
+        if failing[0] and (isinstance(target, bytes) and target.endswith(b"etc") or isinstance(target, int)):
+            raise OSError(errno.EIO, "Input/output error")
+        return real(target, *args, **kwargs)
+
+    monkeypatch.setattr(xattrs_mod.os, "listxattr", refuse)
+    settle()  # their times out of the racy margin: only the flag has the next backup read them again
+    first = repo.backup([str(source)])
+    assert first.partial and sorted(first.snapshot.stats["unreadable"]) == ["big-link.bin", "etc"]
+    ls = cli("ls", "-r", str(tmp_path / "repo0"), "latest", "--json")  # the repo fixture's
+    listed = {e["path"]: e["unreadable"] for e in json.loads(ls.stdout)}
+    assert listed["etc"] == listed["big-link.bin"] == "attributes" and listed["plain.txt"] is None
+    failing[0] = False
+    second = repo.backup([str(source)])
+    assert not second.partial
+    entries = {e.path: e for e in repo.tree(second.snapshot)}
+    assert decode_xattrs(entries[b"etc"].xattrs) == {b"user.dir": b""}
+    assert b"user.checked" in decode_xattrs(entries[b"big-link.bin"].xattrs)  # the first link holds the file
+    os.chmod(source / "etc", 0o755)  # its change time moves: the attributes are read, and fail again
+    failing[0] = True
+    third = repo.backup([str(source)])
+    assert third.partial and third.snapshot.stats["unreadable"] == ["etc"]
+    assert {e.path: e for e in repo.tree(third.snapshot)}[b"etc"].xattrs == entries[b"etc"].xattrs
+
+
 def test_an_attribute_removed_between_the_listing_and_its_read_costs_only_itself(repo, source, monkeypatch):
     """Another program removed one attribute after the backup listed them: the file keeps the others (its
     ACLs and capabilities among them), with no warning, rather than losing them all."""
