@@ -231,6 +231,14 @@ def _cannot_read(path: bytes, exc: OSError) -> str:
     return f"cannot read {os.fsdecode(path)}: {resource_exhausted(exc) or exc.strerror or exc}"
 
 
+def _regular_now(path: bytes) -> bool:
+    """Whether ``path`` is a regular file now (not following a symbolic link)."""
+    try:
+        return stat.S_ISREG(os.lstat(path).st_mode)
+    except OSError:
+        return False
+
+
 def _vanished(path: bytes) -> str:
     return f"vanished during backup: {os.fsdecode(path)}"
 
@@ -764,7 +772,7 @@ class Backup:
         """On a reader thread: fill in ``e`` from the file's bytes (``small``: read already, whole).  Its
         warnings are returned, to be reported when the entry takes its place in the manifest."""
         notes: list[str] = []
-        if isinstance(small, OSError) and not isinstance(small, FileNotFoundError):
+        if isinstance(small, OSError) and not isinstance(small, FileNotFoundError) and small.errno != errno.ELOOP:
             return self._unreadable_file(e, path, prev, notes, small)
         if small is not None:
             whole = self._read_small(e, path, st, prev, notes, small)
@@ -775,13 +783,15 @@ class Backup:
             fd = open_source_file(path, (st.st_dev, st.st_ino))
         except FileNotFoundError:
             return _FileRead(None, [_vanished(path)])
-        except Replaced:
+        except OSError as exc:
+            # ELOOP: a symbolic link was at the path (not followed), and another file may have taken its place
+            # since: that one is read as a file saved by a rename is, rather than the path called unreadable
+            if not isinstance(exc, Replaced) and not (exc.errno == errno.ELOOP and _regular_now(path)):
+                return self._unreadable_file(e, path, prev, notes, exc)
             beneath = self._open_beneath_root(path)
             if beneath is None:
                 return self._replaced(path, prev, notes)
             fd, replaced = beneath, True
-        except OSError as exc:
-            return self._unreadable_file(e, path, prev, notes, exc)
         try:
             self._xattrs(e, fd, path, st, prev, notes)
             try:

@@ -616,6 +616,51 @@ def test_a_file_replaced_by_a_fifo_before_it_is_read_is_left_out(tmp_path, new_r
     assert [e.path for e in repo.tree(result.snapshot) if e.path] == [b"g"]
 
 
+@pytest.mark.parametrize("size", [1000, 3 << 20], ids=["read with the small files", "read as a stream"])
+def test_a_file_a_symlink_stood_for_while_it_was_opened_is_read_as_it_is_now(tmp_path, new_repo, monkeypatch,
+                                                                                size):
+    """A symbolic link took the file's place for the moment of the open (O_NOFOLLOW: ELOOP), and another file
+    took the link's (a tool's swap, ``ln -sf`` and back): that file is read, as one saved by a rename is.  The
+    path was called unreadable ("Too many levels of symbolic links"), exit 3, and recorded without data."""
+    from chunkvault.store import backup as backup_module
+
+    src = tmp_path / "src"
+    src.mkdir()
+    victim = src / "f"
+    victim.write_bytes(os.urandom(size))
+    (src / "g").write_bytes(b"stays")
+    repo = new_repo()
+
+    def to_link() -> None:
+        victim.rename(tmp_path / "held")  # kept: the file put back takes another inode
+        victim.symlink_to("/etc/hostname")
+
+    def to_file() -> None:
+        (src / "new").write_bytes(b"the file now")
+        (src / "new").rename(victim)
+
+    hooked = "read_small_files" if size < 4096 else "open_source_file"
+    real = getattr(backup_module, hooked)
+    fired: list[bool] = []
+
+    def swapping(*args, **kwargs):
+        if fired:
+            return real(*args, **kwargs)
+        fired.append(True)
+        to_link()
+        try:
+            return real(*args, **kwargs)
+        finally:
+            to_file()
+
+    monkeypatch.setattr(backup_module, hooked, swapping)
+    result = repo.backup([str(src)])
+    assert not result.partial and not [w for w in result.warnings if "cannot read" in w], result.warnings
+    assert any("replaced during backup (stored as it is now)" in w for w in result.warnings)
+    with repo.open_file(result.snapshot, "f") as f:
+        assert f.read() == b"the file now"
+
+
 def test_files_of_a_directory_replaced_by_a_file_before_they_are_read_vanished(tmp_path, new_repo, monkeypatch):
     """Listed, then their directory became a file: they are gone (left out, as vanished), not unreadable
     (the run was partial, exit 3, and recorded five empty files)."""
