@@ -31,6 +31,16 @@ def capped(data: Read, limit: int, said: str, instead: str) -> Read:
     return data
 
 
+def absolute_path(path: str, what: str) -> str:
+    """``os.path.abspath(path)``; UsageError naming ``what`` where ``path`` is relative and the working
+    directory was removed (``getcwd`` fails: ENOENT), which was an internal error's traceback."""
+    try:
+        return os.path.abspath(path)
+    except FileNotFoundError:
+        raise UsageError(f"{what} {path} is relative, and the working directory no longer exists: give it as an "
+                         "absolute path, or change to a directory that exists") from None
+
+
 def fsync_directory(path: str) -> None:
     """Make a rename or creation in directory ``path`` durable (a crash after it leaves the new name, not the
     old one)."""

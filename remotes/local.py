@@ -28,7 +28,7 @@ from chunkvault.errors import (
     StorageFull,
     UsageError,
 )
-from chunkvault.localfiles import make_private_dirs
+from chunkvault.localfiles import absolute_path, make_private_dirs
 
 from .base import ObjectInfo, Remote, is_key, spelled, validate_key, validate_prefix, yes_no_option
 
@@ -282,7 +282,7 @@ def _checked_root(root: str) -> str:
     root = os.fspath(root)
     if "\0" in root:
         raise UsageError(f"a local repository's path holds no NUL character: {root!r}")
-    path = os.path.abspath(root)
+    path = absolute_path(root, "local repository path")
     limit = _name_max(path)
     long = next((name for name in path.split("/") if len(os.fsencode(name)) > limit), None)
     if long is not None:

@@ -23,7 +23,7 @@ import time
 from typing import Any, Callable, Collection, Iterator, Mapping
 
 from chunkvault.errors import UsageError
-from chunkvault.localfiles import CACHEDIR_TAG, read_capped
+from chunkvault.localfiles import CACHEDIR_TAG, absolute_path, read_capped
 from .excludes import ExcludeRules
 from .manifest import held_ns, sort_key
 from .xattrs import UNSUPPORTED_ERRNOS
@@ -302,7 +302,7 @@ def root_specs(paths: list[str]) -> tuple[list[tuple[bytes, bytes]], list[str]]:
     """
     if not paths:
         raise UsageError("nothing to back up: give at least one path")
-    absolute = sorted({os.path.abspath(p) for p in paths})
+    absolute = sorted({absolute_path(p, "source path") for p in paths})
     if not any(os.path.lexists(p) for p in absolute):
         raise UsageError(f"source path does not exist: {absolute[0]}" if len(absolute) == 1
                          else f"none of the {len(absolute)} source paths exists")

@@ -366,6 +366,24 @@ def test_a_missing_source_path_gives_the_partial_exit_code(tmp_path, cli, setup)
     cli("backup", "-r", repo, str(tmp_path / "gone"), check=2)
 
 
+def test_relative_paths_from_a_removed_working_directory_are_a_usage_error(tmp_path, cli, setup):
+    """`backup .` (or a relative repository) run from a directory removed since: getcwd fails, which was an
+    internal error's traceback (exit 1); one line and exit 2 now.  Absolute paths need no working directory."""
+    repo, src = setup
+    gone = tmp_path / "gone"
+    gone.mkdir()
+    from_gone = ("sh", "-c", f'cd "{gone}" && rmdir "{gone}" && exec "$@"', "sh")
+    proc = cli("backup", "-r", repo, ".", check=2, wrap=from_gone)
+    assert proc.stderr.decode().splitlines() == [
+        "chunkvault: source path . is relative, and the working directory no longer exists: give it as an "
+        "absolute path, or change to a directory that exists"]
+    gone.mkdir()
+    proc = cli("snapshots", "-r", "relrepo", check=2, wrap=from_gone)
+    assert b"local repository path relrepo is relative, and the working directory no longer exists" in proc.stderr
+    gone.mkdir()
+    cli("backup", "-r", repo, str(src), wrap=from_gone)
+
+
 @pytest.mark.skipif(not os.path.exists("/dev/full"), reason="no /dev/full here")
 def test_an_unwritable_stderr_leaves_the_exit_codes_as_they_are(tmp_path, setup):
     """cron's log on a full disk: what could not be said is lost, the exit code still tells (it was 1)."""
