@@ -304,8 +304,7 @@ def root_specs(paths: list[str]) -> tuple[list[tuple[bytes, bytes]], list[str]]:
         raise UsageError("nothing to back up: give at least one path")
     absolute = sorted({absolute_path(p, "source path") for p in paths})
     if not any(os.path.lexists(p) for p in absolute):
-        raise UsageError(f"source path does not exist: {absolute[0]}" if len(absolute) == 1
-                         else f"none of the {len(absolute)} source paths exists")
+        raise UsageError(_none_there(absolute))
     for p in absolute:  # a source "inside" another through a symbolic link would be backed up by neither
         link = next((link for q in absolute if q != p and _inside(p, q) and (link := _link_between(q, p))), None)
         if link is not None:
@@ -318,6 +317,20 @@ def root_specs(paths: list[str]) -> tuple[list[tuple[bytes, bytes]], list[str]]:
         return [(os.fsencode(os.path.basename(outer[0])), os.fsencode(outer[0]))], absolute
     roots = sorted(((os.fsencode(p.lstrip("/")), os.fsencode(p)) for p in outer), key=lambda r: sort_key(r[0]))
     return roots, absolute
+
+
+def _none_there(absolute: list[str]) -> str:
+    """Why no source can be backed up: one that is there but cannot be looked at (a directory above it this
+    user may not search: EACCES) says so, where "does not exist" sent its user looking for a typo."""
+    for p in absolute:
+        try:
+            os.lstat(p)
+        except (FileNotFoundError, NotADirectoryError):
+            continue
+        except OSError as exc:
+            return f"cannot read source path {p}: {exc.strerror or exc}"
+    return (f"source path does not exist: {absolute[0]}" if len(absolute) == 1
+            else f"none of the {len(absolute)} source paths exists")
 
 
 def _link_between(outer: str, inner: str) -> str | None:

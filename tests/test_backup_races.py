@@ -529,6 +529,26 @@ def test_the_walks_agree_on_entries_whose_lstat_fails(tmp_path):
 
 
 @needs_no_dac_override
+def test_a_source_that_cannot_be_looked_at_is_not_called_missing(tmp_path, new_repo):
+    """The only source lies in a directory this user may not search: its lstat fails with EACCES.  The backup
+    refuses it by that reason; it said "source path does not exist", and its user looked for a typo."""
+    src = tmp_path / "src"
+    searchable_not(src)
+    new_repo()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CHUNKVAULT_")}
+    env.update(CHUNKVAULT_PASSWORD=PASSWORD, CHUNKVAULT_REPOSITORY=str(tmp_path / "repo0"))
+    try:
+        proc = unprivileged([sys.executable, "-m", "chunkvault.cli", "backup", str(src / "listonly" / "in")], env=env)
+        gone = unprivileged([sys.executable, "-m", "chunkvault.cli", "backup", str(src / "gone")], env=env)
+    finally:
+        os.chmod(src / "listonly", 0o755)
+    assert proc.returncode == 2
+    assert proc.stderr.decode().splitlines() == [
+        f"chunkvault: cannot read source path {src}/listonly/in: Permission denied"]
+    assert gone.returncode == 2 and gone.stderr.decode().startswith("chunkvault: source path does not exist")
+
+
+@needs_no_dac_override
 def test_a_backup_of_entries_whose_lstat_fails_exits_3_and_keeps_the_parents(tmp_path, new_repo):
     src = tmp_path / "src"
     searchable_not(src)
