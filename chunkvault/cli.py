@@ -170,6 +170,22 @@ GENERATE_SECRET_HELP = ("instead of a password, a generated key secret, written 
                         "opening with it (--password-file FILE) skips the password's key derivation")
 
 
+def _local_repository(args: argparse.Namespace) -> list[str]:
+    """The directory of a repository on local disk, which a backup leaves out of its tree; none for another
+    (or none given: opening the repository says so, after the sources are looked at)."""
+    from .localfiles import absolute_path
+    from .remotes import url_scheme
+    from .remotes.local import local_path
+
+    url = args.repo or os.environ.get("CHUNKVAULT_REPOSITORY")
+    try:
+        if url and url_scheme(url) == "file":
+            return [absolute_path(local_path(url), "local repository path")]
+    except UsageError:  # opening it says what is wrong with it
+        pass
+    return []
+
+
 def _repo_url(args: argparse.Namespace) -> str:
     url = args.repo or os.environ.get("CHUNKVAULT_REPOSITORY")
     if not url:
@@ -673,7 +689,8 @@ def cmd_backup(args: argparse.Namespace) -> int:
             walk = SourceWalk.of_paths(args.paths, excludes, one_file_system=args.one_file_system,
                                        markers=markers_of(args.exclude_if_present, args.exclude_caches),
                                        max_file_size=args.exclude_larger_than, iexcludes=iexcludes,
-                                       report_excluded=listing and args.dry_run)
+                                       report_excluded=listing and args.dry_run,
+                                       repositories=_local_repository(args))
             walk.start()  # overlaps the key derivation
         try:
             repo = _open(args)

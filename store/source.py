@@ -333,6 +333,24 @@ def _none_there(absolute: list[str]) -> str:
             else f"none of the {len(absolute)} source paths exists")
 
 
+def _walked_paths(directories: Collection[str], roots: list[tuple[bytes, bytes]]) -> dict[bytes, tuple[int, int]]:
+    """Of each directory that lies in a root's tree, the path the walk reaches it by (the root's path and
+    what lies below it: the walk follows no link, but the root's own path may pass through one), with its
+    device and inode: the walk leaves out that directory, and only it."""
+    out: dict[bytes, tuple[int, int]] = {}
+    for directory in directories:
+        try:
+            st = os.stat(directory)
+            real = os.path.realpath(directory)
+        except OSError:  # not there (yet): nothing of it to leave out
+            continue
+        for _, path in roots:
+            top = os.path.realpath(os.fsdecode(path))
+            if real.startswith(top.rstrip("/") + "/"):
+                out[path.rstrip(b"/") + b"/" + os.fsencode(real[len(top.rstrip("/")) + 1:])] = (st.st_dev, st.st_ino)
+    return out
+
+
 def _link_between(outer: str, inner: str) -> str | None:
     """The first symbolic link among ``outer`` and the directories between it and ``inner`` (below it)."""
     at = outer
@@ -417,7 +435,8 @@ class TreeTotal:
         self._stop = threading.Event()
         self._walk = SourceWalk(walk.roots, walk.excludes, iexcludes=walk.iexcludes, paths=walk.paths,
                                 one_file_system=walk.one_file_system, markers=walk.markers,
-                                max_file_size=walk.max_file_size, leave_out=walk.leave_out, graft=walk.graft)
+                                max_file_size=walk.max_file_size, leave_out=walk.leave_out, graft=walk.graft,
+                                repositories=walk.repositories)
         self._thread = threading.Thread(target=self._count, name="tree-total", daemon=True)
         self._thread.start()
 
@@ -468,7 +487,7 @@ class SourceWalk:
                  warnings: list[str] | None = None,
                  one_file_system: bool = False, markers: list[Marker] | None = None,
                  max_file_size: int | None = None, report_excluded: bool = False, leave_out: LeaveOut | None = None,
-                 graft: Graft | None = None):
+                 graft: Graft | None = None, repositories: Collection[str] = ()):
         self.roots = roots
         self.paths = paths if paths is not None else [os.fsdecode(p) for _, p in roots]
         self.excludes = list(excludes or [])
@@ -491,6 +510,10 @@ class SourceWalk:
         # tablespace on its own disk is read, not recorded as a mount point).
         self.graft = graft
         self._grafted: set[bytes] = set()  # the disk paths of the directories grafted so far
+        # The local repository the backup writes to, where it lies in the tree: left out, as borg leaves its
+        # own out (each backup stored the packs the one before it wrote, growing without end).
+        self.repositories = list(repositories)
+        self._repositories = _walked_paths(self.repositories, roots)
         self._root_dev = -1
         # Globs of literals and "*" the C walk matches itself; "?" and "[...]" match characters, not
         # bytes, and "!" patterns and case-insensitive ones need the order or the case rules, so a walk
@@ -524,12 +547,14 @@ class SourceWalk:
     def of_paths(cls, paths: list[str], excludes: list[str] | None = None, *, one_file_system: bool = False,
                  markers: list[Marker] | None = None, max_file_size: int | None = None,
                  iexcludes: list[str] | None = None, report_excluded: bool = False,
-                 leave_out: LeaveOut | None = None, graft: Graft | None = None) -> "SourceWalk":
-        """The walk a backup of ``paths`` makes (see ``root_specs``)."""
+                 leave_out: LeaveOut | None = None, graft: Graft | None = None,
+                 repositories: Collection[str] = ()) -> "SourceWalk":
+        """The walk a backup of ``paths`` makes (see ``root_specs``); ``repositories``: the directory of the
+        local repository it writes to, left out where it lies in the tree."""
         roots, absolute = root_specs(list(paths))
         return cls(roots, excludes, paths=absolute, one_file_system=one_file_system, markers=markers,
                    max_file_size=max_file_size, iexcludes=iexcludes, report_excluded=report_excluded,
-                   leave_out=leave_out, graft=graft)
+                   leave_out=leave_out, graft=graft, repositories=repositories)
 
     def same_rules(self, paths: list[str], excludes: list[str] | None, one_file_system: bool,
                    markers: list[Marker], max_file_size: int | None = None,
@@ -717,13 +742,15 @@ class SourceWalk:
             if not isdir(st.st_mode):
                 yield rel, path, st, True
                 continue
+            if self._repositories and len(stack) > 1 and self._repositories.get(path) == (st.st_dev, st.st_ino):
+                continue
             if self.one_file_system and not grafted and st.st_dev != devs[-1]:
                 yield rel, path, st, True
                 if self.report_excluded:  # its contents are left out
                     yield rel, path, Excluded("one-file-system"), False
                 continue
             if (Walker is not None and self._c_excludes is not None and not self.report_excluded
-                    and self.leave_out is None and self.graft is None):
+                    and self.leave_out is None and self.graft is None and not self._holds_repository(path)):
                 yield from self._tree(rel, path, st)
                 continue
             listing, ok = self._scan(path, st)
@@ -739,6 +766,12 @@ class SourceWalk:
                 listing = self._with_grafts(listing, elsewhere)
             stack.append(self._children(rel + b"/" if rel else b"", os.path.join(path, b""), listing, elsewhere))
             devs.append(st.st_dev if grafted or len(devs) == 1 else devs[-1])
+
+    def _holds_repository(self, path: bytes) -> bool:
+        """Whether the repository left out lies below the directory at ``path``: its subtree is then walked
+        directory by directory down to it, not handed to the C walk, which would list it."""
+        below = path.rstrip(b"/") + b"/"
+        return any(p.startswith(below) for p in self._repositories)
 
     def _with_grafts(self, listing: list[ScanItem], elsewhere: Mapping[bytes, bytes]) -> list[ScanItem]:
         """``listing`` with the grafted directories in their places, each with its own lstat (one that is gone,

@@ -127,6 +127,27 @@ def test_skip_if_unchanged_saves_no_empty_differential(new_repo, tree):
     assert repo.check(read_data=True).ok
 
 
+@pytest.mark.parametrize("walk", ["whole subtrees in C", "directory by directory"])
+def test_the_local_repository_written_to_is_left_out_of_the_tree_it_lies_in(new_repo, tree, cli, walk):
+    """`backup /` with the repository on that disk (/srv/backup/repo): each backup stored the packs the one
+    before it wrote, so an unchanged tree grew the repository by its last backup's data every run, without
+    end, and --skip-if-unchanged never skipped.  It is left out (as borg leaves its own out); a directory of
+    the same name elsewhere in the tree is not."""
+    (tree / "d1" / "repo").mkdir()
+    (tree / "d1" / "repo" / "kept").write_bytes(b"not a repository")
+    url = str(tree / "d0" / "repo")
+    repo = new_repo(url)
+    excludes = ["x?z"] if walk == "directory by directory" else []  # a "?" needs Python at each directory
+    settle()
+    first = repo.backup([str(tree)], excludes=excludes).snapshot
+    paths = {e.path for e in repo.tree(first)}
+    assert b"d0/f0" in paths and b"d1/repo/kept" in paths and not any(p.startswith(b"d0/repo") for p in paths)
+    again = repo.backup([str(tree)], excludes=excludes, skip_if_unchanged=True)
+    assert again.skipped
+    args = ["backup", "-r", url, str(tree), "--skip-if-unchanged", *(f"--exclude={g}" for g in excludes)]
+    assert "nothing changed since snapshot" in cli(*args).stdout.decode()
+
+
 @pytest.mark.parametrize("change", [None, "touch", "remove", "add", "rmdir"])
 def test_skip_if_unchanged_saves_no_full_that_policy_made_due_when_nothing_changed(new_repo, tree, change):
     """With a full due after every differential, `auto` would save a full listing the parent's entries.
