@@ -86,14 +86,15 @@ def pin_carrying(pid: int, marker: bytes) -> int | None:
     """A descriptor naming process ``pid`` for as long as it is open (a pidfd), taken only if the process
     carries ``marker``: checked again once pinned, since the pid may have passed to another process since it
     was listed, and a signal sent through it never reaches one the pid passes to later.  None when it does
-    not carry the marker (or is gone); -1 on a kernel without pidfds (older than 5.3): the pid is all there
-    is to signal."""
+    not carry the marker (or is gone); -1 where no pidfd opens (a kernel older than 5.3, a seccomp filter
+    that predates them refusing it with EPERM, no descriptor left): the pid is all there is to signal, and
+    taken for a process without the marker, the leftover was left running."""
     if not carries(pid, marker):
         return None
     try:
         fd = os.pidfd_open(pid)
     except OSError as exc:
-        return -1 if exc.errno == errno.ENOSYS else None
+        return None if exc.errno == errno.ESRCH else -1
     if carries(pid, marker):
         return fd
     os.close(fd)

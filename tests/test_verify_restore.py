@@ -848,6 +848,36 @@ def test_a_process_given_the_pid_of_a_listed_leftover_is_not_signalled(monkeypat
         other.wait()
 
 
+@pytest.mark.parametrize("refusal", ["EPERM", "EMFILE"])
+def test_a_leftover_is_stopped_where_no_pidfd_can_be_opened(monkeypatch, refusal):
+    """A container's seccomp filter that predates pidfds refuses ``pidfd_open`` with EPERM (older Docker
+    profiles), and a process short of descriptors gets EMFILE: the leftover carrying the mark was taken for
+    one that did not, and left running, the run saying none was found.  It is signalled by its pid then."""
+    import signal
+    import subprocess
+
+    from chunkvault import verify
+
+    marker = b"CHUNKVAULT_COMMAND_RUN=" + os.urandom(8).hex().encode()
+    env = {**os.environ, marker.split(b"=")[0].decode(): marker.split(b"=", 1)[1].decode()}
+    left = subprocess.Popen(["sleep", "60"], env=env)
+
+    def pidfd_open(pid, flags=0):
+        raise OSError(getattr(errno, refusal), os.strerror(getattr(errno, refusal)))
+
+    monkeypatch.setattr(os, "pidfd_open", pidfd_open)
+    try:
+        deadline = time.monotonic() + 10
+        while not verify.carries(left.pid, marker) and time.monotonic() < deadline:  # (its exec done)
+            time.sleep(0.01)
+        assert verify._end_marked(marker, grace=0.5) is True
+        assert left.wait(timeout=5) == -signal.SIGTERM
+    finally:
+        if left.poll() is None:
+            left.kill()
+            left.wait()
+
+
 SETPRIV = ["setpriv", "--bounding-set", "-dac_override,-dac_read_search"]
 
 
