@@ -70,6 +70,11 @@ def is_loopback(host: str) -> bool:
 
 X509_NAME_MISMATCH = (62, 64)  # OpenSSL's X509_V_ERR_HOSTNAME_MISMATCH, X509_V_ERR_IP_ADDRESS_MISMATCH
 X509_OUT_OF_DATE = (9, 10)  # X509_V_ERR_CERT_NOT_YET_VALID, X509_V_ERR_CERT_HAS_EXPIRED
+X509_WRONG_PURPOSE = 26  # X509_V_ERR_INVALID_PURPOSE: issued for TLS clients, or for mail, not for a TLS server
+# The trusted certificates hold none the chain was issued by: X509_V_ERR_UNABLE_TO_GET_ISSUER_CERT,
+# DEPTH_ZERO_SELF_SIGNED_CERT, SELF_SIGNED_CERT_IN_CHAIN, UNABLE_TO_GET_ISSUER_CERT_LOCALLY,
+# UNABLE_TO_VERIFY_LEAF_SIGNATURE
+X509_NO_ISSUER = (2, 18, 19, 20, 21)
 
 
 def cert_hint(verify_code: int | None, holder: str, trust: str) -> str:
@@ -80,6 +85,9 @@ def cert_hint(verify_code: int | None, holder: str, trust: str) -> str:
         return "use the host name (or address) the certificate was issued for"
     if verify_code in X509_OUT_OF_DATE:
         return f"renew the {holder}'s certificate, or set this machine's clock right"
+    if verify_code == X509_WRONG_PURPOSE:
+        return f"the {holder}'s certificate is not one for a TLS server: issue it one whose purpose (extended key " \
+               "usage) is serverAuth"
     return trust
 
 

@@ -74,9 +74,9 @@ from chunkvault.errors import (
 )
 from chunkvault.localfiles import read_capped
 
-from .base import (ObjectInfo, Remote, cause_of, cert_failure, cert_hint, connections_option, from_environment,
-                   is_key, is_loopback, keyword_options, refuse_unknown_options, served_range, timeout_option,
-                   validate_key, validate_prefix)
+from .base import (X509_NO_ISSUER, ObjectInfo, Remote, cause_of, cert_failure, cert_hint, connections_option,
+                   from_environment, is_key, is_loopback, keyword_options, refuse_unknown_options, served_range,
+                   timeout_option, validate_key, validate_prefix)
 
 DEFAULT_PORT = 6362
 LIMIT_HEADER = "Chunkvault-Max-Object-Size"
@@ -326,10 +326,13 @@ class HTTPRemote(Remote):
         except u3.SSLError as exc:
             failure = cert_failure(exc)
             if failure is not None:
-                # with a CA file given, the hint to give one said nothing: that file holds another CA
-                trust = (f"the CA file {self._ca_file} holds no certificate it was issued by: give the CA that issued "
-                         "the service's certificate, or a self-signed one itself" if self._ca_file else
-                         f"to trust a private CA or self-signed certificate, set {CA_FILE_ENV} or -o http.ca-file=FILE")
+                # with a CA file given, the hint to give one said nothing: that file holds another CA, when no issuer
+                # was found; any other failure (a signature, a CA's constraints) is not said to be its lack of one
+                trust = (f"to trust a private CA or self-signed certificate, set {CA_FILE_ENV} or -o http.ca-file=FILE"
+                         if not self._ca_file else
+                         f"the CA file {self._ca_file} holds no certificate it was issued by: give the CA that issued "
+                         "the service's certificate, or a self-signed one itself"
+                         if failure.verify_code in X509_NO_ISSUER else f"checked against the CA file {self._ca_file}")
                 hint = cert_hint(failure.verify_code, "service", trust)
                 raise RemoteError(
                     f"TLS certificate of {self.display_url} not trusted: {failure.verify_message or 'verification failed'} "

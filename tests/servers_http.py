@@ -46,9 +46,10 @@ def write_tokens(directory: Path, tokens: dict[str, str] | None = None, mode: in
     return path
 
 
-def make_self_signed(directory: Path, host: str = "127.0.0.1", expired: bool = False) -> tuple[Path, Path]:
+def make_self_signed(directory: Path, host: str = "127.0.0.1", expired: bool = False,
+                     client_only: bool = False) -> tuple[Path, Path]:
     """A self-signed certificate for ``host`` (its own CA) and its key, as PEM files; ``expired``: one whose
-    day of validity ended yesterday."""
+    day of validity ended yesterday; ``client_only``: one for TLS clients only (no serverAuth purpose)."""
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes, serialization
     from cryptography.hazmat.primitives.asymmetric import ec
@@ -71,7 +72,8 @@ def make_self_signed(directory: Path, host: str = "127.0.0.1", expired: bool = F
         .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=True, content_commitment=False,
                                      key_encipherment=False, data_encipherment=False, key_agreement=False,
                                      crl_sign=False, encipher_only=False, decipher_only=False), critical=True)
-        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH if client_only
+                                              else ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
         .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(key.public_key()), critical=False)
         .sign(key, hashes.SHA256())

@@ -550,6 +550,23 @@ def test_an_expired_certificate_is_told_apart_from_an_untrusted_one(serve_factor
     assert "ca-file" not in str(info.value)
 
 
+def test_a_certificate_the_ca_file_trusts_but_for_another_purpose_is_not_blamed_on_the_ca_file(serve_factory,
+                                                                                              tmp_path):
+    """The CA file holds the certificate's issuer (here the certificate itself), which is issued for TLS clients
+    only: the message said the CA file held no certificate it was issued by, sending the user to look for
+    another CA when the certificate is what must be issued again."""
+    cert, key = make_self_signed(tmp_path, client_only=True)
+    server = serve_factory("--tokens", str(write_tokens(tmp_path)), "--tls-cert", str(cert), "--tls-key", str(key),
+                           tls=True)
+    with HTTPRemote.from_url(server.url, token=FULL_TOKEN, ca_file=str(cert)) as remote:
+        with pytest.raises(RemoteError) as info:
+            remote.get(KEY)
+    assert str(info.value).endswith("not trusted: unsuitable certificate purpose (the service's certificate is not "
+                                    "one for a TLS server: issue it one whose purpose (extended key usage) is "
+                                    "serverAuth)"), info.value
+    assert "CA file" not in str(info.value) and "ca-file" not in str(info.value)
+
+
 def test_a_token_sent_over_plain_http_to_another_host_is_warned_about_on_both_sides(serve_factory, tmp_path):
     from chunkvault.errors import CleartextTokenWarning
 
