@@ -416,8 +416,8 @@ class Excluded:
 
 #: The rules an ``Excluded`` names: ``--exclude`` (and ``--exclude-file``), ``--exclude-larger-than``,
 #: ``--exclude-if-present`` (and ``--exclude-caches``), and ``--one-file-system`` (for a mount point, which is
-#: kept, empty: its contents are what is left out).
-EXCLUDE_RULES = ("exclude", "exclude-larger-than", "exclude-if-present", "one-file-system")
+#: kept, empty: its contents are what is left out), and "repository" (the local repository the backup writes to).
+EXCLUDE_RULES = ("exclude", "exclude-larger-than", "exclude-if-present", "one-file-system", "repository")
 _MARKED = -1  # the errno a listing gives a name that a directory's marker file leaves out (reporting walks)
 _LEFT_OUT = -2  # likewise, a name the walk's ``leave_out`` leaves out
 
@@ -743,6 +743,8 @@ class SourceWalk:
                 yield rel, path, st, True
                 continue
             if self._repositories and len(stack) > 1 and self._repositories.get(path) == (st.st_dev, st.st_ino):
+                if self.report_excluded:  # a dry run's listing says what it leaves out, this too
+                    yield rel, path, Excluded("repository"), False
                 continue
             if self.one_file_system and not grafted and st.st_dev != devs[-1]:
                 yield rel, path, st, True

@@ -148,6 +148,17 @@ def test_the_local_repository_written_to_is_left_out_of_the_tree_it_lies_in(new_
     assert "nothing changed since snapshot" in cli(*args).stdout.decode()
 
 
+def test_a_dry_runs_listing_names_the_local_repository_it_leaves_out(new_repo, tree, cli):
+    """`backup --dry-run --list` says what the backup would leave out: the repository in the tree too, which it
+    left out unsaid (the listing looked like a backup of all of it)."""
+    url = str(tree / "d0" / "repo")
+    new_repo(url)
+    out = cli("backup", "-r", url, str(tree), "--dry-run", "--list", "--json").stdout
+    listed = json.loads(out)["list"]
+    assert {"change": "excluded", "path": "d0/repo", "type": None, "what": None, "rule": "repository"} in listed
+    assert not any(e["path"].startswith("d0/repo/") for e in listed)
+
+
 @pytest.mark.parametrize("change", [None, "touch", "remove", "add", "rmdir"])
 def test_skip_if_unchanged_saves_no_full_that_policy_made_due_when_nothing_changed(new_repo, tree, change):
     """With a full due after every differential, `auto` would save a full listing the parent's entries.
