@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import stat
 import sys
 import threading
@@ -338,7 +339,7 @@ def _walked_paths(directories: Collection[str], roots: list[tuple[bytes, bytes]]
     what lies below it: the walk follows no link, but the root's own path may pass through one), with its
     device and inode: the walk leaves out that directory, and only it."""
     out: dict[bytes, tuple[int, int]] = {}
-    for directory in directories:
+    for directory in [*directories, *(a for d in directories for a in _mount_aliases(d))]:
         try:
             st = os.stat(directory)
             real = os.path.realpath(directory)
@@ -348,6 +349,40 @@ def _walked_paths(directories: Collection[str], roots: list[tuple[bytes, bytes]]
             top = os.path.realpath(os.fsdecode(path))
             if real.startswith(top.rstrip("/") + "/"):
                 out[path.rstrip(b"/") + b"/" + os.fsencode(real[len(top.rstrip("/")) + 1:])] = (st.st_dev, st.st_ino)
+    return out
+
+
+def _mount_aliases(directory: str) -> list[str]:
+    """The other paths a bind mount of its file system (or of a directory above it) reaches ``directory`` by,
+    from this process's mount table (none where it cannot be read): the path alone does not tell them, and a
+    tree holding one held the repository, backed up into itself at every run."""
+    try:
+        real = os.path.realpath(directory)
+        with open("/proc/self/mountinfo", "rb") as f:
+            table = f.read()
+    except OSError:
+        return []
+
+    def unescape(field: bytes) -> str:  # a space, tab, newline or backslash in a path is written as \\ooo
+        return os.fsdecode(re.sub(rb"\\([0-7]{3})", lambda m: bytes([int(m.group(1), 8) & 0xFF]), field))
+
+    mounts = [(fields[2], unescape(fields[3]), unescape(fields[4]))
+              for fields in (line.split(b" ") for line in table.splitlines()) if len(fields) >= 5]
+
+    def below(path: str, top: str) -> str | None:  # ``path`` below or at ``top``: the rest, "" or "/..."
+        rest = path[len(top.rstrip("/")):]
+        return rest if path.startswith(top.rstrip("/")) and rest[:1] in ("", "/") else None
+
+    holding = [m for m in mounts if below(real, m[2]) is not None]
+    if not holding:
+        return []
+    dev, root, point = max(reversed(holding), key=lambda m: len(m[2]))  # the last mounted of the deepest
+    inside = root.rstrip("/") + below(real, point)  # its path in its file system
+    out = []
+    for d, r, p in mounts:
+        rest = below(inside, r) if d == dev else None
+        if rest is not None and (alias := p.rstrip("/") + rest or "/") != real:
+            out.append(alias)
     return out
 
 

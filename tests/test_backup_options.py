@@ -148,6 +148,32 @@ def test_the_local_repository_written_to_is_left_out_of_the_tree_it_lies_in(new_
     assert "nothing changed since snapshot" in cli(*args).stdout.decode()
 
 
+@pytest.mark.parametrize("bind", ["of the tree, outside it", "of a directory above it, in the tree"])
+def test_the_local_repository_is_left_out_where_a_bind_mount_puts_it_in_the_tree(new_repo, tree, tmp_path, bind):
+    """The repository's directory reached by two paths (a bind mount): given by the path that does not lie in the
+    tree, or lying in the tree twice, it was backed up, and each backup stored the packs the one before it
+    wrote; its path alone does not say where the tree holds it, the mount table does."""
+    import subprocess
+
+    if bind == "of the tree, outside it":
+        what, where, url = tree, tmp_path / "other", tmp_path / "other" / "d0" / "repo"
+    else:
+        what, where, url = tree / "d0", tree / "mirror", tree / "d0" / "repo"
+    where.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "--bind", str(what), str(where)],
+                                           capture_output=True).returncode != 0:
+        pytest.skip("cannot bind-mount here")
+    try:
+        repo = new_repo(str(url))
+        settle()
+        first = repo.backup([str(tree)]).snapshot
+        paths = {e.path for e in repo.tree(first)}
+        assert b"d0/f0" in paths and not any(p.startswith(b"d0/repo") or b"/repo" in p for p in paths), paths
+        assert repo.backup([str(tree)], skip_if_unchanged=True).skipped
+    finally:
+        subprocess.run(["umount", "-l", str(where)], capture_output=True)
+
+
 def test_a_dry_runs_listing_names_the_local_repository_it_leaves_out(new_repo, tree, cli):
     """`backup --dry-run --list` says what the backup would leave out: the repository in the tree too, which it
     left out unsaid (the listing looked like a backup of all of it)."""
