@@ -805,11 +805,13 @@ class Repository:
         ("removed"), in the snapshot's order, as the backup settles it (``backup --list``); with
         ``list_unchanged``, for the unchanged entries too.  A dry run also reports each path an exclusion
         rule left out ("excluded", ``what`` the rule: "exclude", "exclude-larger-than", "exclude-if-present"
-        or "one-file-system"; its walk then judges every entry in Python, a little slower).
+        or "one-file-system"; "repository" for the local repository written to, which is left out of the tree
+        it lies in; its walk then judges every entry in Python, a little slower).
 
         ``walk``: a ``SourceWalk.of_paths(...).start()`` of the same paths and rules, begun
         before the repository was opened, so the walk overlaps the key derivation (for a dry run with a
-        ``listing``, made with ``report_excluded=True``).
+        ``listing``, made with ``report_excluded=True``; with ``repositories=[path]`` where this local
+        repository lies in the tree, else UsageError: the walk would back it up into itself).
 
         ``wait``: seconds to wait for a running prune, forget or repair (exclusive) before Locked.
         """
@@ -871,6 +873,10 @@ class Repository:
                                  report_excluded):
             walk.close()
             raise UsageError("the given walk is of other paths or exclusion rules than the backup")
+        elif not walk.leaves_out(_local_root(self._repo.remote)):
+            walk.close()
+            raise UsageError(f"the given walk does not leave out the repository at {_local_root(self._repo.remote)[0]}"
+                             ", which lies in its tree: make it with repositories=[that path]")
         return Backup(self._repo, opts).run(walk, walk.paths)
 
     @_stoppable

@@ -804,6 +804,11 @@ class SourceWalk:
             stack.append(self._children(rel + b"/" if rel else b"", os.path.join(path, b""), listing, elsewhere))
             devs.append(st.st_dev if grafted or len(devs) == 1 else devs[-1])
 
+    def leaves_out(self, repositories: Collection[str]) -> bool:
+        """Whether this walk leaves out each of ``repositories`` that lies in its tree (a walk made by a caller
+        without them would back the repository up into itself)."""
+        return _walked_paths(repositories, self.roots).items() <= self._repositories.items()
+
     def _holds_repository(self, path: bytes) -> bool:
         """Whether the repository left out lies below the directory at ``path``: its subtree is then walked
         directory by directory down to it, not handed to the C walk, which would list it."""

@@ -174,6 +174,22 @@ def test_the_local_repository_is_left_out_where_a_bind_mount_puts_it_in_the_tree
         subprocess.run(["umount", "-l", str(where)], capture_output=True)
 
 
+def test_a_walk_given_to_the_backup_must_leave_out_the_repository_in_its_tree(new_repo, tree):
+    """``Repository.backup(walk=SourceWalk.of_paths(...).start())``, as documented: the walk, made without the
+    repository, backed it up into itself at every run; it is refused, and one made with it leaves it out."""
+    from chunkvault.repository import SourceWalk
+
+    url = str(tree / "d0" / "repo")
+    repo = new_repo(url)
+    with pytest.raises(UsageError, match="does not leave out the repository"):
+        repo.backup([str(tree)], walk=SourceWalk.of_paths([str(tree)]).start())
+    walk = SourceWalk.of_paths([str(tree)], repositories=[url]).start()
+    paths = {e.path for e in repo.tree(repo.backup([str(tree)], walk=walk).snapshot)}
+    assert b"d0/f0" in paths and not any(p.startswith(b"d0/repo") for p in paths)
+    elsewhere = new_repo()  # not in the tree: any walk will do
+    assert elsewhere.backup([str(tree)], walk=SourceWalk.of_paths([str(tree)]).start()).snapshot
+
+
 def test_a_dry_runs_listing_names_the_local_repository_it_leaves_out(new_repo, tree, cli):
     """`backup --dry-run --list` says what the backup would leave out: the repository in the tree too, which it
     left out unsaid (the listing looked like a backup of all of it)."""

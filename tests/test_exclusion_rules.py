@@ -73,7 +73,8 @@ def test_a_walk_begun_with_other_rules_is_refused(tmp_path, repo):
             walk = source.SourceWalk.of_paths([str(tmp_path)])
             with pytest.raises(UsageError, match="other paths or exclusion rules"):
                 r.backup([str(tmp_path)], walk=walk, **rules)
-        walk = source.SourceWalk.of_paths([str(tmp_path)], one_file_system=True, markers=[source.CACHEDIR_TAG])
+        walk = source.SourceWalk.of_paths([str(tmp_path)], one_file_system=True, markers=[source.CACHEDIR_TAG],
+                                          repositories=[str(repo)])  # the tree holds the repository
         r.backup([str(tmp_path)], walk=walk, one_file_system=True, exclude_caches=True)
 
 
