@@ -49,6 +49,7 @@ from .store.restore import (Relocation, Restorer, RestoreOptions, RestoreResult,
 from .store.owners import OwnerMap, chain_names
 from .store.snapshot import (Snapshot, SnapshotFinder, check_local_zone, find_snapshot, parse_time, parse_until,
                              said_time, select_snapshots)
+from .localfiles import absolute_path
 from .store.source import SourceWalk, markers_of
 from .store import locks
 from .store import keyahead
@@ -1627,6 +1628,7 @@ class Repository:
         if not isinstance(target, (str, bytes, os.PathLike)) or not os.fspath(target):
             # "" was the current directory, where delete=True then deleted nothing it should have
             raise UsageError(f"a restore target must be a directory path, not {target!r} (\".\" for here)")
+        absolute_path(os.fsdecode(target), "restore target")  # relative, from a directory removed: one line
         check_overwrite(overwrite, delete)
         if verify and overwrite in ("if-newer", "never"):
             raise UsageError(f"verify compares every entry with the snapshot: overwrite {overwrite} keeps entries "

@@ -382,6 +382,9 @@ def test_relative_paths_from_a_removed_working_directory_are_a_usage_error(tmp_p
     assert b"local repository path relrepo is relative, and the working directory no longer exists" in proc.stderr
     gone.mkdir()
     cli("backup", "-r", repo, str(src), wrap=from_gone)
+    gone.mkdir()  # a relative restore target likewise (it was FileNotFoundError, an internal error)
+    proc = cli("restore", "-r", repo, "latest", "--target", "out", check=2, wrap=from_gone)
+    assert b"restore target out is relative, and the working directory no longer exists" in proc.stderr
 
 
 @pytest.mark.skipif(not os.path.exists("/dev/full"), reason="no /dev/full here")
