@@ -237,18 +237,6 @@ def _postgres_session(postgres: object, paths: list[str], walk: SourceWalk | Non
     return PostgresOnline(paths[0], postgres or None, fast=checkpoint_fast(checkpoint), standby_wait=standby_wait)
 
 
-def _local_root(remote: Any) -> list[str]:
-    """The directory of a repository on local disk, under the layers its remote may be wrapped in (a backup
-    leaves it out of its tree); none for another remote."""
-    from .remotes.local import LocalRemote
-
-    while not isinstance(remote, LocalRemote):
-        remote = getattr(remote, "inner", None)
-        if remote is None:
-            return []
-    return [remote.root]
-
-
 def _paths(values: Any, what: str = "path to back up") -> list[str]:
     """Paths as str (bytes and path objects too: a bytes path was read and stored in full, and then the
     snapshot could not be saved; as a filter, one selected nothing)."""
@@ -869,15 +857,16 @@ class Repository:
                                        report_excluded=report_excluded,
                                        leave_out=session.leave_out if session is not None else None,
                                        graft=session.graft if session is not None else None,
-                                       repositories=_local_root(self._repo.remote))
+                                       repositories=_local_roots(self._repo.remote))
         elif not walk.same_rules(list(paths), excludes, one_file_system, markers, exclude_larger_than, iexcludes,
                                  report_excluded):
             walk.close()
             raise UsageError("the given walk is of other paths or exclusion rules than the backup")
-        elif not walk.leaves_out(_local_root(self._repo.remote)):
+        elif not walk.leaves_out(_local_roots(self._repo.remote)):
             walk.close()
-            raise UsageError(f"the given walk does not leave out the repository at {_local_root(self._repo.remote)[0]}"
-                             ", which lies in its tree: make it with repositories=[that path]")
+            raise UsageError(f"the given walk does not leave out the repository at "
+                             f"{_local_roots(self._repo.remote)[0]}, which lies in its tree: make it with "
+                             "repositories=[that path]")
         return Backup(self._repo, opts).run(walk, walk.paths)
 
     @_stoppable
