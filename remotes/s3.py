@@ -52,6 +52,8 @@ STORAGE_CLASSES = frozenset(
         "EXPRESS_ONEZONE",
     }
 )
+#: Reads of an object whose body does not match the checksum S3 sends with it, before it is taken as stored so.
+CHECKSUM_READS = 3
 _BUCKET = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]\Z")
 
 _NOT_FOUND = {"NoSuchKey", "404", "NotFound"}
@@ -82,6 +84,10 @@ _TRANSIENT = {
     "BadDigest",
     "IncompleteBody",
 }
+
+
+class _ChecksumMismatch(Exception):
+    """A body that does not match the checksum S3 sent with it (``S3Remote.get`` reads it again)."""
 
 
 def _verify_reason(exc: Exception) -> str:
@@ -290,6 +296,7 @@ class S3Remote(Remote):
             retries={"total_max_attempts": _int_option("client_attempts", client_attempts, 1), "mode": "standard"},
             s3={"addressing_style": addressing_style},
             proxies=_direct_for_loopback(endpoint_url),
+            response_checksum_validation="when_required",  # asked for by ``get`` itself (ChecksumMode)
         )
         try:
             core = botocore.session.get_session()
@@ -450,6 +457,18 @@ class S3Remote(Remote):
         if start or length is not None:
             lo = start or 0
             kwargs["Range"] = f"bytes={lo}-" if length is None else f"bytes={lo}-{lo + length - 1}"
+        for _ in range(CHECKSUM_READS):
+            try:
+                return self._get(key, start, length, ChecksumMode="ENABLED", **kwargs)
+            except _ChecksumMismatch:
+                continue  # cut short or garbled on the way: read again
+        # Served so every time: what the storage holds does not match the checksum it keeps.  The bytes go to
+        # the reader, which authenticates them and names the damage as on any other storage (the blobs of a
+        # pack it reaches); failed as an outage, it was retried for the whole outage time, then said to be one.
+        return self._get(key, start, length, **kwargs)
+
+    def _get(self, key: str, start: int | None, length: int | None, **kwargs: Any) -> bytes:
+        """One GET; _ChecksumMismatch where the body does not match the checksum S3 sends with it."""
         import botocore.exceptions as bce
 
         try:
@@ -463,6 +482,8 @@ class S3Remote(Remote):
         body = response["Body"]
         try:
             data = body.read()
+        except bce.FlexibleChecksumError:
+            raise _ChecksumMismatch(key) from None
         except (bce.BotoCoreError, OSError) as exc:
             raise RemoteUnavailable(f"reading {self.display_url}{key} was cut short: {type(exc).__name__}") from None
         finally:

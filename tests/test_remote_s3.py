@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import contextlib
+import io
 import datetime
 import email.utils
+import os
 import re
 import socket
 import time
@@ -474,7 +476,6 @@ def test_a_ranged_read_answered_short_or_whole_is_retried_or_cut_to_the_range(s3
     """A server or proxy that answers a ranged GET with fewer bytes than asked (its headers agreeing with
     the body), or with the whole object: the first is a transfer cut short, retried, and the second is cut
     to the range; neither is taken for the range, which made an intact pack read as one cut short."""
-    import io
 
     from chunkvault import Repository
     from chunkvault.remotes.layer import RetryingRemote
@@ -632,3 +633,51 @@ def test_an_endpoint_whose_certificate_does_not_verify_is_said_so_at_once(tmp_pa
                                                    "AWS_CA_BUNDLE"):
             remote.get("config")
         assert time.monotonic() - started < 5
+
+
+def _store_rotten(client, bucket: str, key: str, body: bytes) -> None:
+    """Store ``body`` with one bit flipped after its checksum was taken: the object S3 then keeps does not
+    match the checksum it keeps for it, as after rot on an S3-compatible store's disks."""
+
+    def garble(request, **_):
+        flipped = bytearray(request.body.read())  # a file object, its checksum and signature taken
+        flipped[len(flipped) // 2] ^= 1
+        request.body = io.BytesIO(flipped)
+
+    client.meta.events.register("before-send.s3.PutObject", garble)
+    try:
+        client.put_object(Bucket=bucket, Key=key, Body=body)
+    finally:
+        client.meta.events.unregister("before-send.s3.PutObject", garble)
+
+
+def test_an_object_that_does_not_match_its_stored_checksum_is_damage_the_store_names(s3_bucket, moto_s3, tmp_path,
+                                                                                   cli):
+    """A body that does not match the checksum S3 sends with it is read again, and served so every time it
+    is the object as stored, returned for the reader to judge.  It failed as a transfer cut short: retried
+    for the whole outage time (15 minutes), then `check --read-data` ended as if S3 could not be reached
+    (exit 14), never naming the damaged blobs."""
+    client = moto_s3.client()
+    body = bytes(range(256)) * 40
+    _store_rotten(client, s3_bucket.name, "repo/data/ab/rotten", body)
+    with _open(s3_bucket) as remote:
+        gets: list[str] = []
+        remote._client.meta.events.register("before-send.s3.GetObject", lambda request, **_: gets.append("get"))
+        got = remote.get("data/ab/rotten")
+        assert len(got) == len(body) and got != body and sum(a != b for a, b in zip(got, body)) == 1
+        assert len(gets) == 4  # three reads that checked the checksum, then the one returned
+        remote.delete("data/ab/rotten")
+
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "f").write_bytes(os.urandom(300_000))
+    env = {**s3_bucket.env, "CHUNKVAULT_CACHE_DIR": str(tmp_path / "cache"), "CHUNKVAULT_RETRY_TIME": "0"}
+    cli("init", "-r", s3_bucket.url, "--kdf-time", "0", env=env)
+    cli("backup", "-r", s3_bucket.url, str(src), env=env)
+    packs = [o["Key"] for o in client.list_objects_v2(Bucket=s3_bucket.name, Prefix="repo/data/")["Contents"]]
+    pack = max(packs, key=lambda k: client.head_object(Bucket=s3_bucket.name, Key=k)["ContentLength"])
+    _store_rotten(client, s3_bucket.name, pack, client.get_object(Bucket=s3_bucket.name, Key=pack)["Body"].read())
+    started = time.monotonic()
+    checked = cli("check", "-r", s3_bucket.url, "--read-data", env=env, check=18)
+    assert time.monotonic() - started < 30
+    assert f"{pack.removeprefix('repo/')}: content does not match its name" in checked.stdout.decode()
