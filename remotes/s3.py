@@ -239,6 +239,7 @@ def _connection_reason(exc: Exception) -> str:
 class S3Remote(Remote):
     """Objects under ``prefix`` in one S3 bucket; one thread-safe boto3 client per remote."""
 
+    #: a whole read is checked against the checksum S3 sends with it, else against the object's size (``_get``)
     checks_read_length = True
 
     def __init__(
@@ -470,6 +471,7 @@ class S3Remote(Remote):
     def _get(self, key: str, start: int | None, length: int | None, **kwargs: Any) -> bytes:
         """One GET; _ChecksumMismatch where the body does not match the checksum S3 sends with it."""
         import botocore.exceptions as bce
+        from botocore.httpchecksum import StreamingChecksumBody
 
         try:
             response = self._client.get_object(Bucket=self.bucket, Key=self.prefix + key, **kwargs)
@@ -480,6 +482,7 @@ class S3Remote(Remote):
         except bce.BotoCoreError as exc:
             raise self._error(exc, "get", key) from None
         body = response["Body"]
+        checked = isinstance(body, StreamingChecksumBody)  # botocore reads it against S3's checksum
         try:
             data = body.read()
         except bce.FlexibleChecksumError:
@@ -494,6 +497,17 @@ class S3Remote(Remote):
         served = response.get("ContentRange")  # None where the whole object came (200) for the range asked
         if "Range" in kwargs and (served is not None or response["ResponseMetadata"].get("HTTPStatusCode") == 200):
             data = served_range(f"{self.display_url}{key}", start or 0, length, data, served)
+        elif "Range" not in kwargs and not checked:
+            # No checksum came (an object uploaded in parts, or written without one, or a store that keeps
+            # none), and the Content-Length of a body cut short on the way may have been set to match it: the
+            # object's size decides.  Taken as the object, a pack read whole by `check --read-data` was
+            # reported damaged, its blobs past the cut lost, with `repair packs` advised.
+            info = self.stat(key)
+            if info is None:
+                raise ObjectNotFound(key)
+            if info.size != len(data):
+                raise RemoteUnavailable(f"reading {self.display_url}{key}: got {len(data)} of the {info.size} "
+                                        "bytes the object holds")
         return data
 
     def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
