@@ -82,6 +82,7 @@ _TRANSIENT = {
     "ConditionalRequestConflict",  # concurrent conditional writes: retry and see who won
     "OperationAborted",
     "BadDigest",
+    "XAmzContentSHA256Mismatch",  # a body changed on the way from the hash signed with it (plain HTTP): as BadDigest
     "IncompleteBody",
 }
 

@@ -358,6 +358,8 @@ def _client_error(code: str, status: int, op: str = "GetObject") -> botocore.exc
         ("Whatever", 502, RemoteUnavailable),
         ("RequestTimeout", 400, RemoteUnavailable),
         ("ConditionalRequestConflict", 409, RemoteUnavailable),
+        ("BadDigest", 400, RemoteUnavailable),  # a body garbled on the way: against its checksum
+        ("XAmzContentSHA256Mismatch", 400, RemoteUnavailable),  # against its signed hash
         ("InvalidArgument", 400, RemoteError),
         ("PreconditionFailed", 412, RemoteError),
         ("NotImplemented", 501, RemoteError),  # a request this S3-compatible store lacks: no use retrying
