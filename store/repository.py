@@ -30,6 +30,7 @@ from chunkvault.errors import (
     ObjectNotFound,
     PermissionDenied,
     RemoteError,
+    RemoteRetryWarning,
     RemoteUnavailable,
     RepositoryExists,
     RepositoryStateWarning,
@@ -932,11 +933,22 @@ class Repo:
         Decoded bases in ``shared`` (needed again in this call) are kept in ``memo``.
         """
         tries = 0
+        read_again = False
         while True:
             switches = self._copy_switches
             try:
-                return self._resolve_once(blob_id, envs, memo, shared)
-            except CorruptObject:
+                plain = self._resolve_once(blob_id, envs, memo, shared)
+                if read_again:
+                    warnings.warn(f"blob {blob_id.hex()} (or a delta base of it) did not authenticate as first read, "
+                                  "and did when read again: garbled on the way from the storage", RemoteRetryWarning,
+                                  stacklevel=2)
+                return plain
+            except CorruptObject as exc:
+                if not read_again and not isinstance(exc, (MissingObject, NewerObject)):
+                    # A ranged read comes with no checksum of its own (S3's is the whole object's), so bytes
+                    # garbled on the way show here first: read once more before calling the stored ones damaged.
+                    read_again, envs = True, {}
+                    continue
                 if not self._copies or tries == COPY_TRIES:  # a remote that fails now and then: not for ever
                     raise
                 envs = {}  # what was fetched may be the failed copy's
