@@ -1015,9 +1015,21 @@ class Repo:
             return open_chain(self.sealer, chain, plain)
         except CorruptObject as exc:
             name = f"blob {blob_id.hex()}"
+            failed = exc.object_name.split()[-1]
+            where = self._stored_in(failed)
             if exc.object_name == name:
-                raise
-            raise CorruptObject(name, f"its delta base {exc.object_name.split()[-1]} is corrupt: {exc.reason}") from None
+                raise exc.explained(where) from None
+            raise CorruptObject(name, f"its delta base {failed} is corrupt: {exc.reason}{where}") from None
+
+    def _stored_in(self, blob_hex: str) -> str:
+        """The object a blob was read from, as its damage names it (`` (read from data/..)``): the pack to put
+        back (from a bucket's old versions, say), not the blob alone."""
+        try:
+            loc = self.locate(bytes.fromhex(blob_hex))
+        except ValueError:
+            return ""
+        pack_id = None if loc is None else self.pack_ids[loc.pack_no]
+        return "" if pack_id is None else f" (read from {pack_key(pack_id)})"
 
     def read_blobs(self, blob_ids: list[bytes], *, cache: bool = False) -> list[Plaintext]:
         """Plaintexts of several blobs, in order.

@@ -184,3 +184,27 @@ def test_a_ranged_read_garbled_on_the_way_is_read_again(tmp_path, s3_bucket, pas
             repo.restore(snap.id, str(tmp_path / "out"))
         assert garbled
     assert describe(tmp_path / "out") == describe(src)
+
+
+def test_damage_names_the_pack_it_was_read_from(tmp_path, s3_bucket, moto_s3, password):
+    """A blob that does not authenticate, read again the same, is named with the object it was read from: the
+    pack to put back (from the bucket's old versions, say).  The error named the blob and the file alone."""
+    import pytest
+
+    from chunkvault.errors import CorruptObject
+
+    src = tmp_path / "src"
+    make_tree(src, 4)
+    Repository.init(s3_bucket.url, password, kdf_seconds=0, **s3_bucket.options).close()
+    with Repository.open(s3_bucket.url, password, **s3_bucket.options) as repo:
+        snap = repo.backup([str(src)]).snapshot
+    client = moto_s3.client()
+    packs = client.list_objects_v2(Bucket=s3_bucket.name, Prefix="repo/data/")["Contents"]
+    pack = max(packs, key=lambda o: o["Size"])["Key"]
+    body = bytearray(client.get_object(Bucket=s3_bucket.name, Key=pack)["Body"].read())
+    body[len(body) // 2] ^= 1
+    client.put_object(Bucket=s3_bucket.name, Key=pack, Body=bytes(body))
+    with Repository.open(s3_bucket.url, password, cache=False, **s3_bucket.options) as repo:
+        named = f"authentication failed .* \\(read from {pack.removeprefix('repo/')}\\)"
+        with pytest.raises(CorruptObject, match=named):
+            repo.restore(snap.id, str(tmp_path / "out"))
