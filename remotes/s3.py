@@ -55,6 +55,11 @@ STORAGE_CLASSES = frozenset(
 #: Reads of an object whose body does not match the checksum S3 sends with it, before it is taken as stored so.
 CHECKSUM_READS = 3
 _BUCKET = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]\Z")
+# A prefix is any text S3 takes in a key (``backups/Host A/``, ``ü``, as restic takes it) but for empty, "."
+# and ".." segments (which stores on a file system resolve) and control characters; within S3's 1,024 bytes
+# a key may hold, with room for the repository's own keys below it.
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+MAX_PREFIX_BYTES = 768
 
 _NOT_FOUND = {"NoSuchKey", "404", "NotFound"}
 _DENIED = {
@@ -167,12 +172,25 @@ def parse_s3_url(url: str) -> tuple[str, str]:
         raise UsageError(f"invalid S3 bucket name {bucket!r} in {url!r}")
     prefix = parsed.path.strip("/")
     if prefix:
-        try:
-            validate_key(prefix)
-        except UsageError:
-            raise UsageError(f"invalid prefix {prefix!r} in {url!r}") from None
+        fault = _prefix_fault(prefix)
+        if fault:
+            raise UsageError(f"invalid prefix {prefix[:80]!r}{'...' if len(prefix) > 80 else ''} in the S3 URL: "
+                             f"{fault}")
         prefix += "/"
     return bucket, prefix
+
+
+def _prefix_fault(prefix: str) -> str:
+    """What is wrong with a repository's prefix in its bucket ("" when nothing is)."""
+    try:
+        size = len(prefix.encode())
+    except UnicodeEncodeError:  # bytes of no UTF-8 on the command line: S3 keys are UTF-8
+        return "not UTF-8"
+    if _CONTROL.search(prefix):
+        return "a control character"
+    if {"", ".", ".."} & set(prefix.split("/")):
+        return "an empty, '.' or '..' segment"
+    return f"longer than {MAX_PREFIX_BYTES} bytes" if size > MAX_PREFIX_BYTES else ""
 
 
 def check_endpoint_url(url: str) -> None:

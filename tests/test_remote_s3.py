@@ -403,6 +403,7 @@ def test_connection_errors_are_transient():
         ("s3://bkt/repo", "bkt", "repo/"),
         ("s3://bkt/a/b/", "bkt", "a/b/"),
         ("S3://my.bucket-1/x", "my.bucket-1", "x/"),
+        ("s3://bkt/Host A/ü+(1)", "bkt", "Host A/ü+(1)/"),  # any text S3 takes in a key, as restic takes it
     ],
 )
 def test_url_parsing(url, bucket, prefix):
@@ -411,7 +412,8 @@ def test_url_parsing(url, bucket, prefix):
 
 @pytest.mark.parametrize(
     "url",
-    ["s3://", "s3://B/x", "s3://ab", "s3://bkt/../x", "s3://bkt/a//b", "s3://bkt/x?region=eu", "s3://a..b/x"],
+    ["s3://", "s3://B/x", "s3://ab", "s3://bkt/../x", "s3://bkt/a//b", "s3://bkt/a/./b", "s3://bkt/a\x01b",
+     "s3://bkt/a\udcffb", "s3://bkt/" + "x" * 769, "s3://bkt/x?region=eu", "s3://a..b/x"],
 )
 def test_bad_urls(url):
     with pytest.raises(UsageError):

@@ -34,6 +34,22 @@ def test_backup_restore_check_over_s3(tmp_path, s3_bucket, monkeypatch, password
     assert repo.check(read_data=True).ok
 
 
+def test_a_prefix_of_any_text_s3_takes_holds_a_repository(tmp_path, s3_bucket_factory, moto_s3, password):
+    """A bucket laid out by host names (``backups/Host A/``) or in another script than ASCII holds a
+    repository below such a prefix, as restic's do: the URL was refused as an invalid prefix (exit 2)."""
+    bucket = s3_bucket_factory(prefix="backups/Host A/ü")
+    src = tmp_path / "src"
+    make_tree(src, 5)
+    Repository.init(bucket.url, password, kdf_seconds=0, **bucket.options).close()
+    with Repository.open(bucket.url, password, cache=False, **bucket.options) as repo:
+        repo.backup([str(src)])
+        repo.restore("latest", str(tmp_path / "out"))
+        assert repo.check(read_data=True).ok
+    assert describe(tmp_path / "out") == describe(src)
+    keys = [o["Key"] for o in moto_s3.client().list_objects_v2(Bucket=bucket.name)["Contents"]]
+    assert "backups/Host A/ü/config" in keys and all(k.startswith("backups/Host A/ü/") for k in keys)
+
+
 def test_two_clients_back_up_at_once(tmp_path, s3_bucket, password):
     env = {**os.environ, **s3_bucket.env, "CHUNKVAULT_PASSWORD": password,
            "CHUNKVAULT_CACHE_DIR": str(tmp_path / "cache")}
