@@ -364,6 +364,14 @@ class S3Remote(Remote):
                 return ObjectExists(key)
             if code == "NoSuchBucket":
                 return RepositoryNotFound(f"S3 bucket {self.bucket!r} does not exist ({self.display_url})")
+            if code in ("PermanentRedirect", "301") or status == 301:
+                # the bucket is in another region than the endpoint's (a HEAD's 301 has no body: "Moved
+                # Permanently" was all it said); S3 names the bucket's region in a header
+                region = exc.response.get("ResponseMetadata", {}).get("HTTPHeaders", {}).get("x-amz-bucket-region")
+                there = f"region {region}" if region else "another region"
+                asked = self.endpoint_url or f"the endpoint of {self.region}"
+                fix = f"-o s3.region={region} and that region's endpoint" if region else "the bucket's region"
+                return RemoteError(f"S3 {op} {where}: the bucket is in {there}, not at {asked}: give {fix}")
             if key is not None and (code in _NOT_FOUND or status == 404):
                 return ObjectNotFound(key)
             if code == "InvalidObjectState":  # S3 answers it with 403 too: no permission is missing

@@ -375,6 +375,20 @@ def test_error_mapping(code, status, expected):
         assert "\n" not in str(err) and ("bucket" in str(err))
 
 
+@pytest.mark.parametrize("code", ["PermanentRedirect", "301"])  # a HEAD's 301 has no body to name its code
+def test_a_bucket_of_another_region_is_named_with_its_region(code):
+    """S3 answers a request for a bucket of another region than the endpoint's 301, with the bucket's region
+    in a header: said so, with what to set.  A HEAD (init's) said "301: Moved Permanently" and no more."""
+    remote = S3Remote("bucket", "repo/", endpoint_url="https://s3.us-east-2.amazonaws.com")
+    answer = {"Error": {"Code": code, "Message": "Moved Permanently"},
+              "ResponseMetadata": {"HTTPStatusCode": 301, "HTTPHeaders": {"x-amz-bucket-region": "eu-west-1"}}}
+    exc = botocore.exceptions.ClientError(answer, "HeadObject")
+    err = remote._error(exc, "stat", "config")
+    assert type(err) is RemoteError
+    assert str(err) == ("S3 stat s3://bucket/repo/config: the bucket is in region eu-west-1, not at "
+                        "https://s3.us-east-2.amazonaws.com: give -o s3.region=eu-west-1 and that region's endpoint")
+
+
 def test_precondition_maps_to_exists_only_for_if_absent():
     remote = S3Remote("bucket", "repo/", endpoint_url="http://127.0.0.1:9")
     err = remote._error(_client_error("PreconditionFailed", 412, "PutObject"), "put", "k", if_absent=True)
