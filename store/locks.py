@@ -42,11 +42,13 @@ from typing import Callable, Iterator
 
 from chunkvault.errors import (CorruptObject, Locked, LockLost, MissingObject, ObjectNotFound, PermissionDenied,
                                RemoteError, RemoteUnavailable, RepositoryStateWarning, StorageFull, UsageError)
-from chunkvault.remotes import Remote
+from chunkvault.remotes import ObjectInfo, Remote
+from chunkvault.remotes.layer import parallel_map
 
 from .forksafe import FORK_GUARD, start_quiet_thread
 
 REFRESH_EVERY = 60.0
+LOCK_READERS = 8  # lock objects read at once
 STALE_AFTER = 300.0
 # A lock not written for this long may have been judged stale by another command (a paused or suspended
 # process, a remote out of reach): its holder no longer trusts it (``RepoLock.ensure_held``).  Below
@@ -185,17 +187,21 @@ def list_locks(remote: Remote, reference: str | None = None) -> list[LockInfo]:
     trip more before every command that takes a lock, for a lock its writer knows)."""
     listed = list(remote.list("locks/"))
     now = next((o.modified for o in listed if o.key == reference), None) if reference else None
-    out = []
-    for o in listed:
-        if o.key == reference:
-            continue
+
+    def read(o: ObjectInfo) -> LockInfo | None:
         try:
             lock = _parsed_lock(o.key, json.loads(remote.get(o.key)))
         except (ObjectNotFound, ValueError, KeyError, TypeError, AttributeError, RecursionError):
-            continue  # vanished, or not ours: a lock never parses into something it is not
+            return None  # vanished, or not ours: a lock never parses into something it is not
         if now is not None and o.modified is not None:
             lock.stored_ago = max(0.0, now - o.modified)  # one written after ours is as fresh as can be
-        out.append(lock)
+        return lock
+
+    others = [o for o in listed if o.key != reference]
+    # Read several at once: one after another, the locks of a fleet's backups running together (a thousand
+    # shared locks) cost each command that took a lock a round trip apiece, over a minute on S3.
+    read_all = map(read, others) if len(others) < 2 else parallel_map(read, others, workers=LOCK_READERS)
+    out = [lock for lock in read_all if lock is not None]
     _tell_skew(out, time.time())
     return out
 

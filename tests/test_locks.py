@@ -813,3 +813,31 @@ def test_a_refresh_that_lands_after_its_lock_was_left_does_not_bring_the_lock_ba
     assert list_locks(remote) == []
     with RepoLock(remote, EXCLUSIVE, "prune", wait=0):
         pass
+
+
+def test_the_locks_of_many_commands_are_read_several_at_once(remote):
+    """A fleet's backups running together leave a shared lock each: a command taking a lock reads them all,
+    and one after another that cost it a round trip apiece (1,100 locks: 78 s on S3 served on 127.0.0.1)."""
+    import threading
+
+    body = json.dumps({"kind": SHARED, "host": "elsewhere", "pid": 4242, "purpose": "backup",
+                       "time": time.time()}).encode()
+    for i in range(40):
+        remote.put(f"locks/{i:032x}", body)
+    lock = threading.Lock()
+    reading = [0, 0]  # now, at most
+
+    class Distant(FaultyRemote):
+        def get(self, key, start=None, length=None):
+            with lock:
+                reading[0] += 1
+                reading[1] = max(reading)
+            time.sleep(0.05)  # a round trip
+            with lock:
+                reading[0] -= 1
+            return self.inner.get(key, start, length)
+
+    started = time.monotonic()
+    with RepoLock(Distant(remote, seed=0), SHARED, "backup"):
+        pass
+    assert reading[1] > 1 and time.monotonic() - started < 40 * 0.05
