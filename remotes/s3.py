@@ -485,6 +485,9 @@ class S3Remote(Remote):
         if start or length is not None:
             lo = start or 0
             kwargs["Range"] = f"bytes={lo}-" if length is None else f"bytes={lo}-{lo + length - 1}"
+            # No checksum asked for: S3 sends none with a range, and a store that sends the whole object's
+            # (Ceph's RGW before its fix) made every range a mismatch, read CHECKSUM_READS + 1 times.
+            return self._get(key, start, length, **kwargs)
         for _ in range(CHECKSUM_READS):
             try:
                 return self._get(key, start, length, ChecksumMode="ENABLED", **kwargs)
