@@ -434,6 +434,14 @@ def test_bad_urls(url):
         parse_s3_url(url)
 
 
+@pytest.mark.parametrize("url", ["s3://bkt/Host A?", "s3://bkt/Host A#", "s3://bkt/a?#", "s3://bkt?"])
+def test_a_url_whose_query_or_fragment_is_empty_is_refused_too(url):
+    """A prefix ending in "?" or "#" lost it without a word: the repository went under another prefix (the
+    one without it, which may be another host's)."""
+    with pytest.raises(UsageError, match="no query or fragment"):
+        parse_s3_url(url)
+
+
 def test_credentials_in_url_are_refused_without_echoing_them():
     with pytest.raises(UsageError, match="credentials") as info:
         open_remote("s3://AKIDEXAMPLE:topsecret@bkt/repo")
