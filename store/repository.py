@@ -934,11 +934,12 @@ class Repo:
         """
         tries = 0
         read_again = False
+        garbled: int | None = None  # the copy switches when the read that failed was made again
         while True:
             switches = self._copy_switches
             try:
                 plain = self._resolve_once(blob_id, envs, memo, shared)
-                if read_again:
+                if garbled == self._copy_switches:  # not where another copy read: that one's failed as stored
                     warnings.warn(f"blob {blob_id.hex()} (or a delta base of it) did not authenticate as first read, "
                                   "and did when read again: garbled on the way from the storage", RemoteRetryWarning,
                                   stacklevel=2)
@@ -947,8 +948,9 @@ class Repo:
                 if not read_again and not isinstance(exc, (MissingObject, NewerObject)):
                     # A ranged read comes with no checksum of its own (S3's is the whole object's), so bytes
                     # garbled on the way show here first: read once more before calling the stored ones damaged.
-                    read_again, envs = True, {}
+                    read_again, garbled, envs = True, switches, {}
                     continue
+                garbled = None
                 if not self._copies or tries == COPY_TRIES:  # a remote that fails now and then: not for ever
                     raise
                 envs = {}  # what was fetched may be the failed copy's

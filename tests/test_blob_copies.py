@@ -185,3 +185,20 @@ def test_check_names_the_damaged_copy_but_no_file_when_another_copy_reads(stored
     if damage == "flipped":
         (own,) = [p for p in report.problems if p.object == f"blob {blob.hex()}"]
         assert "another copy of it reads: no file is lost" in own.problem
+
+
+def test_a_copy_read_after_the_held_one_is_damaged_is_not_said_to_be_garbled_on_the_way(stored_twice):
+    """The held copy read again the same, then another copy read: the blob read, from its other copy, and the
+    warning that it was garbled on the way from the storage said so of damage the storage holds."""
+    from chunkvault.errors import RemoteRetryWarning
+
+    repo_dir, repo, first, second, content = stored_twice(delta=False)
+    blob = chunk_ids(repo, first, "db")[3]
+    repo.store.load_index()
+    held, _ = copies_of(repo.store, blob)
+    flip(pack_of(repo_dir, held, repo.store), held.offset + held.length // 2)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        repo.store.read_blob(blob, verify=True)
+    assert [w.category for w in caught] == [RepositoryStateWarning]
+    assert not [w for w in caught if issubclass(w.category, RemoteRetryWarning)]
