@@ -159,7 +159,8 @@ def parse_s3_url(url: str) -> tuple[str, str]:
     parsed = urlparse(url)
     if parsed.scheme.lower() != "s3":
         raise UsageError(f"not an s3:// URL: {url!r}")
-    if "@" in parsed.netloc or parsed.password is not None:
+    authority = url.split("/", 3)[2] if url.count("/") >= 2 else ""  # as written: "?" or "#" ends urlparse's
+    if "@" in parsed.netloc or "@" in authority or parsed.password is not None:
         # Do not echo the URL: it holds a secret.
         raise UsageError(
             "credentials do not belong in an s3:// URL; use the AWS environment, "
