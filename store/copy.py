@@ -377,9 +377,9 @@ def _copy_snapshots(src: Repo, dst: Repo, spec_ids: list[str] | None,
                 return unsaved.get(sid) or dst.load_snapshot(sid)
 
             def save(copy: Snapshot, source: str) -> None:
+                del unsaved[copy.id]
                 # a prune that took the lock for stale may have deleted what it reuses
                 dst.save_snapshot_held(copy, lock, named=True)
-                del unsaved[copy.id]
                 result.copied.append((source, copy.id))
             held = {s.id for s in src_snaps if not origins(s).isdisjoint(done)}
             noted = time.monotonic()

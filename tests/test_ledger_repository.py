@@ -267,7 +267,7 @@ def test_a_snapshot_written_back_under_a_forgotten_id_is_not_a_replay(chain, tmp
         store = dst.store
         save = store.save_snapshot
 
-        def keep_the_forgotten_id(snap, *, replace=False):
+        def keep_the_forgotten_id(snap, *, replace=False, named=False):
             snap.id = newest
             return save(snap, replace=True)
 
