@@ -528,11 +528,13 @@ class S3Remote(Remote):
         served = response.get("ContentRange")  # None where the whole object came (200) for the range asked
         if "Range" in kwargs and (served is not None or response["ResponseMetadata"].get("HTTPStatusCode") == 200):
             data = served_range(f"{self.display_url}{key}", start or 0, length, data, served)
-        elif "Range" not in kwargs and not checked:
+        elif "Range" not in kwargs and not checked and key.startswith(DATA_PREFIX):
             # No checksum came (an object uploaded in parts, or written without one, or a store that keeps
             # none), and the Content-Length of a body cut short on the way may have been set to match it: the
             # object's size decides.  Taken as the object, a pack read whole by `check --read-data` was
-            # reported damaged, its blobs past the cut lost, with `repair packs` advised.
+            # reported damaged, its blobs past the cut lost, with `repair packs` advised.  Packs alone: the
+            # other objects are small and read at every open (a lock each, a fleet's thousand), where a store
+            # that keeps no checksum paid a HEAD apiece, and a cut one does not authenticate.
             info = self.stat(key)
             if info is None:
                 raise ObjectNotFound(key)

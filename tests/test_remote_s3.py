@@ -763,3 +763,24 @@ def test_a_ranged_read_asks_for_no_checksum_some_stores_send_the_whole_objects_f
         assert gets == ["bytes=100-149"]
         assert remote.get("data/ab/ranged") == body  # a whole read is still checked against it
         assert len(gets) == 2
+
+
+def test_only_a_pack_read_whole_without_a_checksum_is_checked_against_its_size(s3_bucket):
+    """The size check costs a HEAD: paid for packs, whose cut body `check --read-data` took for damage, not
+    for the small objects every open reads (a lock each), which authenticate or not."""
+    with _open(s3_bucket) as remote:
+        remote.put("data/ab/pack", b"p" * 100)
+        remote.put("locks/one", b"l" * 100)
+        real = remote._client.get_object
+
+        def unchecked(**kw):  # as from a store that keeps no checksum
+            response = real(**kw)
+            response["Body"] = io.BytesIO(response["Body"].read())
+            return response
+
+        remote._client.get_object = unchecked
+        stats = []
+        stat = remote.stat
+        remote.stat = lambda key: stats.append(key) or stat(key)
+        assert remote.get("locks/one") == b"l" * 100 and stats == []
+        assert remote.get("data/ab/pack") == b"p" * 100 and stats == ["data/ab/pack"]
