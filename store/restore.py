@@ -37,6 +37,7 @@ from .manifest import (
     sort_key, unread,
 )
 from .blob import Plaintext
+from .chain import ancestors
 from .confinement import confined, safe_relpath
 from .excludes import ExcludeRules
 from .find import tree_glob
@@ -1696,17 +1697,37 @@ class Restorer:
             if e.target not in self._written_files:  # the file is the target's, kept: not linked to
                 self._regroup(e)
                 return
-        try:
-            spfd, sname = self.at(e.target)
-            source = _lstat(spfd, sname)
-        except (FileNotFoundError, NotADirectoryError):
-            source = None
-        except TargetUnwritable:
-            raise TargetUnwritable(f"a symbolic link in the target leads the directory of its target "
-                                   f"{target} out of the target; not linked to through it") from None
-        if source is None:
-            self._link_not_restored(e)
-            return
+        with contextlib.ExitStack() as searchable:
+            try:
+                try:
+                    spfd, sname = self.at(e.target)
+                    source = _lstat(spfd, sname)
+                except PermissionError:  # a directory on its way that its owner, this user, may not search
+                    spfd, sname = self._searchable(e.target, searchable)
+                    source = _lstat(spfd, sname)
+            except (FileNotFoundError, NotADirectoryError):
+                source = None
+            except TargetUnwritable:
+                raise TargetUnwritable(f"a symbolic link in the target leads the directory of its target "
+                                       f"{target} out of the target; not linked to through it") from None
+            if source is None:
+                self._link_not_restored(e)
+                return
+            self._link_to(e, spfd, sname, source)
+
+    def _searchable(self, path: bytes, stack: contextlib.ExitStack) -> tuple[int, bytes]:
+        """``at(path)``, with each directory above it that is this user's and denies its owner search (mode
+        000 or 0600, restored already) opened up in ``stack``, which gives their modes back: a hard link to a
+        file in such a directory was refused (Permission denied, exit 14) by a restore as another user than
+        root in one process, which sets each directory's mode once it is left."""
+        for rel in ancestors(path):
+            fd = self.dirs.dir(safe_relpath(rel))
+            if closed_to_owner(os.fstat(fd), 0o100):
+                stack.enter_context(_opened_up(fd, os.fsdecode(rel)))
+        return self.at(path)
+
+    def _link_to(self, e: Entry, spfd: int, sname: bytes, source: os.stat_result) -> None:
+        """Link ``e``'s path to the file at ``sname`` in the directory open at ``spfd`` (``source``)."""
         pfd, name = self.at(e.path, make=True)
         st = None if self._fresh else _lstat(pfd, name)
         if st is not None and (st.st_dev, st.st_ino) == (source.st_dev, source.st_ino):

@@ -1378,6 +1378,39 @@ def test_a_hard_link_that_cannot_be_made_leaves_what_its_path_holds(tmp_path):
     assert (root / "b" / "g").read_bytes() == b"good\n" and os.listdir(outside) == []
 
 
+@pytest.mark.parametrize("mode", [0o000, 0o600], ids=["000", "no search"])
+@pytest.mark.parametrize("in_place", [False, True], ids=["fresh", "in place"])
+def test_a_hard_link_into_a_directory_its_owner_may_not_search_is_made(tmp_path, unprivileged, mode, in_place):
+    """As another user than root, in one process: a/f's directory, given its mode 000 once left, could not be
+    searched when b/g was linked to a/f (Permission denied, exit 14).  It is opened up for the link, and gets
+    its mode and time back."""
+    repo = str(tmp_path / "repo")
+    _cli("init", "-r", repo, "--kdf-time", "0")
+    src = tmp_path / "src"
+    (src / "a" / "deep").mkdir(parents=True)
+    (src / "b").mkdir()
+    (src / "a" / "f").write_bytes(b"linked\n")
+    (src / "a" / "deep" / "f").write_bytes(b"deeper\n")
+    os.link(src / "a" / "f", src / "b" / "g")
+    os.link(src / "a" / "deep" / "f", src / "b" / "h")
+    os.chmod(src / "a" / "deep", mode)
+    os.chmod(src / "a", mode)
+    _cli("backup", "-r", repo, str(src))
+    os.chmod(src / "a", 0o755)
+    os.chmod(src / "a" / "deep", 0o755)
+    target = tmp_path / "target"
+    if in_place:
+        _cli("restore", "-r", repo, "latest", "--target", str(target), "--processes", "2")
+    _cli("restore", "-r", repo, "latest", "--target", str(target), "--processes", "1", "--confirm", "RESTORE",
+         unprivileged=True)
+    a = target / "a"
+    recorded = os.stat(src / "a").st_mtime_ns
+    assert stat.S_IMODE(os.stat(a).st_mode) == mode and os.stat(a).st_mtime_ns == recorded
+    assert stat.S_IMODE(os.stat(a / "deep").st_mode) == mode
+    assert os.path.samefile(target / "b" / "g", a / "f") and (target / "b" / "g").read_bytes() == b"linked\n"
+    assert os.path.samefile(target / "b" / "h", a / "deep" / "f")
+
+
 def test_hard_links_restored_in_place_replace_the_files_there_and_leave_nothing_beside(tmp_path):
     """Linked beside the file there and renamed over it; a link already right (a rerun) is left as it is."""
     repo, target, root = _linked_pair(tmp_path)
