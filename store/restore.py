@@ -167,21 +167,32 @@ class RestoreResult:
     xattrs_unsupported_paths: list[str] = field(default_factory=list)
     xattrs_unsupported_names: list[str] = field(default_factory=list)
 
+    # Entries whose trusted.* or security.* attributes this user may not set or remove (EPERM, EACCES: a restore
+    # as another user than root, or a security module's policy), summed up likewise: one warning per entry
+    # buried the others under a line for each file of a tree with SELinux labels.
+    xattrs_denied: int = 0
+    xattrs_denied_paths: list[str] = field(default_factory=list)
+    xattrs_denied_names: list[str] = field(default_factory=list)
+
     def note_unsupported_xattrs(self, paths: list[str], names: list[str], count: int = 1) -> None:
         """``count`` more entries (the first of them ``paths``) whose attributes ``names`` were not set."""
         self.xattrs_unsupported += count
         self.xattrs_unsupported_paths += paths[:_SHOWN_UNSUPPORTED - len(self.xattrs_unsupported_paths)]
         self.xattrs_unsupported_names += [n for n in names if n not in self.xattrs_unsupported_names]
 
+    def note_denied_xattrs(self, paths: list[str], names: list[str], count: int = 1) -> None:
+        """``count`` more entries (the first of them ``paths``) whose attributes ``names`` were not permitted."""
+        self.xattrs_denied += count
+        self.xattrs_denied_paths += paths[:_SHOWN_UNSUPPORTED - len(self.xattrs_denied_paths)]
+        self.xattrs_denied_names += [n for n in names if n not in self.xattrs_denied_names]
+
     def unsupported_xattrs_warning(self) -> str | None:
-        n = self.xattrs_unsupported
-        if not n:
-            return None
-        more = f" and {n - len(self.xattrs_unsupported_paths)} more" if n > len(self.xattrs_unsupported_paths) else ""
-        names = sorted(self.xattrs_unsupported_names)
-        shown = ", ".join(names[:_SHOWN_UNSUPPORTED]) + (", ..." if len(names) > _SHOWN_UNSUPPORTED else "")
-        return (f"extended attributes not set on {n} entr{'y' if n == 1 else 'ies'}: the target's file system does "
-                f"not support them ({shown}): {', '.join(self.xattrs_unsupported_paths)}{more}")
+        return _summed_xattrs(self.xattrs_unsupported, self.xattrs_unsupported_paths, self.xattrs_unsupported_names,
+                              "not set", "the target's file system does not support them")
+
+    def denied_xattrs_warning(self) -> str | None:
+        return _summed_xattrs(self.xattrs_denied, self.xattrs_denied_paths, self.xattrs_denied_names,
+                              "left as they were", "setting or removing them is not permitted to this user")
 
     def raise_for_problems(self) -> None:
         """After everything else was restored: the target's failures first (exit 14: it ran out of space, or
@@ -221,6 +232,17 @@ class RestoreResult:
 
 
 _SHOWN_UNSUPPORTED = 5  # entries (and attribute names) the warning on extended attributes not supported names
+
+
+def _summed_xattrs(n: int, paths: list[str], names: list[str], done: str, why: str) -> str | None:
+    """One warning for ``n`` entries whose extended attributes were refused alike (the first ``paths``)."""
+    if not n:
+        return None
+    more = f" and {n - len(paths)} more" if n > len(paths) else ""
+    names = sorted(names)
+    shown = ", ".join(names[:_SHOWN_UNSUPPORTED]) + (", ..." if len(names) > _SHOWN_UNSUPPORTED else "")
+    return (f"extended attributes {done} on {n} entr{'y' if n == 1 else 'ies'}: {why} ({shown}): "
+            f"{', '.join(paths)}{more}")
 
 
 def _named(names: list[str], shown: int = 5) -> str:
@@ -826,9 +848,9 @@ class Restorer:
         missed = self.opt.owner_map.missed() if self.opt.owner_map is not None and self.owners else None
         if missed is not None:
             self.result.warnings.append(missed)
-        unsupported = self.result.unsupported_xattrs_warning()
-        if unsupported is not None:
-            self.result.warnings.append(unsupported)
+        for summed in (self.result.unsupported_xattrs_warning(), self.result.denied_xattrs_warning()):
+            if summed is not None:
+                self.result.warnings.append(summed)
         self._note_far_times()
         if self.setid_dropped:
             n = self.setid_dropped
@@ -1948,9 +1970,13 @@ class Restorer:
                 mode &= ~self._owner_not_set(e, exc.strerror)
         if self.opt.xattrs and (e.xattrs or not self._fresh):
             unsupported: list[str] = []
-            failed = write_xattrs(where, e.xattrs, replace=not self._fresh, follow=not link, unsupported=unsupported)
+            denied: list[str] = []
+            failed = write_xattrs(where, e.xattrs, replace=not self._fresh, follow=not link, unsupported=unsupported,
+                                  denied=denied)
             if unsupported:  # the file system's: said once for all the entries (``note_walked``)
                 self.result.note_unsupported_xattrs([os.fsdecode(e.path) or "."], unsupported)
+            if denied:  # likewise
+                self.result.note_denied_xattrs([os.fsdecode(e.path) or "."], denied)
             if failed:
                 self.result.warnings.append(f"cannot set extended attributes of {os.fsdecode(e.path)}: "
                                             + "; ".join(failed))

@@ -245,6 +245,7 @@ class _Coordinator:
             r.warnings.extend(res.warnings)
             r.note_unsupported_xattrs(res.xattrs_unsupported_paths, res.xattrs_unsupported_names,
                                       res.xattrs_unsupported)
+            r.note_denied_xattrs(res.xattrs_denied_paths, res.xattrs_denied_names, res.xattrs_denied)
             r.damaged.extend(d for d in res.damaged if d not in r.damaged)
             r.removed.extend(d for d in res.removed if d not in r.removed)
             for u in res.unwritten:

@@ -17,6 +17,14 @@ _PAIR = struct.Struct("<BI")
 
 # Where a file system keeps no extended attributes (or none of a namespace), reading finds none.
 UNSUPPORTED_ERRNOS = {errno.ENOTSUP, errno.EOPNOTSUPP}
+# Namespaces only a privileged process writes (CAP_SYS_ADMIN for trusted.*, security.* by the security module's
+# rules): refused to a restore as another user than root on every entry that has them, a SELinux label on each.
+PRIVILEGED = (b"trusted.", b"security.")
+
+
+def _denied(name: str | bytes, exc: OSError) -> bool:
+    """Whether setting or removing ``name`` failed only for want of privilege over its namespace."""
+    return exc.errno in (errno.EPERM, errno.EACCES) and os.fsencode(name).startswith(PRIVILEGED)
 
 
 def encode_xattrs(pairs: dict[bytes, bytes]) -> bytes:
@@ -79,11 +87,13 @@ def read_xattrs(target: bytes | int) -> bytes:
 
 
 def write_xattrs(target: bytes | int, raw: bytes, replace: bool, follow: bool | None = None,
-                 unsupported: list[str] | None = None) -> list[str]:
+                 unsupported: list[str] | None = None, denied: list[str] | None = None) -> list[str]:
     """Set the attributes encoded in ``raw`` on a path (not followed, unless ``follow``) or open fd; with
     ``replace``, also remove those it has that ``raw`` lacks.  Returns one line per attribute that could
     not be set; with ``unsupported``, the names the file system keeps none of (ENOTSUP: FAT, exFAT, a
-    mount without ACLs) go there instead, for the caller to sum up."""
+    mount without ACLs) go there instead, and with ``denied``, those of the namespaces this user may not
+    write (``PRIVILEGED``: as another user than root, or under a security module's policy), set or
+    removed, for the caller to sum up."""
     follow = isinstance(target, int) if follow is None else follow
     try:
         wanted = decode_xattrs(raw) if raw else {}
@@ -102,13 +112,18 @@ def write_xattrs(target: bytes | int, raw: bytes, replace: bool, follow: bool | 
                 try:
                     os.removexattr(target, name, follow_symlinks=follow)
                 except OSError as exc:
-                    failed.append(f"removing {os.fsdecode(name)}: {exc.strerror}")
+                    if denied is not None and _denied(name, exc):
+                        denied.append(os.fsdecode(name))
+                    else:
+                        failed.append(f"removing {os.fsdecode(name)}: {exc.strerror}")
     for name, value in wanted.items():
         try:
             os.setxattr(target, name, value, follow_symlinks=follow)
         except OSError as exc:
             if unsupported is not None and exc.errno in UNSUPPORTED_ERRNOS:
                 unsupported.append(os.fsdecode(name))
+            elif denied is not None and _denied(name, exc):
+                denied.append(os.fsdecode(name))
             else:
                 failed.append(f"{os.fsdecode(name)}: {exc.strerror}")
     return failed

@@ -4,6 +4,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import shutil
 import struct
 
 import pytest
@@ -244,8 +245,8 @@ def test_an_attribute_removed_between_the_listing_and_its_read_costs_only_itself
 
 
 def test_attributes_a_target_cannot_take_are_a_warning(repo, source, tmp_path, monkeypatch):
-    """Refused one by one (EPERM: security.* as another user than root), each entry's are named; refused
-    by the file system, which keeps none (ENOTSUP), one warning counts the entries."""
+    """Refused one by one (EPERM: user.* on an immutable file, say), each entry's are named; refused by the
+    file system, which keeps none (ENOTSUP), one warning counts the entries."""
     snap = repo.backup([str(source)]).snapshot
 
     def refused(*args, **kwargs):
@@ -268,6 +269,31 @@ def test_attributes_a_target_cannot_take_are_a_warning(repo, source, tmp_path, m
     assert len(warned) == 1 and warned[0].startswith(f"extended attributes not set on {3 + ROOT} entries: the "
                                                      "target's file system does not support them (")
     assert "user.binary" in warned[0] and "etc/app.conf" in warned[0]
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or shutil.which("setpriv") is None, reason="needs root and setpriv")
+@pytest.mark.parametrize("processes", ["1", "2"])
+def test_attributes_of_a_namespace_this_user_may_not_write_are_one_warning(cli, tmp_path, processes):
+    """trusted.* (security.* likewise) without CAP_SYS_ADMIN, as for a restore as another user than root: a
+    warning per entry, a line for each file of a tree whose every file has a SELinux label."""
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(12):
+        (src / f"f{i:02}").write_bytes(b"%d" % i)
+        os.setxattr(src / f"f{i:02}", "trusted.origin", b"here")
+    os.setxattr(src / "f00", "user.kept", b"set")
+    repo = str(tmp_path / "repo")
+    cli("init", "-r", repo, "--kdf-time", "0")
+    cli("backup", "-r", repo, str(src))
+    out = tmp_path / "out"
+    proc = cli("restore", "-r", repo, "latest", "--target", str(out), "--processes", processes, "--json",
+               wrap=["setpriv", "--bounding-set", "-sys_admin"])
+    result = json.loads(proc.stdout)
+    assert result["processes"] == int(processes)
+    warned = [w for w in result["warnings"] if "extended attributes" in w]
+    assert warned == ["extended attributes left as they were on 12 entries: setting or removing them is not "
+                      "permitted to this user (trusted.origin): f00, f01, f02, f03, f04 and 7 more"]
+    assert os.getxattr(out / "f00", "user.kept") == b"set" and (out / "f11").read_bytes() == b"11"
 
 
 def test_mount_lists_and_reads_them(repo, source):
