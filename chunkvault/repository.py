@@ -1782,7 +1782,9 @@ class Repository:
                          xattrs: bool) -> None:
         from .verify import compare_tree
 
-        restored = (r.entry for r in restorer.selected_records(records) if r.entry is not None)
+        # The root's metadata left as another user's target had it (``Restorer.root_left``) is no difference.
+        restored = (r.entry for r in restorer.selected_records(records)
+                    if r.entry is not None and (r.path or not restorer.root_left))
         # By name, a target moved aside and replaced by a symbolic link once restored had the link's destination
         # compared (its probe files made there, its modes opened up a moment), not what was restored.
         found = compare_tree(restored, restorer.root, extras=False, max_listed=3, xattrs=xattrs)

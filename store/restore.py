@@ -689,6 +689,7 @@ class Restorer:
         self._dirs: list[Entry] = []  # the directories the walk is in, whose metadata waits for their children
         self._fresh = False  # the target was empty: nothing in it needs to be looked at or made room for
         self._made_mode: int | None = None  # the mode the umask gave the target this restore made
+        self.root_left = False  # the target is another user's: the snapshot root's metadata was not set there
         self._root_recorded = False  # the snapshot records its root directory (not several paths, a stream)
         self._far_times: dict[bytes, int] = {}  # entries with times some file systems cannot hold: path -> time
         self._far_count = 0
@@ -1238,6 +1239,8 @@ class Restorer:
         if kept is not None:
             self._put_back(e, kept)
             return
+        if not e.path and self.root_left:
+            return
         try:
             try:
                 fd = self._open(e.path, os.O_RDONLY | os.O_DIRECTORY)
@@ -1249,10 +1252,26 @@ class Restorer:
             finally:
                 os.close(fd)
         except (OSError, TargetUnwritable) as exc:
+            if not e.path and isinstance(exc, PermissionError) and self._others_target():
+                return
             self.result.dirs -= 1  # counted when made; not restored as recorded after all
             self._not_written(e.path, _reason(exc))
         finally:
             self.dirs.release()
+
+    def _others_target(self) -> bool:
+        """Whether the target, whose mode or times could not be set, is a directory of another user's, which
+        this restore may write into but not give the snapshot root's metadata (a shared directory, 1777 or
+        group-writable, as another user than root): they are left as they are, with a warning, where the
+        restore, all else written, ended with ". could not be written" (exit 14)."""
+        uid = os.fstat(self.dirs.at(b"")[0]).st_uid
+        if uid == os.geteuid():
+            return False
+        self.result.dirs -= 1  # counted when made; not restored as recorded
+        self.root_left = True
+        self.result.warnings.append(f"restore target {os.fsdecode(self.target)} is another user's directory (uid "
+                                    f"{uid}): its mode and times left as they are")
+        return True
 
     def _update_file(self, e: Entry) -> None:
         """--delta: keep what is already right; rewrite only the chunk ranges that differ, then give it the
@@ -1611,7 +1630,11 @@ class Restorer:
                 elif st.st_mode & 0o077 & ~e.mode and os.geteuid() in (0, st.st_uid):
                     # more open than recorded (0755 for 0700): closed now, not once all is in, since what it
                     # holds may be readable by others only for the directory's sake (a 0644 file in ~/.ssh)
-                    os.chmod(name, stat.S_IMODE(st.st_mode) & (e.mode | 0o700), dir_fd=pfd, follow_symlinks=False)
+                    try:
+                        os.chmod(name, stat.S_IMODE(st.st_mode) & (e.mode | 0o700), dir_fd=pfd, follow_symlinks=False)
+                    except PermissionError:  # root without CAP_FOWNER (a container's), in another's target
+                        if e.path or not self._others_target():
+                            raise
                 self._sweep_beside(e.path)
             self._dirs.append(e)
             self.result.dirs += 1

@@ -1411,6 +1411,38 @@ def test_a_hard_link_into_a_directory_its_owner_may_not_search_is_made(tmp_path,
     assert os.path.samefile(target / "b" / "h", a / "deep" / "f")
 
 
+@pytest.mark.skipif(os.geteuid() != 0 or shutil.which("setpriv") is None, reason="needs root and setpriv")
+@pytest.mark.parametrize("processes", ["1", "2"])
+def test_a_target_of_another_users_keeps_its_mode_and_times_with_a_warning(tmp_path, processes):
+    """A shared directory (1777) another user owns, restored into by one who may not set its mode: all else
+    was restored, and the restore ended with ". could not be written" (exit 14); --verify then found the
+    root's mode and times different."""
+    repo = str(tmp_path / "repo")
+    _cli("init", "-r", repo, "--kdf-time", "0")
+    src = tmp_path / "src"
+    (src / "d").mkdir(parents=True)
+    (src / "d" / "f").write_bytes(b"restored\n")
+    os.chmod(src, 0o750)
+    _cli("backup", "-r", repo, str(src))
+    target = tmp_path / "shared"
+    target.mkdir()
+    os.chown(target, 65534, 65534)
+    os.chmod(target, 0o1777)
+    before = os.stat(target)
+    proc = subprocess.run(["setpriv", "--bounding-set", "-chown,-fowner", sys.executable, "-m", "chunkvault.cli",
+                           "restore", "-r", repo, "latest", "--target", str(target), "--processes", processes,
+                           "--verify", "--json"], env={**os.environ, "CHUNKVAULT_PASSWORD": PASSWORD},
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout)
+    assert result["verified"] and result["dirs"] == 1 and result["files"] == 1
+    assert f"restore target {target} is another user's directory (uid 65534): its mode and times left as they " \
+           "are" in result["warnings"]
+    assert (target / "d" / "f").read_bytes() == b"restored\n"
+    now = os.stat(target)
+    assert stat.S_IMODE(now.st_mode) == 0o1777 and now.st_uid == 65534 and now.st_mtime_ns >= before.st_mtime_ns
+
+
 def test_hard_links_restored_in_place_replace_the_files_there_and_leave_nothing_beside(tmp_path):
     """Linked beside the file there and renamed over it; a link already right (a rerun) is left as it is."""
     repo, target, root = _linked_pair(tmp_path)
