@@ -1181,14 +1181,24 @@ class Restorer:
         """The merged walk of ``delete_extra``: ``doomed`` gets what the target has and the snapshot lacks."""
         skip: bytes | None = None
         kept: bytes | None = None  # key of the unlisted directory we are in, and a separator
+        # Directories listed but not searchable (0600), each walked again opened up: by the walk it lies in, its
+        # key and a separator; what that walk gives below it (each entry's lstat refused) is the other walk's.
+        shadowed: dict[int, bytes] = {}
         while walks:
             item = next(walks[-1], None)
             if item is None:
-                walks.pop()
+                shadowed.pop(id(walks.pop()), None)
                 continue
             rel, _path, _st, _ok = item
             key = sort_key(rel)
+            below = shadowed.get(id(walks[-1]))
+            if below is not None:
+                if key.startswith(below):
+                    self._unsay("cannot stat", rel)  # it could, opened up
+                    continue
+                del shadowed[id(walks[-1])]
             if rel == b"" or (skip is not None and key.startswith(skip + b"\x00")):
+                self._unsay("cannot stat", rel)  # removed whole, or not the target's: nothing to stat there
                 continue
             if kept is not None and key.startswith(kept):
                 continue
@@ -1206,16 +1216,29 @@ class Restorer:
                     kept = key + b"\x00"
                 elif self._keeping and e is not None and e.type != T_DIR and stat.S_ISDIR(getattr(_st, "st_mode", 0)):
                     kept = key + b"\x00"  # a directory the restore keeps in the file's place (``_kept``), whole
-                elif (not _ok and e is not None and e.type == T_DIR and stat.S_ISDIR(getattr(_st, "st_mode", 0))
-                      and closed_to_owner(_st, 0o500)):
-                    below = self._opened_to_walk(rel, _path, _st, opened)
-                    if below is not None:
-                        walks.append(below)
+                elif (e is not None and e.type == T_DIR and stat.S_ISDIR(getattr(_st, "st_mode", 0))
+                      and closed_to_owner(_st, 0o100 if _ok else 0o500)
+                      and not (_ok and os.access(_path, os.X_OK, effective_ids=True))):  # listed: searchable?
+                    opened_up = self._opened_to_walk(rel, _path, _st, opened)
+                    if opened_up is not None:
+                        if _ok:
+                            shadowed[id(walks[-1])] = key + b"\x00"
+                        walks.append(opened_up)
                 continue
             if not self.selected(rel) or rel in around:
                 continue
             doomed.append(rel)
             skip = key
+            if not _ok:
+                self._unsay("cannot read directory", rel)  # removed whole
+
+    def _unsay(self, what: str, rel: bytes) -> None:
+        """Drop the warning the walk gave just now, that it ``what`` ("cannot stat", "cannot read directory")
+        ``rel``, one of this user's entries in a directory it may list but not search, or its own directory it
+        may not list: the walk passes it by, or removes it whole (opened up)."""
+        said = f"{what} {os.fsdecode(rel)}: "
+        if self.result.warnings and self.result.warnings[-1].startswith(said):
+            self.result.warnings.pop()
 
     def _close_dirs_until(self, path: bytes | None) -> None:
         """Apply metadata to directories we have left (after their children are written)."""

@@ -1565,17 +1565,20 @@ def test_delete_in_place_opens_up_this_users_own_read_only_directories(tmp_path,
         os.chmod(live / "ro", 0o555)
 
 
-def test_delete_in_place_empties_this_users_own_directories_it_may_not_list(tmp_path, unprivileged):
+@pytest.mark.parametrize("mode", [0o000, 0o600, 0o400], ids=["000", "0600", "0400"])
+def test_delete_in_place_empties_this_users_own_directories_it_may_not_list(tmp_path, unprivileged, mode):
     """A directory of mode 000 that the snapshot has, restored so by its user: --delete could not list it,
-    so what was added in it stayed, with a warning and exit 0, the target no longer equal to the snapshot."""
+    so what was added in it stayed, with a warning and exit 0, the target no longer equal to the snapshot.
+    One it may list but not search (0600, 0400): each entry's lstat failed, and what was added stayed too,
+    named as not deleted (exit 14); one removed whole had a warning for each entry in it."""
     repo = str(tmp_path / "repo")
     _cli("init", "-r", repo)
     src = tmp_path / "src"
     (src / "locked" / "inner").mkdir(parents=True)
     (src / "locked" / "kept").write_bytes(b"snapshot")
     (src / "locked" / "inner" / "deep").write_bytes(b"deep")
-    os.chmod(src / "locked" / "inner", 0o000)
-    os.chmod(src / "locked", 0o000)
+    os.chmod(src / "locked" / "inner", mode)
+    os.chmod(src / "locked", mode)
     _cli("backup", "-r", repo, str(src))
     live = tmp_path / "live"
     _cli("restore", "-r", repo, "latest", "--target", str(live), unprivileged=True)
@@ -1585,20 +1588,23 @@ def test_delete_in_place_empties_this_users_own_directories_it_may_not_list(tmp_
         os.chmod(live / "locked" / "inner", 0o700)
         (live / "locked" / "extra").write_bytes(b"added")
         (live / "locked" / "inner" / "extra").write_bytes(b"added")
-        os.chmod(live / "locked" / "inner", 0o000)
-        os.chmod(live / "locked", 0o000)
+        (live / "gone").mkdir()
+        (live / "gone" / "extra").write_bytes(b"added")
+        os.chmod(live / "gone", mode)
+        os.chmod(live / "locked" / "inner", mode)
+        os.chmod(live / "locked", mode)
         proc = _cli("restore", "-r", repo, "latest", "--target", str(live), "--confirm", "RESTORE", "--delete",
                     *delta, unprivileged=True)
-        assert "2 entries the snapshot lacks deleted" in proc.stdout + proc.stderr
-        assert "cannot read directory" not in proc.stderr
-        assert stat.S_IMODE((live / "locked").stat().st_mode) == 0o000
+        assert "3 entries the snapshot lacks deleted" in proc.stdout + proc.stderr and not (live / "gone").exists()
+        assert "cannot read directory" not in proc.stderr and "cannot stat" not in proc.stderr
+        assert stat.S_IMODE((live / "locked").stat().st_mode) == mode
         assert (live / "locked").stat().st_mtime_ns == mtime
         os.chmod(live / "locked", 0o700)
         os.chmod(live / "locked" / "inner", 0o700)
         assert sorted(p.name for p in (live / "locked").iterdir()) == ["inner", "kept"]
         assert [p.name for p in (live / "locked" / "inner").iterdir()] == ["deep"]
-        os.chmod(live / "locked" / "inner", 0o000)
-        os.chmod(live / "locked", 0o000)
+        os.chmod(live / "locked" / "inner", mode)
+        os.chmod(live / "locked", mode)
     os.chmod(live / "locked", 0o700)
     os.chmod(live / "locked" / "inner", 0o700)
 
