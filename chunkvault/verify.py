@@ -410,10 +410,14 @@ def walk_sorted(root: bytes, errors: list[tuple[bytes, str]], opener: OpenedForR
 
 
 def file_digest(path: bytes) -> bytes:
-    """BLAKE3 of a file's bytes, read here (not taken from the restore); its holes hashed as zeros, unread."""
+    """BLAKE3 of a file's bytes, read here (not taken from the restore); its holes hashed as zeros, unread.
+    Opened without waiting, and refused (OSError) unless a regular file: a FIFO someone who may write the
+    target put in the file's place since its lstat held the open for ever."""
     hasher = blake3.blake3(max_threads=blake3.blake3.AUTO)
-    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
     try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(errno.EINVAL, "no longer a regular file")
         hash_file(fd, hasher, _READ_BLOCK)
     finally:
         os.close(fd)

@@ -987,6 +987,38 @@ def test_a_fifo_put_at_a_files_name_during_the_restore_is_refused_not_waited_on(
         signal.alarm(0)
 
 
+def test_a_fifo_put_at_a_files_name_before_verify_reads_it_is_a_difference_not_waited_on(tmp_path, new_repo,
+                                                                                         monkeypatch):
+    """restore --verify opened each file it read back without O_NONBLOCK: a FIFO put in a file's place after
+    the comparison found a file there held the open, and the restore (verify-restore too), for ever."""
+    import signal
+
+    from chunkvault import verify
+    from chunkvault.errors import VerificationFailed
+
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "small").write_bytes(b"small")
+    repo = new_repo()
+    repo.backup([str(src)])
+    content = verify._Comparer.content
+
+    def swapped(self, e, path):
+        if e.path == b"small":
+            os.unlink(path)
+            os.mkfifo(path)
+        return content(self, e, path)
+
+    monkeypatch.setattr(verify._Comparer, "content", swapped)
+    signal.signal(signal.SIGALRM, signal.default_int_handler)
+    signal.alarm(60)  # a hang fails the test instead of the whole run
+    try:
+        with pytest.raises(VerificationFailed, match="small: .*no longer a regular file"):
+            repo.restore("latest", str(tmp_path / "out"), processes=1, verify=True)
+    finally:
+        signal.alarm(0)
+
+
 @pytest.mark.parametrize("fault", [errno.ENOENT, errno.ENOTDIR], ids=["vanished", "changed type"])
 def test_what_changes_while_delete_walks_the_target_is_named_as_the_restores(tmp_path, new_repo, monkeypatch,
                                                                              fault):
