@@ -883,7 +883,7 @@ def _confirm_in_place(args: argparse.Namespace, what: str) -> bool:
     RESTORE for)."""
     target = args.target
     confirmed = _confirmed(args, "RESTORE")
-    if not (os.path.isdir(target) and os.listdir(target)):
+    if not _holds_entries(target):
         return False
     if confirmed:
         return True
@@ -914,7 +914,19 @@ def restore_in_place(args: argparse.Namespace, what: str, repository: bool = Tru
     if args.overwrite != "never":
         return _confirm_in_place(args, what)
     _confirmed(args, "RESTORE")
-    return os.path.isdir(args.target) and bool(os.listdir(args.target))
+    return _holds_entries(args.target)
+
+
+def _holds_entries(target: str) -> bool:
+    """Whether the restore target is a directory that holds something.  One this user may not list (mode 000,
+    another user's 0700) is the restore's one-line error, as the restore itself would find it: it was an
+    internal error (PermissionError, exit 1)."""
+    from .store.restore import target_error
+
+    try:
+        return os.path.isdir(target) and bool(os.listdir(target))
+    except OSError as exc:
+        raise target_error(f"cannot restore into {target}", exc) from None
 
 
 def add_snapshot_choice(s: argparse.ArgumentParser) -> None:

@@ -387,7 +387,7 @@ def _write_ranges(fd: int, ranges: list[tuple[int, Plaintext]], zeros_from: int)
         write_sparse(fd, data, pos, zeros_from)
 
 
-def _target_error(what: str, exc: OSError) -> ChunkvaultError:
+def target_error(what: str, exc: OSError) -> ChunkvaultError:
     """A failure to make or read the target itself: a storage failure when the target takes no writes or
     space, a usage error when it names something else (a file, a path below one)."""
     message = f"{what}: {exc.strerror or exc}"
@@ -823,7 +823,7 @@ class Restorer:
                 os.chmod(self.root, 0o700)  # closed while it fills, as its directories are (``note_walked``)
                 self._fresh = True
         except OSError as exc:
-            raise _target_error(f"cannot restore into {os.fsdecode(t)}", exc) from None
+            raise target_error(f"cannot restore into {os.fsdecode(t)}", exc) from None
         self.dirs  # opened now, before any worker process is forked: they share it
 
     def run(self, records: Iterator[Record]) -> RestoreResult:

@@ -1475,6 +1475,27 @@ def test_a_target_of_another_users_keeps_its_mode_and_times_with_a_warning(tmp_p
     assert stat.S_IMODE(now.st_mode) == 0o1777 and now.st_uid == 65534 and now.st_mtime_ns >= before.st_mtime_ns
 
 
+@pytest.mark.parametrize("how", [[], ["--confirm", "RESTORE"], ["--overwrite", "never"]],
+                         ids=["plain", "in place", "never"])
+def test_a_target_this_user_may_not_list_is_one_line_and_exit_14(tmp_path, unprivileged, how):
+    """Whether it was empty was asked before the restore began, and its PermissionError was an internal error
+    (exit 1, "rerun with --debug")."""
+    repo = str(tmp_path / "repo")
+    _cli("init", "-r", repo, "--kdf-time", "0")
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "f").write_bytes(b"f")
+    _cli("backup", "-r", repo, str(src))
+    target = tmp_path / "closed"
+    target.mkdir(mode=0o000)
+    try:
+        proc = _cli("restore", "-r", repo, "latest", "--target", str(target), *how, ok=(14,), unprivileged=True)
+    finally:
+        os.chmod(target, 0o700)
+    assert _one_line(proc) == f"chunkvault: cannot restore into {target}: Permission denied"
+    assert os.listdir(target) == []
+
+
 def test_hard_links_restored_in_place_replace_the_files_there_and_leave_nothing_beside(tmp_path):
     """Linked beside the file there and renamed over it; a link already right (a rerun) is left as it is."""
     repo, target, root = _linked_pair(tmp_path)
