@@ -206,8 +206,12 @@ def aggregate(repo: Repo, snap: Snapshot, snapshots: list[Snapshot], *, retire: 
         repo.save_snapshot(snap, replace=True)
     if not (retire and chain_ids):
         return Aggregated(snap, made_full=made_full)
-    plan = plan_forget(snapshots, ids=chain_ids)
-    apply_forget(repo, snapshots, plan, ensure_held)
+    # A differential built on an unreadable snapshot is nothing a rebase can take (forget leaves it so too);
+    # planned with it, the retire failed on it, every run again as well.
+    broken = chain.broken_chains({s.id: s.parent for s in snapshots})
+    whole = [s for s in snapshots if s.id not in broken]
+    plan = plan_forget(whole, ids=chain_ids)
+    apply_forget(repo, whole, plan, ensure_held)
     removed = set(plan.remove)
     tagged = [f"snapshot {s.id[:8]} of the former chain, tagged {', '.join(s.tags)}, was forgotten with it"
               for s in snapshots if s.id in removed and s.tags]

@@ -611,3 +611,28 @@ def test_a_forget_lists_the_packs_once_whatever_the_rebases(tmp_path, new_repo):
         assert remote.prefixes.count("data/") <= 1, remote.prefixes
         assert {s.id: tree_of(repo, s.id) for s in repo.snapshots()} == kept
         assert repo.check().ok
+
+
+def test_aggregate_retire_leaves_another_host_s_broken_chain_as_forget_does(tmp_path, new_repo):
+    """A differential built on an unreadable snapshot, in a chain of its own, is nothing an aggregate's
+    retire rebases: it failed on it with the aggregate done and the chain kept, and so did each run again,
+    where a forget of the same ids leaves it be."""
+    src = tmp_path / "src"
+    src.mkdir()
+    repo = new_repo()
+    states, other = {}, []
+    for i in range(3):
+        (src / f"f{i}").write_bytes(os.urandom(20_000))
+        states[repo.backup([str(src)], host="a", kind="diff").snapshot.id] = describe(src)
+        other.append(repo.backup([str(src)], host="b", kind="diff").snapshot.id)
+    damaged = tmp_path / "repo0" / "snapshots" / other[0]
+    raw = bytearray(damaged.read_bytes())
+    raw[40] ^= 1
+    damaged.write_bytes(bytes(raw))
+    ids = list(states)
+    repo = Repository.open(str(tmp_path / "repo0"), PASSWORD)
+    done = repo.aggregate(ids[-1], retire=True)
+    assert sorted(done.retired) == sorted(ids[:-1]) and done.rebases == []
+    assert {s.id for s in repo.snapshots()} == {ids[-1], *other[1:]}
+    repo.restore(ids[-1], str(tmp_path / "out"))
+    assert describe(tmp_path / "out") == states[ids[-1]]
