@@ -2144,6 +2144,10 @@ class Repository:
             snaps = self._guard(self._repo.reload_snapshots())
             snap = find_snapshot(snaps, spec)
             chain = replaced_chain(self._repo, snap, snaps) if retire else []  # what the ledger is told goes
+            newer = [e for e in self._repo.unreadable_snapshots.values() if isinstance(e, NewerObject)]
+            if chain and newer:  # it may build on the chain: it could not be rebased, as forget refuses too
+                raise newer[0].explained("; aggregate --retire needs every snapshot (without --retire it "
+                                         "forgets nothing)")
             self._repo.load_index()
             return self._forgetting(snaps, chain, lambda: aggregate(self._repo, snap, snaps, retire=retire,
                                                                     ensure_held=lock.ensure_held))

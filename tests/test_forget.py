@@ -636,3 +636,28 @@ def test_aggregate_retire_leaves_another_host_s_broken_chain_as_forget_does(tmp_
     assert {s.id for s in repo.snapshots()} == {ids[-1], *other[1:]}
     repo.restore(ids[-1], str(tmp_path / "out"))
     assert describe(tmp_path / "out") == states[ids[-1]]
+
+
+def test_aggregate_retire_refuses_as_forget_does_while_a_newer_chunkvault_s_snapshot_is_there(tmp_path, new_repo):
+    """A snapshot a newer chunkvault wrote may be a differential on the chain a retire forgets, and cannot
+    be rebased: forget refuses (exit 17), where the retire deleted its parents, leaving it nothing to build on."""
+    from chunkvault.errors import NewerObject
+    from chunkvault.store.snapshot import SNAPSHOT_VERSION
+
+    src = tmp_path / "src"
+    src.mkdir()
+    repo = new_repo()
+    ids = []
+    for i in range(3):
+        (src / f"f{i}").write_bytes(os.urandom(1000))
+        ids.append(repo.backup([str(src)], kind="diff").snapshot.id)
+    newer = repo.backup([str(src)], kind="diff", parent=ids[1]).snapshot.id
+    store = Repository.open(str(tmp_path / "repo0"), PASSWORD, ledger=False).store
+    snap = store.load_snapshot(newer)
+    snap.version = SNAPSHOT_VERSION + 1
+    store.save_snapshot(snap, replace=True)
+    repo = Repository.open(str(tmp_path / "repo0"), PASSWORD)
+    with pytest.raises(NewerObject, match="newer chunkvault"):
+        repo.aggregate(ids[2], retire=True)
+    assert set(store.snapshot_names()) == {*ids, newer}
+    assert repo.aggregate(ids[2]).snapshot.kind == "full"  # without --retire nothing goes: it is made
