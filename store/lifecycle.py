@@ -206,12 +206,12 @@ def aggregate(repo: Repo, snap: Snapshot, snapshots: list[Snapshot], *, retire: 
         repo.save_snapshot(snap, replace=True)
     if not (retire and chain_ids):
         return Aggregated(snap, made_full=made_full)
-    # A differential built on an unreadable snapshot is nothing a rebase can take (forget leaves it so too);
-    # planned with it, the retire failed on it, every run again as well.
+    # A differential built on an unreadable snapshot is nothing a rebase can take, nor restores: planned with
+    # it, the retire failed on it, every run again as well.  One of the chain goes by id, as forget's do.
     broken = chain.broken_chains({s.id: s.parent for s in snapshots})
-    whole = [s for s in snapshots if s.id not in broken]
-    plan = plan_forget(whole, ids=chain_ids)
-    apply_forget(repo, whole, plan, ensure_held)
+    plan = plan_forget([s for s in snapshots if s.id not in broken], ids=chain_ids)
+    plan.remove += [i for i in chain_ids if i in broken]
+    apply_forget(repo, snapshots, plan, ensure_held)
     removed = set(plan.remove)
     tagged = [f"snapshot {s.id[:8]} of the former chain, tagged {', '.join(s.tags)}, was forgotten with it"
               for s in snapshots if s.id in removed and s.tags]

@@ -661,3 +661,24 @@ def test_aggregate_retire_refuses_as_forget_does_while_a_newer_chunkvault_s_snap
         repo.aggregate(ids[2], retire=True)
     assert set(store.snapshot_names()) == {*ids, newer}
     assert repo.aggregate(ids[2]).snapshot.kind == "full"  # without --retire nothing goes: it is made
+
+
+def test_aggregate_retire_forgets_the_differentials_of_its_former_chain_built_on_a_damaged_one(tmp_path, new_repo):
+    """Its former chain's differentials above a snapshot that no longer loads restore nothing, and were
+    left behind by a retire that said the chain was retired; they go, by id, as a forget naming them does."""
+    src = tmp_path / "src"
+    src.mkdir()
+    repo = new_repo()
+    ids = []
+    for i in range(5):
+        (src / f"f{i}").write_bytes(os.urandom(1000))
+        ids.append(repo.backup([str(src)], kind="diff").snapshot.id)
+    repo.aggregate(ids[-1])
+    damaged = tmp_path / "repo0" / "snapshots" / ids[1]
+    raw = bytearray(damaged.read_bytes())
+    raw[40] ^= 1
+    damaged.write_bytes(bytes(raw))
+    repo = Repository.open(str(tmp_path / "repo0"), PASSWORD)
+    done = repo.aggregate(ids[-1], retire=True)
+    assert sorted(done.retired) == sorted([ids[0], ids[2], ids[3]])
+    assert [s.id for s in repo.snapshots()] == [ids[-1]]
