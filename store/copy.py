@@ -430,8 +430,7 @@ def _copy_snapshots(src: Repo, dst: Repo, spec_ids: list[str] | None,
                 saves.then(lambda c=copy, s=snap.id: save(c, s))
             saves.flush()
             pending = _send_wal(src, dst, mapper, result, unneeded_wal) if wal else []
-            with _STORING:
-                writer.flush()
+            _flushed(writer)
         for w in pending:  # their data indexed first, as a push writes its object last
             lock.confirm()
             _place_wal(dst, w, result)

@@ -86,9 +86,16 @@ def store_manifest(repo: "Repo", records: Iterable[Record], ensure_held: Callabl
         with repo.writer() as writer:
             writer.guard = ensure_held
             return store_manifest(repo, records, writer=writer)
+    ids, mw = write_manifest(repo, writer, records)
+    writer.flush()
+    return ids, mw
+
+
+def write_manifest(repo: "Repo", writer: "BlobWriter", records: Iterable[Record]
+                   ) -> tuple[list[bytes], "ManifestWriter"]:
+    """A record stream handed to ``writer`` as manifest blobs, not flushed (the caller indexes them: at once in
+    ``store_manifest``, with other snapshots' in ``SavesAfterIndex``): (blob ids, the writer with its counts)."""
     mw = ManifestWriter(repo, writer)
     for rec in records:
         mw.add(rec)
-    ids = mw.finish()
-    writer.flush()
-    return ids, mw
+    return mw.finish(), mw

@@ -25,7 +25,7 @@ from .excludes import ExcludeRules
 from .find import tree_glob
 from .locks import EXCLUSIVE, RepoLock
 from .manifest import OP_DELETE, T_HARDLINK, ManifestStats, Record, delete_record, sort_key
-from .manifest_io import ManifestWriter
+from .manifest_io import ManifestWriter, write_manifest
 from .repository import Repo, SavesAfterIndex
 from .snapshot import KIND_FULL, Snapshot
 
@@ -185,10 +185,7 @@ def rewrite_snapshots(repo: Repo, select: Selection, globs: list[str], *, dry_ru
                 saved()
 
             for snap, plan in sorted(plans, key=lambda planned: -depth[planned[0].id]):
-                mw = ManifestWriter(repo, writer)
-                for rec in plan.records:
-                    mw.add(rec)
-                blob_ids = mw.finish()
+                blob_ids, mw = write_manifest(repo, writer, plan.records)
                 saves.then(lambda s=snap, p=plan, b=blob_ids, m=mw: save(s, p, b, m))
             saves.flush()
         recounting = inherited + stale
