@@ -1922,9 +1922,10 @@ def _print_rebases(rebases: list[RebaseStep]) -> None:
 
 def cmd_aggregate(args: argparse.Namespace) -> int:
     repo = _open(args)
-    done = repo.aggregate(args.snapshot, retire=args.retire, wait=args.wait)
+    done = repo.aggregate(args.snapshot, retire=args.retire, wait=args.wait, dry_run=args.dry_run,
+                          hosts=args.host, tags=args.tag, paths=args.path)
     if args.json:
-        _emit_json({**_snapshot_json(done.snapshot), "retired": done.retired,
+        _emit_json({**_snapshot_json(done.snapshot), "dry_run": done.dry_run, "retired": done.retired,
                     "rebased": _rebases_json(done.rebases), **_names_json("warnings", done.warnings)})
         return 0
     for w in done.warnings:
@@ -1933,9 +1934,15 @@ def cmd_aggregate(args: argparse.Namespace) -> int:
         for sid in done.retired:
             print(f"remove  {sid[:8]}  its former chain")
         _print_rebases(done.rebases)
-        print(f"snapshot {done.snapshot.short_id} {'is now' if done.made_full else 'was already'} a full snapshot"
-              + (f"; retired its former chain: {len(done.retired)} snapshot(s) removed, {len(done.rebases)} rebased"
-                 if args.retire else ""))
+        short = done.snapshot.short_id
+        if done.dry_run:
+            print(f"snapshot {short} {'would become' if done.made_full else 'is already'} a full snapshot"
+                  + (f"; retiring its former chain would remove {len(done.retired)} snapshot(s) and rebase "
+                     f"{len(done.rebases)}" if args.retire else ""))
+        else:
+            print(f"snapshot {short} {'is now' if done.made_full else 'was already'} a full snapshot"
+                  + (f"; retired its former chain: {len(done.retired)} snapshot(s) removed, "
+                     f"{len(done.rebases)} rebased" if args.retire else ""))
     return 0
 
 
@@ -2823,9 +2830,11 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     _wait_option(s, 0.0, "running backups and reads")
     s.set_defaults(func=cmd_prune)
 
-    s = sub.add_parser("aggregate", parents=[common], help="turn a differential into a synthetic full snapshot")
-    s.add_argument("snapshot")
+    s = sub.add_parser("aggregate", parents=[common, select],
+                       help="turn a differential into a synthetic full snapshot")
+    s.add_argument("snapshot", help="an id or prefix, or latest (of the snapshots --host, --tag, --path select)")
     s.add_argument("--retire", action="store_true", help="forget the chain it replaces")
+    s.add_argument("--dry-run", "-n", action="store_true", help="show what it would do; change nothing")
     _wait_option(s, 0.0, "running backups and reads")
     s.set_defaults(func=cmd_aggregate)
 

@@ -2133,21 +2133,34 @@ class Repository:
 
     @_stoppable
     @_edits_snapshots
-    def aggregate(self, snapshot: str | Snapshot, *, retire: bool = False, wait: float = 3600.0) -> Aggregated:
+    def aggregate(self, snapshot: str | Snapshot, *, retire: bool = False, wait: float = 3600.0,
+                  dry_run: bool = False, hosts: Iterable[str] = (), tags: Iterable[str] = (),
+                  paths: Iterable[str] = ()) -> Aggregated:
         """Turn a differential into a synthetic full (same id, same tree); ``retire`` forgets its old chain.
-        Under the exclusive lock, as forget is."""
-        from .store.lifecycle import aggregate, replaced_chain
+        Under the exclusive lock, as forget is; ``dry_run`` says what it would do, taking no lock and writing
+        nothing.  ``hosts``, ``tags``, ``paths``: ``snapshot`` is looked up among the snapshots they select
+        (``latest`` with a path: that source's newest)."""
+        from .store.lifecycle import aggregate, plan_aggregate, replaced_chain
         from .store.locks import EXCLUSIVE, RepoLock
 
-        spec = snapshot.id if isinstance(snapshot, Snapshot) else snapshot
-        with RepoLock(self._repo.remote, EXCLUSIVE, "aggregate", wait=wait) as lock:
-            snaps = self._guard(self._repo.reload_snapshots())
-            snap = find_snapshot(snaps, spec)
+        spec = _spec(snapshot)
+        hosts, tags, paths = _filters(hosts, tags, paths).values()
+
+        def chosen(snaps: list[Snapshot]) -> tuple[Snapshot, list[str]]:
+            snap = self._chosen(snaps, [spec], hosts, tags, paths)[0]
             chain = replaced_chain(self._repo, snap, snaps) if retire else []  # what the ledger is told goes
             newer = [e for e in self._repo.unreadable_snapshots.values() if isinstance(e, NewerObject)]
             if chain and newer:  # it may build on the chain: it could not be rebased, as forget refuses too
                 raise newer[0].explained("; aggregate --retire needs every snapshot (without --retire it "
                                          "forgets nothing)")
+            return snap, chain
+
+        if dry_run:
+            snaps = self._list()
+            return plan_aggregate(self._repo, chosen(snaps)[0], snaps, retire=retire)
+        with RepoLock(self._repo.remote, EXCLUSIVE, "aggregate", wait=wait) as lock:
+            snaps = self._guard(self._repo.reload_snapshots())
+            snap, chain = chosen(snaps)
             self._repo.load_index()
             return self._forgetting(snaps, chain, lambda: aggregate(self._repo, snap, snaps, retire=retire,
                                                                     ensure_held=lock.ensure_held))

@@ -8,7 +8,7 @@ point, every kept snapshot still restores exactly as before.
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone, tzinfo
 from functools import reduce
 from typing import Callable, Iterable, Iterator, NamedTuple
@@ -72,6 +72,7 @@ class Aggregated:
     rebases: list[RebaseStep] = field(default_factory=list)
     made_full: bool = True  # False: it was a full already (this call at most retired what was left of its chain)
     warnings: list[str] = field(default_factory=list)
+    dry_run: bool = False  # planned only: ``snapshot`` as it would be, nothing written or forgotten
 
 
 NOT_SELECTED = "not selected by the host, tag and path filters"
@@ -191,28 +192,57 @@ def aggregate(repo: Repo, snap: Snapshot, snapshots: list[Snapshot], *, retire: 
         its_chain = repo.chain_of(snap, snapshots)
         records = repo.tree(snap, snapshots)
         ids, mw = store_manifest(repo, records, ensure_held)
-        snap.kind = KIND_FULL
-        # dated as its parent, it still sorts after it; and a run stopped before it retired the chain it
-        # replaced leaves the chain's ids for the next to retire
-        snap.stats = {**snap.stats, "follows": snap.parent, "former_chain": chain_ids,
-                      OWNERS_KEY: chain_owners(s.stats for s in its_chain)}
-        snap.parent = None
+        _make_full(snap, chain_ids)
+        # a run stopped before it retired the chain it replaced leaves the chain's ids for the next to retire
+        snap.stats = {**snap.stats, OWNERS_KEY: chain_owners(s.stats for s in its_chain)}
         snap.manifest = [i.hex() for i in ids]
         snap.manifest_starts = mw.starts
         snap.version = mw.version
-        snap.stats = {**snap.stats, "manifest_records": mw.records, "aggregated": True, "chain_length": 1,
-                      "manifest_bytes": _stored(repo, ids)}
+        snap.stats = {**snap.stats, "manifest_records": mw.records, "manifest_bytes": _stored(repo, ids)}
         ensure_held()
         repo.save_snapshot(snap, replace=True)
     if not (retire and chain_ids):
         return Aggregated(snap, made_full=made_full)
-    # A differential built on an unreadable snapshot is nothing a rebase can take, nor restores: planned with
-    # it, the retire failed on it, every run again as well.  One of the chain goes by id, as forget's do.
+    plan = _retire_plan(snapshots, chain_ids)
+    apply_forget(repo, snapshots, plan, ensure_held)
+    return Aggregated(snap, plan.remove, plan.rebases, made_full, _tagged_retired(snapshots, plan.remove))
+
+
+def plan_aggregate(repo: Repo, snap: Snapshot, snapshots: list[Snapshot], *, retire: bool = False) -> Aggregated:
+    """What ``aggregate`` would do, written nowhere: ``snap`` as it would be saved (but its manifest), and
+    with ``retire`` what would be forgotten and rebased."""
+    chain_ids = replaced_chain(repo, snap, snapshots)
+    made_full = snap.kind != KIND_FULL
+    if made_full:
+        snap = replace(snap)
+        _make_full(snap, chain_ids)
+        snapshots = [snap if s.id == snap.id else s for s in snapshots]
+    if not (retire and chain_ids):
+        return Aggregated(snap, made_full=made_full, dry_run=True)
+    plan = _retire_plan(snapshots, chain_ids)
+    return Aggregated(snap, plan.remove, plan.rebases, made_full,
+                      _tagged_retired(snapshots, plan.remove, "would be"), True)
+
+
+def _make_full(snap: Snapshot, chain_ids: list[str]) -> None:
+    """Mark ``snap`` a full of its own; dated as its parent, it still sorts after it."""
+    snap.stats = {**snap.stats, "follows": snap.parent, "former_chain": chain_ids, "aggregated": True,
+                  "chain_length": 1}
+    snap.kind = KIND_FULL
+    snap.parent = None
+
+
+def _retire_plan(snapshots: list[Snapshot], chain_ids: list[str]) -> ForgetPlan:
+    """The forget of an aggregate's former chain, ``snapshots`` holding the aggregate as a full already.  A
+    differential built on an unreadable snapshot is nothing a rebase can take, nor restores: planned with it,
+    the retire failed on it, every run again as well.  One of the chain goes by id, as forget's do."""
     broken = chain.broken_chains({s.id: s.parent for s in snapshots})
     plan = plan_forget([s for s in snapshots if s.id not in broken], ids=chain_ids)
     plan.remove += [i for i in chain_ids if i in broken]
-    apply_forget(repo, snapshots, plan, ensure_held)
-    removed = set(plan.remove)
-    tagged = [f"snapshot {s.id[:8]} of the former chain, tagged {', '.join(s.tags)}, was forgotten with it"
-              for s in snapshots if s.id in removed and s.tags]
-    return Aggregated(snap, plan.remove, plan.rebases, made_full, tagged)
+    return plan
+
+
+def _tagged_retired(snapshots: list[Snapshot], removed: list[str], verb: str = "was") -> list[str]:
+    gone = set(removed)
+    return [f"snapshot {s.id[:8]} of the former chain, tagged {', '.join(s.tags)}, {verb} forgotten with it"
+            for s in snapshots if s.id in gone and s.tags]

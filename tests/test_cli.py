@@ -516,6 +516,45 @@ def test_aggregate_retire_names_what_it_forgot_and_rebased(tmp_path, cli, setup)
     assert cli("aggregate", "-r", repo, newer).stdout.decode() == f"snapshot {newer[:8]} was already a full snapshot\n"
 
 
+def test_aggregate_dry_run_plans_what_the_run_then_does_and_filters_pick_the_source(tmp_path, cli, setup):
+    """`aggregate latest --path P` is that source's newest, not the repository's; `--dry-run` shows the plan
+    (the snapshot as it would be, what --retire would forget and rebase) and writes nothing."""
+    repo, src = setup
+    other = tmp_path / "other"
+    other.mkdir()
+    ids = []
+    for i in range(3):
+        (src / f"n{i}").write_text(str(i))
+        ids.append(json.loads(cli("backup", "-r", repo, str(src), "--host", "here", "--json").stdout)["id"])
+        (other / f"o{i}").write_text(str(i))
+        cli("backup", "-r", repo, str(other), "--host", "elsewhere")
+    (src / "branch").write_text("b")
+    branch = json.loads(cli("backup", "-r", repo, str(src), "--host", "here", "--parent", ids[1],
+                            "--json").stdout)["id"]
+    cli("tag", "-r", repo, ids[1], "--add", "pinned")
+    cli("backup", "-r", repo, str(other), "--host", "elsewhere")  # the repository's newest is another source's
+    objects = sorted((p.name, p.stat().st_mtime_ns) for p in (tmp_path / "repo").rglob("*") if p.is_file())
+    listing = cli("snapshots", "-r", repo, "--json").stdout
+    select = ["latest", "--path", str(src), "--host", "here"]
+    plan = json.loads(cli("aggregate", "-r", repo, *select, "--retire", "--dry-run", "--json").stdout)
+    assert plan["id"] == branch and plan["type"] == "full" and plan["parent"] is None and plan["dry_run"]
+    assert plan["retired"] == [ids[0], ids[1]] and plan["warnings"] == [
+        f"snapshot {ids[1][:8]} of the former chain, tagged pinned, would be forgotten with it"]
+    assert [r["id"] for r in plan["rebased"]] == [ids[2]]
+    text = cli("aggregate", "-r", repo, *select, "--retire", "-n").stdout.decode().splitlines()
+    assert text[-1] == (f"snapshot {branch[:8]} would become a full snapshot; retiring its former chain would "
+                        "remove 2 snapshot(s) and rebase 1")
+    assert cli("snapshots", "-r", repo, "--json").stdout == listing
+    assert sorted((p.name, p.stat().st_mtime_ns) for p in (tmp_path / "repo").rglob("*") if p.is_file()) == objects
+    done = json.loads(cli("aggregate", "-r", repo, *select, "--retire", "--json").stdout)
+    assert not done["dry_run"] and {k: done[k] for k in ("id", "type", "retired", "rebased")} == \
+        {k: plan[k] for k in ("id", "type", "retired", "rebased")}
+    assert json.loads(cli("aggregate", "-r", repo, "latest", "--host", "elsewhere", "-n", "--json").stdout)[
+        "parent"] is None  # that host's newest, a differential, would become a full
+    missing = cli("aggregate", "-r", repo, ids[2][:8], "--host", "elsewhere", "-n", check=12)
+    assert b"not among those the host, tag and path" in missing.stderr
+
+
 def test_forget_preset_from_config(tmp_path, cli, setup):
     repo, src = setup
     cli("backup", "-r", repo, str(src))

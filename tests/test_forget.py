@@ -67,6 +67,33 @@ def test_random_removals_keep_every_kept_tree(tmp_path_factory, history, data):
     assert repo.check().ok
 
 
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_an_aggregate_s_dry_run_is_what_it_then_does(tmp_path_factory, history, data):
+    """A series of aggregates, each planned first: the plan changes nothing and is what the run then does."""
+    repo_dir, ids, trees = history
+    work = tmp_path_factory.mktemp("aggregate") / "repo"
+    shutil.copytree(repo_dir, work)
+    repo = Repository.open(str(work), PW, ledger=False)
+    for _ in range(data.draw(st.integers(1, 3))):
+        left = [s.id for s in repo.snapshots()]
+        sid, retire = data.draw(st.sampled_from(left)), data.draw(st.booleans())
+        before = sorted((p.relative_to(work), p.read_bytes()) for p in work.rglob("*") if p.is_file())
+        plan = repo.aggregate(sid, retire=retire, dry_run=True)
+        assert sorted((p.relative_to(work), p.read_bytes()) for p in work.rglob("*") if p.is_file()) == before
+        done = repo.aggregate(sid, retire=retire)
+        assert plan.dry_run and not done.dry_run
+        assert (plan.retired, plan.rebases, plan.made_full, plan.warnings) == \
+            (done.retired, done.rebases, done.made_full, done.warnings)
+        planned, saved = plan.snapshot, repo.snapshot(sid)
+        assert (planned.kind, planned.parent, planned.time, planned.stats.get("former_chain")) == \
+            (saved.kind, saved.parent, saved.time, saved.stats.get("former_chain"))
+        assert sorted(s.id for s in repo.snapshots()) == sorted(set(left) - set(done.retired))
+    for s in repo.snapshots():
+        assert tree_of(repo, s.id) == trees[s.id], s.id
+    assert repo.check().ok
+
+
 def backups_of_a_growing_tree(tmp_path, repo, n, kind=lambda i: "auto"):
     """``n`` backups, a file added before each: each snapshot's id -> the tree it holds."""
     src = tmp_path / "src"
