@@ -73,6 +73,8 @@ __all__ = [
 
 MAGIC = b"CVBACKUP"
 VERSION = 2  # 2: records may carry extended attributes; 1 is read too
+# Written for a snapshot whose chain holds no extended attributes: a chunkvault from before them reads it.
+VERSION_WITHOUT_XATTRS = 1
 HEADER = struct.Struct("<8sHH16sBBBB16s16s16s")  # magic version flags file_id kdf log_n r p salt check sum
 HEADER_SIZE = HEADER.size  # 80
 KDF_SCRYPT = 1
@@ -145,8 +147,9 @@ def scrypt_cost_problem(log_n: int, r: int, p: int) -> str | None:
     return None
 
 
-def encode_header(file_id: bytes, log_n: int, r: int, p: int, salt: bytes, check: bytes) -> bytes:
-    body = HEADER.pack(MAGIC, VERSION, 0, file_id, KDF_SCRYPT, log_n, r, p, salt, check, bytes(16))[:-16]
+def encode_header(file_id: bytes, log_n: int, r: int, p: int, salt: bytes, check: bytes,
+                  version: int = VERSION) -> bytes:
+    body = HEADER.pack(MAGIC, version, 0, file_id, KDF_SCRYPT, log_n, r, p, salt, check, bytes(16))[:-16]
     return body + blake3.blake3(body).digest()[:16]
 
 
@@ -305,7 +308,7 @@ class ExportWriter:
     """
 
     def __init__(self, out: BinaryIO, password: bytes, metadata: dict[str, Any], *, log_n: int,
-                 r: int = 8, p: int = 1, level: int = 3):
+                 r: int = 8, p: int = 1, level: int = 3, version: int = VERSION):
         if not password:
             raise UsageError("an empty export password is not allowed")
         problem = scrypt_cost_problem(log_n, r, p)
@@ -313,6 +316,7 @@ class ExportWriter:
             raise ValueError(problem)
         self.out = out
         self.level = level
+        self.version = version
         self.file_id = os.urandom(16)
         salt = os.urandom(16)
         enc_key, check = derive_keys(password, salt, log_n, r, p)
@@ -322,7 +326,7 @@ class ExportWriter:
         self.bytes_written = 0
         self.records = 0
         self._records = bytearray()
-        self._emit(encode_header(self.file_id, log_n, r, p, salt, check))
+        self._emit(encode_header(self.file_id, log_n, r, p, salt, check, version))
         self.write_section(S_META, json.dumps(metadata, sort_keys=True, ensure_ascii=True).encode())
 
     def _emit(self, data: bytes) -> None:
@@ -347,6 +351,8 @@ class ExportWriter:
         return self.add_encoded_blob(encode_payload(data, self.level))
 
     def add_record(self, rec: Record) -> None:
+        if self.version < 2 and rec.entry is not None and rec.entry.xattrs:
+            raise ValueError(f"export format {self.version} holds no extended attributes: {rec.path!r} has some")
         self._records += encode_record(rec)
         self.records += 1
         while len(self._records) >= RECORD_PIECE:
@@ -441,7 +447,7 @@ def export(repo: Repo, snapshot: Snapshot, out_path: str, password: bytes, *, kd
     try:
         with os.fdopen(fd, "wb", buffering=1 << 20) as f:
             w = ExportWriter(f, password, snapshot_metadata(repo, snapshot, chain), log_n=log_n, p=p,
-                             level=level)
+                             level=level, version=export_version(chain))
             stats.file_id = w.file_id.hex()
             _write_tree(repo, w, records, level, stats, checkpoint)
             w.finish()
@@ -469,6 +475,13 @@ def export(repo: Repo, snapshot: Snapshot, out_path: str, password: bytes, *, kd
     stats.blobs = w.counts[S_BLOB]
     stats.duration = round(time.monotonic() - started, 3)
     return stats
+
+
+def export_version(chain: list[Snapshot]) -> int:
+    """The export format a file of ``chain``'s tree is written in: 1 unless a snapshot of the chain is of
+    version 2 (its records may carry extended attributes), as a repository stays at format 1 without them; a
+    chunkvault from before extended attributes refused every file of version 2, theirs or not."""
+    return VERSION if any(s.version > 1 for s in chain) else VERSION_WITHOUT_XATTRS
 
 
 def _put_in_place(tmp: str, out_path: str, overwrite: bool) -> None:

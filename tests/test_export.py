@@ -645,6 +645,31 @@ def test_restore_from_file_no_xattrs_sets_none(tmp_path, new_repo, cli):
     assert "user.note" not in os.listxattr(tmp_path / "without" / "f")
 
 
+def test_export_without_xattrs_is_version_1(tmp_path, new_repo):
+    """A file of a tree without extended attributes is written in export format 1, which a chunkvault from
+    before them imports (format 2, written for every file, it refused): as a repository stays at format 1; a
+    differential whose parent had some is of format 2 (its resolved tree may carry them), and imports whole."""
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "f").write_text("x\n")
+    repo = new_repo()
+    plain = repo.backup([str(src)]).snapshot
+    os.setxattr(src / "f", "user.note", b"kept")
+    with_xattrs = repo.backup([str(src)], kind="full").snapshot
+    (src / "g").write_text("y\n")
+    diff = repo.backup([str(src)], kind="diff").snapshot
+    for n, (snap, want) in enumerate(((plain, 1), (with_xattrs, 2), (diff, 2))):
+        path = tmp_path / f"{n}.backup"
+        export(repo.store, snap, str(path), EXPORT_PW, kdf_log_n=10)
+        assert struct.unpack_from("<H", path.read_bytes(), 8)[0] == want
+        dest = new_repo()
+        imported = import_backup(dest.store, str(path), EXPORT_PW).snapshot
+        target = tmp_path / f"out{n}"
+        dest.restore(imported, str(target))
+        assert (target / "f").read_text() == "x\n"
+        assert ("user.note" in os.listxattr(target / "f")) == (want == 2)
+
+
 def test_two_imports_of_one_file_at_once_import_it_once(tmp_path, exported):
     """Each found the snapshot absent and stored it: two snapshots, and the data twice until a prune."""
     from concurrent.futures import ThreadPoolExecutor
