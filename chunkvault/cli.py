@@ -110,6 +110,16 @@ class _Parser(argparse.ArgumentParser):
             self._intermixing = False
 
 
+class _Given(argparse.Action):
+    """An option stored as usual, noting that it was given (``wait_given``): what its default means for one use
+    of it may differ from what it means for another (``target_wait``)."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
+                 option_string: str | None = None) -> None:
+        setattr(namespace, self.dest, values)
+        setattr(namespace, f"{self.dest}_given", True)
+
+
 # --- passwords -------------------------------------------------------------------
 
 
@@ -902,9 +912,11 @@ def restore_in_place(args: argparse.Namespace, what: str, repository: bool = Tru
     first.  ``never`` changes nothing the target has: it needs no RESTORE (a --confirm given must still
     say it).  ``repository``: a restore from one, which --verify and if-changed (as --delta) need."""
     from .pgrecovery import refuse_running_server
+    from .store.target_lock import await_target
 
     check_overwrite(args.overwrite, args.delete)
     refuse_running_server(args.target)  # before the prompt (a restore from a file has no other check)
+    await_target(args.target, target_wait(args))  # one that another restore fills is not "not empty" to confirm
     if args.overwrite == "if-changed" and not repository:
         raise UsageError("--overwrite if-changed compares chunks by their repository ids, as --delta: it needs a "
                          "repository")
@@ -915,6 +927,12 @@ def restore_in_place(args: argparse.Namespace, what: str, repository: bool = Tru
         return _confirm_in_place(args, what)
     _confirmed(args, "RESTORE")
     return _holds_entries(args.target)
+
+
+def target_wait(args: argparse.Namespace) -> float:
+    """How long a restore waits for another writing into its target: as long as ``--wait`` says where it was
+    given; refused at once by default (its default is the wait for a prune, which a restore waits out)."""
+    return args.wait if getattr(args, "wait_given", False) else 0.0
 
 
 def _holds_entries(target: str) -> bool:
@@ -1023,7 +1041,7 @@ def cmd_restore(args: argparse.Namespace) -> int:
                                   delta=args.delta, delete=args.delete, progress=bar, processes=args.processes,
                                   verify=args.verify, xattrs=not args.no_xattrs,
                                   numeric_owner=args.numeric_owner, subtree=subtree, overwrite=args.overwrite,
-                                  relocate=relocate)
+                                  relocate=relocate, target_wait=target_wait(args))
         finally:
             bar.done()
     except ChunkvaultError as exc:
@@ -2671,8 +2689,9 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     reading.add_argument("--no-lock", action="store_true",
                          help="read without the shared lock (e.g. a read-only remote); a prune running "
                               "meanwhile can make the read fail")
-    reading.add_argument("--wait", type=_seconds, default=3600.0, metavar="SECONDS",
-                         help="wait this long for a running prune, forget or repair (default 3600)")
+    reading.add_argument("--wait", type=_seconds, default=3600.0, metavar="SECONDS", action=_Given,
+                         help="wait this long for a running prune, forget or repair (default 3600); restore: "
+                              "for another restore writing into the target too (default: refused at once)")
 
     select = _Parser(add_help=False)
     select.add_argument("--host", action="append", default=[], help="only snapshots of this host (repeatable)")

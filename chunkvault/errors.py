@@ -320,6 +320,10 @@ class LockLost(Locked):
     """A command's own lock went stale while it ran (it was paused or cut off): it stopped before relying on it."""
 
 
+class TargetBusy(Locked):
+    """Another restore is writing into the restore target (it holds the target's lock: store/target_lock.py)."""
+
+
 class TargetNotEmpty(ChunkvaultError):
     exit_code = 16
 

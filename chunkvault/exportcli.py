@@ -96,7 +96,7 @@ def restore_from_file_cli(args: argparse.Namespace) -> int:
                                      excludes=args.exclude, iexcludes=args.iexclude, force=in_place,
                                      delete=args.delete, progress=bar,
                                      numeric_owner=args.numeric_owner, overwrite=args.overwrite,
-                                     xattrs=not args.no_xattrs)
+                                     xattrs=not args.no_xattrs, target_wait=cli.target_wait(args))
     bar.done()
     snap = info.snapshot
     if args.json:

@@ -11,6 +11,7 @@ import contextlib
 import dataclasses
 import functools
 import io
+import math
 import os
 import re
 import stat
@@ -44,6 +45,7 @@ from .store.objects import BlobInfo, unique_name
 from .store.repository import NOT_INDEXED, AheadWalk, Repo, pack_key
 from .store.confinement import confined
 from .store.subtree import Subtree, in_subtree
+from .store.target_lock import await_target
 from .store.restore import (Relocation, Restorer, RestoreOptions, RestoreResult, check_content, check_overwrite,
                             include_directory, merged_results, refuse_overlap)
 from .store.owners import OwnerMap, chain_names
@@ -1555,9 +1557,13 @@ class Repository:
                 iexcludes: list[str] | None = None, force: bool = False, delta: bool = False,
                 delete: bool = False, progress: Any = None, processes: int | None = None, verify: bool = False,
                 xattrs: bool = True, numeric_owner: bool = False, subtree: str | bytes | None = None,
-                overwrite: str = "always", relocate: Sequence[Relocation] = ()) -> RestoreResult:
+                overwrite: str = "always", relocate: Sequence[Relocation] = (), target_wait: float = 0.0
+                ) -> RestoreResult:
         """Restore into ``target``: empty, or in place with ``force`` (``delta``: rewrite only what
         differs, checked by digest; ``delete``: remove what the snapshot does not have).
+
+        The restore holds a lock on ``target`` until it is done (store/target_lock.py): another restore
+        writing into it is waited for up to ``target_wait`` seconds, then refused with TargetBusy (a Locked).
 
         ``relocate``: directories of the snapshot restored into directories of their own instead, each
         ``Relocation``'s ``link`` in the target made a symbolic link to it (a database's tablespaces on their
@@ -1606,7 +1612,7 @@ class Repository:
                                            includes=includes, excludes=excludes, iexcludes=iexcludes, force=force,
                                            delta=delta, delete=delete, progress=progress, processes=processes,
                                            verify=verify, xattrs=xattrs, numeric_owner=numeric_owner,
-                                           subtree=subtree, overwrite=overwrite)
+                                           subtree=subtree, overwrite=overwrite, target_wait=target_wait)
         includes, excludes = _globs(includes, "include"), _globs(excludes, "exclude")
         iexcludes = _globs(iexcludes, "iexclude")
         Selection(includes, excludes, iexcludes)  # a bad pattern is refused before anything is read
@@ -1614,6 +1620,8 @@ class Repository:
             raise UsageError(f"processes is a count from 1 to {MAX_REQUESTED}, not {processes!r}")
         if progress is not None and not callable(progress):
             raise UsageError(f"progress is a function (files, bytes), not {progress!r}")
+        if type(target_wait) not in (int, float) or not 0 <= target_wait < math.inf:
+            raise UsageError(f"target_wait is a number of seconds, not {target_wait!r}")
         if not isinstance(target, (str, bytes, os.PathLike)) or not os.fspath(target):
             # "" was the current directory, where delete=True then deleted nothing it should have
             raise UsageError(f"a restore target must be a directory path, not {target!r} (\".\" for here)")
@@ -1623,6 +1631,7 @@ class Repository:
             raise UsageError(f"verify compares every entry with the snapshot: overwrite {overwrite} keeps entries "
                              "of the target's that differ from it")
         force = force or overwrite == "never"  # writes only what the target lacks: nothing there is changed
+        await_target(target, target_wait)  # one that another restore fills is that one's, not "not empty"
         if not force and _is_nonempty_dir(target):
             raise TargetNotEmpty(f"restore target {os.fsdecode(target)} is not empty (force=True restores "
                                  "into it in place)")
@@ -1640,7 +1649,7 @@ class Repository:
                     "alone: restore its directory")
             opts = RestoreOptions(includes=includes, excludes=excludes, iexcludes=iexcludes, force=force,
                                   delta=delta, delete=delete, overwrite=overwrite, progress=self._progress(progress),
-                                  checkpoint=self._checkpoint(), xattrs=xattrs,
+                                  checkpoint=self._checkpoint(), xattrs=xattrs, wait=target_wait,
                                   owner_map=None if numeric_owner else self.owner_map(snap))
             restorer = Restorer(self._repo, target, opts, lookup=sub.lookup, tree_name=f"tree of snapshot {snap.id}",
                                 subtree=sub.root)

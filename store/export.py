@@ -1051,11 +1051,11 @@ def _refuse_future(snap: Snapshot, what: str) -> None:
 def restore_from_file(path: str, password: bytes, target: str, *, includes: list[str] | None = None,
                       excludes: list[str] | None = None, force: bool = False, delete: bool = False,
                       progress: Callable[[int, int], None] | None = None, numeric_owner: bool = False,
-                      iexcludes: list[str] | None = None, overwrite: str = "always", xattrs: bool = True
-                      ) -> tuple[ExportInfo, RestoreResult]:
+                      iexcludes: list[str] | None = None, overwrite: str = "always", xattrs: bool = True,
+                      target_wait: float = 0.0) -> tuple[ExportInfo, RestoreResult]:
     """Restore an export's snapshot straight from the file, no repository involved (``overwrite``: as
     ``Repository.restore``'s, but for ``if-changed``, which compares chunks by a repository's ids; ``xattrs``:
-    False sets no extended attributes).
+    False sets no extended attributes; ``target_wait``: as ``Repository.restore``'s).
 
     The file is verified whole first: a damaged or truncated file is refused
     before the target is created or touched.  Every file's digest is checked
@@ -1068,7 +1068,7 @@ def restore_from_file(path: str, password: bytes, target: str, *, includes: list
         assert info is not None
         opts = RestoreOptions(includes=list(includes or []), excludes=list(excludes or []),
                               iexcludes=list(iexcludes or []), force=force or overwrite == "never",
-                              delete=delete, overwrite=overwrite, progress=progress, xattrs=xattrs,
+                              delete=delete, overwrite=overwrite, progress=progress, xattrs=xattrs, wait=target_wait,
                               owner_map=None if numeric_owner else OwnerMap.for_names([info.snapshot.stats]))
         with Restorer(ef, target, opts, lookup=lookup_by_scan(ef.records)) as restorer:
             if delete and os.path.isdir(target):

@@ -45,6 +45,7 @@ from .overwrite import check_overwrite, keeps_existing
 from .owners import OwnerMap
 from .repository import Repo
 from .target_dirs import TargetDirs, closed_to_owner, mount_points, proc_path, remove_tree
+from .target_lock import lock_target
 from .posix_acl import ACL_KEYS
 from .xattrs import decode_xattrs, read_xattrs, write_xattrs
 from . import writefiles
@@ -106,6 +107,7 @@ class RestoreOptions:
     fetch_threads: int = 3  # threads reading and decoding chunks ahead of the writer
     progress: Callable[[int, int], None] | None = None  # (files, bytes) so far
     checkpoint: Callable[[], None] | None = None  # called between batches of chunks: may raise to stop mid-file
+    wait: float = 0.0  # seconds to wait for another restore writing into the target (TargetBusy after)
 
 
 @dataclass(frozen=True)
@@ -694,6 +696,7 @@ class Restorer:
         self._far_times: dict[bytes, int] = {}  # entries with times some file systems cannot hold: path -> time
         self._far_count = 0
         self._target_dirs: TargetDirs | None = None
+        self._lock_fd: int | None = None  # holds the target's lock (``_lock_target``) until ``close``
         self._deferred: list[Entry] | None = None  # left directories whose metadata waits
         # Entries that stand for one stretch of a larger file, by id(entry): (entry, offset in the file).
         self.parts: dict[int, tuple[Entry, int]] = {}
@@ -724,10 +727,19 @@ class Restorer:
         self.close()
 
     def close(self) -> None:
-        """Let go of the target's directory descriptors."""
+        """Let go of the target's directory descriptors, and of its lock."""
         if self._target_dirs is not None:
             self._target_dirs.close()
             self._target_dirs = None
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)  # never LOCK_UN: a worker process closing its copy must not release it
+            self._lock_fd = None
+
+    def _lock_target(self) -> None:
+        """Hold the target's lock (store/target_lock.py) from before the target is looked at until the restore
+        is done: another restore writing into it is waited for (``wait``), else refused (TargetBusy)."""
+        if self._lock_fd is None:
+            self._lock_fd = lock_target(self.dirs.at(b"")[0], os.fsdecode(self.target), self.opt.wait)
 
     @property
     def dirs(self) -> TargetDirs:
@@ -801,9 +813,23 @@ class Restorer:
         self._follow_target()
         t = self.target
         try:
-            if os.path.lexists(t):
+            made = False
+            if not os.path.lexists(t):
+                parent = os.path.dirname(os.path.abspath(t))
+                try:
+                    os.makedirs(parent, exist_ok=True)
+                except FileExistsError:  # there, but no directory: mkdir's "File exists" misled
+                    os.stat(parent)  # a link loop or a dangling link says so itself
+                    raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR)) from None
+                try:
+                    os.mkdir(t)
+                    made = True
+                except FileExistsError:  # made meanwhile (by another restore into it): looked at as found
+                    pass
+            if not made:
                 if not os.path.isdir(t) or os.path.islink(t):
                     raise UsageError(f"restore target is not a directory: {os.fsdecode(t)}")
+                self._lock_target()  # before it is found empty: another restore may be filling it
                 if os.listdir(t):
                     if not self.opt.force:
                         raise TargetNotEmpty(f"restore target {os.fsdecode(t)} is not empty (a restore in place "
@@ -811,13 +837,7 @@ class Restorer:
                 else:
                     self._fresh = True
             else:
-                parent = os.path.dirname(os.path.abspath(t))
-                try:
-                    os.makedirs(parent, exist_ok=True)
-                except FileExistsError:  # there, but no directory: mkdir's "File exists" misled
-                    os.stat(parent)  # a link loop or a dangling link says so itself
-                    raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR)) from None
-                os.mkdir(t)
+                self._lock_target()  # refused if another restore that found it made took it first
                 # through its descriptor from here on, as every later step: not through a link put in its place
                 self._made_mode = stat.S_IMODE(os.stat(self.root).st_mode)  # the umask's: given back once all is in
                 os.chmod(self.root, 0o700)  # closed while it fills, as its directories are (``note_walked``)
@@ -1118,6 +1138,7 @@ class Restorer:
         from .source import TargetWalk
 
         self._follow_target()  # else the walk would see a link and nothing below it
+        self._lock_target()  # before anything is deleted
         mounts = self._mount_points()
         around = {p[:i] for p in mounts for i, c in enumerate(p) if c == ord("/")}  # the directories above them
         recs = confined(records, self.tree_name)

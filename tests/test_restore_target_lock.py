@@ -1,0 +1,184 @@
+"""Restores into one target at once: the one that comes second is refused at once, one line, exit 15
+(``TargetBusy``), or waits with --wait; a restore killed leaves no lock behind."""
+from __future__ import annotations
+
+import fcntl
+import os
+import random
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+from chunkvault import Repository
+from chunkvault.errors import Locked, TargetBusy, TargetNotEmpty
+from treeutil import backed_up, describe, wait_for
+
+PASSWORD = "correct horse battery staple"
+
+
+def _tree(src) -> None:
+    rnd = random.Random(5)
+    for d in range(4):
+        (src / f"d{d}").mkdir()
+        for i in range(30):
+            (src / f"d{d}" / f"f{i}").write_bytes(rnd.randbytes(rnd.randrange(1, 40_000)))
+
+
+@pytest.fixture
+def backup(tmp_path, new_repo):
+    repo, url, src = backed_up(tmp_path, new_repo, _tree)
+    return repo, url, src
+
+
+@pytest.fixture
+def held(tmp_path):
+    """The lock a restore holds on its target, taken here on ``tmp_path/target`` (made), as another restore
+    writing into it holds it; ``release()`` lets go of it."""
+    target = tmp_path / "target"
+    target.mkdir()
+    fd = os.open(target, os.O_RDONLY | os.O_DIRECTORY)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    released = []
+
+    def release() -> None:
+        if not released:
+            released.append(True)
+            os.close(fd)
+
+    release.target = target
+    yield release
+    release()
+
+
+def _cli(*args: str, url: str) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CHUNKVAULT_")}
+    env["CHUNKVAULT_PASSWORD"] = PASSWORD
+    return subprocess.run([sys.executable, "-m", "chunkvault.cli", *args, "-r", url], env=env, capture_output=True,
+                          text=True, timeout=300)
+
+
+@pytest.mark.parametrize("in_place", [[], ["--confirm", "RESTORE", "--delta", "--delete"]])
+def test_a_restore_into_a_target_another_restore_holds_is_refused_at_once(backup, held, in_place):
+    """Two restores into one empty target both failed on each other's files ("File exists", exit 14); in
+    place both wrote, each replacing what the other had."""
+    _, url, _ = backup
+    began = time.monotonic()
+    proc = _cli("restore", "latest", "-t", str(held.target), *in_place, url=url)
+    assert proc.returncode == 15, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert f"another restore (process {os.getpid()}) is writing into {held.target}" in lines[0]
+    assert "--wait" in lines[0]
+    assert time.monotonic() - began < 60
+    assert os.listdir(held.target) == []
+
+
+def test_a_restore_given_wait_waits_for_the_other_and_then_restores(backup, held):
+    _, url, src = backup
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CHUNKVAULT_")}
+    env["CHUNKVAULT_PASSWORD"] = PASSWORD
+    proc = subprocess.Popen([sys.executable, "-m", "chunkvault.cli", "restore", "latest", "-t", str(held.target),
+                             "--wait", "60", "-r", url], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True)
+    try:
+        said = proc.stderr.readline()  # told before it waits, not after
+        assert f"waiting up to 60 s: another restore (process {os.getpid()}) is writing into" in said
+        held()
+        assert proc.wait(120) == 0, proc.stderr.read()
+    finally:
+        proc.kill()
+        proc.wait()
+    assert describe(held.target) == describe(src)
+
+
+def test_a_restore_from_an_export_file_is_refused_too(backup, held, tmp_path):
+    _, url, _ = backup
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CHUNKVAULT_")}
+    env["CHUNKVAULT_EXPORT_PASSWORD"] = env["CHUNKVAULT_PASSWORD"] = PASSWORD
+    cv = [sys.executable, "-m", "chunkvault.cli"]
+    subprocess.run([*cv, "export", "latest", "-r", url, "--output", str(tmp_path / "x.backup"), "--kdf-time", "0"],
+                   env=env, check=True, capture_output=True, timeout=300)
+    proc = subprocess.run([*cv, "restore", "--from-file", str(tmp_path / "x.backup"), "-t", str(held.target)],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 15, proc.stderr
+    assert "another restore" in proc.stderr
+
+
+def test_the_api_refuses_a_second_restore_while_the_first_writes(backup, tmp_path):
+    """The second found the target not empty (TargetNotEmpty), or with force wrote into it beside the first."""
+    repo, url, src = backup
+    target = tmp_path / "target"
+    target.mkdir()
+    writing, go_on = threading.Event(), threading.Event()
+
+    def paused(files, nbytes):
+        writing.set()
+        go_on.wait(30)
+
+    first: list = []
+    t = threading.Thread(target=lambda: first.append(repo.restore("latest", str(target), progress=paused,
+                                                                   processes=1)))
+    t.start()
+    try:
+        assert writing.wait(30)
+        with Repository.open(url, PASSWORD) as other:
+            for force in (False, True):
+                with pytest.raises(TargetBusy, match="another restore .* is writing into") as caught:
+                    other.restore("latest", str(target), force=force, delta=force)
+                assert isinstance(caught.value, Locked) and caught.value.exit_code == 15
+            threading.Timer(0.5, go_on.set).start()
+            with pytest.raises(TargetNotEmpty):  # waited for, then found as the first left it
+                other.restore("latest", str(target), target_wait=30)
+            result = other.restore("latest", str(target), force=True, delta=True, target_wait=30)
+    finally:
+        go_on.set()
+        t.join(60)
+    assert first and first[0].files == 120
+    assert result.unchanged_files == 120
+    assert describe(target) == describe(src)
+
+
+def _holds_lock(pid: int) -> bool:
+    with open("/proc/locks") as f:
+        return any(line.split()[1:2] == ["FLOCK"] and line.split()[4] == str(pid) for line in f)
+
+
+def test_a_killed_restore_leaves_no_lock_and_a_rerun_with_delta_completes(backup, tmp_path):
+    _, url, src = backup
+    (src / "big").write_bytes(random.Random(3).randbytes(64 << 20))  # long enough to be killed mid-way
+    _cli("backup", str(src), url=url).check_returncode()
+    target = tmp_path / "target"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CHUNKVAULT_")}
+    env["CHUNKVAULT_PASSWORD"] = PASSWORD
+    proc = subprocess.Popen([sys.executable, "-m", "chunkvault.cli", "restore", "latest", "-t", str(target), "-r", url,
+                             "--processes", "1"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for(lambda: _holds_lock(proc.pid) or proc.poll() is not None, 60)
+        proc.kill()  # mid-way: it holds the target's lock, which it takes before it writes anything
+    finally:
+        proc.kill()
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    again = _cli("restore", "latest", "-t", str(target), "--confirm", "RESTORE", "--delta", url=url)
+    assert again.returncode == 0, again.stderr
+    assert describe(target) == describe(src)
+
+
+def test_a_target_on_a_file_system_without_locks_is_restored_unguarded(backup, tmp_path, no_flock):
+    repo, _, src = backup
+    result = repo.restore("latest", str(tmp_path / "target"), processes=1)
+    assert result.files == 120
+    assert describe(tmp_path / "target") == describe(src)
+
+
+def test_a_bad_wait_is_a_usage_error(backup, tmp_path):
+    from chunkvault.errors import UsageError
+
+    repo, _, _ = backup
+    for bad in (-1, float("nan"), "5", True):
+        with pytest.raises(UsageError, match="target_wait"):
+            repo.restore("latest", str(tmp_path / "target"), target_wait=bad)
