@@ -42,6 +42,7 @@ from .confinement import confined, safe_relpath
 from .excludes import ExcludeRules
 from .find import tree_glob
 from .overwrite import check_overwrite, keeps_existing
+from .source import TargetWalk
 from .owners import OwnerMap
 from .repository import Repo
 from .target_dirs import TargetDirs, closed_to_owner, mount_points, proc_path, remove_tree
@@ -1135,8 +1136,6 @@ class Restorer:
         removed whole, but what it holds besides is, entry by entry.  A directory of this user's that the
         snapshot has and that its owner may not list (000, as restored) is opened up while it is walked and
         emptied of what the snapshot lacks, and gets its mode back after."""
-        from .source import TargetWalk
-
         self._follow_target()  # else the walk would see a link and nothing below it
         self._lock_target()  # before anything is deleted
         mounts = self._mount_points()
@@ -1145,7 +1144,8 @@ class Restorer:
         want = next(recs, None)
         doomed: list[bytes] = []
         opened = contextlib.ExitStack()  # the directories opened up to be walked: closed, their modes back
-        walks = [iter(TargetWalk(self.root, self.root, self.result.warnings))]
+        top = TargetWalk(self.root, self.root, self.result.warnings)
+        walks = [(iter(top), top)]
         try:
             self._delete_walk(walks, recs, want, mounts, around, doomed, opened)
             for rel in doomed:
@@ -1166,13 +1166,11 @@ class Restorer:
                 self.result.warnings.append(f"cannot give {exc.filename or 'a directory'} its mode back: "
                                             f"{_reason(exc)}")
 
-    def _opened_to_walk(self, rel: bytes, path: bytes, st: os.stat_result,
-                        opened: contextlib.ExitStack) -> Iterator[tuple[bytes, bytes, object, bool]] | None:
+    def _opened_to_walk(self, rel: bytes, path: bytes, st: os.stat_result, opened: contextlib.ExitStack
+                        ) -> tuple[Iterator[tuple[bytes, bytes, object, bool]], TargetWalk] | None:
         """The entries below ``rel``, this user's directory its owner may not list, opened up to be walked
-        (``_opened_up`` in ``opened``, to be closed again): None where it is not that directory, or cannot be
-        opened."""
-        from .source import TargetWalk
-
+        (``_opened_up`` in ``opened``, to be closed again), and their walk: None where it is not that
+        directory, or cannot be opened."""
         try:
             pfd, name = self.at(rel)
             fd = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=pfd)
@@ -1188,16 +1186,11 @@ class Restorer:
             opened.enter_context(_opened_up(fd, os.fsdecode(path)))
         except OSError:
             return None
-        said = f"cannot read directory {os.fsdecode(rel)}: "  # it can now
-        warnings = self.result.warnings
-        for i in range(len(warnings) - 1, -1, -1):
-            if warnings[i].startswith(said):
-                del warnings[i]
-                break
-        walk = TargetWalk(self.root, path, warnings)
-        return ((rel + b"/" + sub, p, s, ok) for sub, p, s, ok in walk if sub)
+        walk = TargetWalk(self.root, path, self.result.warnings)
+        return ((rel + b"/" + sub, p, s, ok) for sub, p, s, ok in walk if sub), walk
 
-    def _delete_walk(self, walks: list, recs: Iterator[Record], want: Record | None, mounts: set[bytes],
+    def _delete_walk(self, walks: list[tuple[Iterator[tuple[bytes, bytes, object, bool]], TargetWalk]],
+                     recs: Iterator[Record], want: Record | None, mounts: set[bytes],
                      around: set[bytes], doomed: list[bytes], opened: contextlib.ExitStack) -> None:
         """The merged walk of ``delete_extra``: ``doomed`` gets what the target has and the snapshot lacks."""
         skip: bytes | None = None
@@ -1206,20 +1199,23 @@ class Restorer:
         # key and a separator; what that walk gives below it (each entry's lstat refused) is the other walk's.
         shadowed: dict[int, bytes] = {}
         while walks:
-            item = next(walks[-1], None)
+            item = next(walks[-1][0], None)
+            walk = walks[-1][1]  # the walk that gave it: what it could not stat or list is told as it moves on
             if item is None:
-                shadowed.pop(id(walks.pop()), None)
+                shadowed.pop(id(walks.pop()[1]), None)
                 continue
             rel, _path, _st, _ok = item
             key = sort_key(rel)
-            below = shadowed.get(id(walks[-1]))
+            below = shadowed.get(id(walk))
             if below is not None:
                 if key.startswith(below):
-                    self._unsay("cannot stat", rel)  # it could, opened up
+                    walk.pass_over(walk.STAT)  # it could, opened up
                     continue
-                del shadowed[id(walks[-1])]
-            if rel == b"" or (skip is not None and key.startswith(skip + b"\x00")):
-                self._unsay("cannot stat", rel)  # removed whole, or not the target's: nothing to stat there
+                del shadowed[id(walk)]
+            if rel == b"":
+                continue
+            if skip is not None and key.startswith(skip + b"\x00"):
+                walk.pass_over(walk.STAT)  # removed whole, or not the target's: nothing to stat there
                 continue
             if kept is not None and key.startswith(kept):
                 continue
@@ -1242,8 +1238,9 @@ class Restorer:
                       and not (_ok and os.access(_path, os.X_OK, effective_ids=True))):  # listed: searchable?
                     opened_up = self._opened_to_walk(rel, _path, _st, opened)
                     if opened_up is not None:
+                        walk.pass_over(walk.LIST)  # it can, opened up
                         if _ok:
-                            shadowed[id(walks[-1])] = key + b"\x00"
+                            shadowed[id(walk)] = key + b"\x00"
                         walks.append(opened_up)
                 continue
             if not self.selected(rel) or rel in around:
@@ -1251,15 +1248,7 @@ class Restorer:
             doomed.append(rel)
             skip = key
             if not _ok:
-                self._unsay("cannot read directory", rel)  # removed whole
-
-    def _unsay(self, what: str, rel: bytes) -> None:
-        """Drop the warning the walk gave just now, that it ``what`` ("cannot stat", "cannot read directory")
-        ``rel``, one of this user's entries in a directory it may list but not search, or its own directory it
-        may not list: the walk passes it by, or removes it whole (opened up)."""
-        said = f"{what} {os.fsdecode(rel)}: "
-        if self.result.warnings and self.result.warnings[-1].startswith(said):
-            self.result.warnings.pop()
+                walk.pass_over(walk.LIST)  # removed whole
 
     def _close_dirs_until(self, path: bytes | None) -> None:
         """Apply metadata to directories we have left (after their children are written)."""

@@ -945,11 +945,41 @@ class TargetWalk(SourceWalk):
     path that vanishes or changes while it runs (another process at work in the target) is named relative
     to the target and worded as the restore's, where the backup's words ("vanished during backup", "left
     out until the next backup") told of a backup that never ran.  The target is walked through its
-    descriptor (``Restorer.root``), whose path is no name to show."""
+    descriptor (``Restorer.root``), whose path is no name to show.
+
+    The warning that an entry could not be stat'ed or listed is given once the walk moves past it: its
+    consumer may find it no failure first (``pass_over``), when the entry is removed whole, or lies in a
+    directory of this user's that it opens up and walks again, where the warning, given and then taken
+    back, told of a failure there was not."""
+
+    STAT = "cannot stat"
+    LIST = "cannot read directory"
 
     def __init__(self, target: bytes, path: bytes, warnings: list[str]):
         super().__init__([(b"", path)], warnings=warnings, one_file_system=True)
         self.target = target
+        self._held: tuple[str, str] | None = None  # (STAT or LIST, the warning) of the entry yielded last
+
+    def __iter__(self) -> Iterator[SourceItem]:
+        for item in super().__iter__():
+            yield item
+            self._give_held()
+        self._give_held()
+
+    def pass_over(self, failure: str) -> None:
+        """The entry yielded last failed as ``failure`` (STAT, LIST) says, which is no failure of the
+        target's where its consumer removes it whole or walks it opened up: its warning is not given."""
+        if self._held is not None and self._held[0] == failure:
+            self._held = None
+
+    def _hold(self, failure: str, warning: str) -> None:
+        self._give_held()
+        self._held = (failure, warning)
+
+    def _give_held(self) -> None:
+        if self._held is not None:
+            self.warnings.append(self._held[1])
+            self._held = None
 
     def _named(self, path: bytes) -> str:
         return os.fsdecode(os.path.relpath(path, self.target))
@@ -958,7 +988,7 @@ class TargetWalk(SourceWalk):
         if err in (errno.ENOENT, errno.ENOTDIR):  # gone: nothing there for --delete to remove
             self.warnings.append(f"{self._named(path)}: vanished while --delete walked the target")
             return None
-        self.warnings.append(f"cannot stat {self._named(path)}: {os.strerror(err)}")
+        self._hold(self.STAT, f"{self.STAT} {self._named(path)}: {os.strerror(err)}")
         return StatFailed(err)
 
     def _unlisted(self, path: bytes, err: int) -> bool | None:
@@ -966,5 +996,5 @@ class TargetWalk(SourceWalk):
             self.warnings.append(f"{self._named(path)}: replaced or removed while --delete walked the target; "
                                  "what it holds now was not searched for what the snapshot lacks")
             return False if err == errno.ESTALE else None
-        self.warnings.append(f"cannot read directory {self._named(path)}: {os.strerror(err)}")
+        self._hold(self.LIST, f"{self.LIST} {self._named(path)}: {os.strerror(err)}")
         return False

@@ -1662,6 +1662,64 @@ def test_delete_in_place_empties_this_users_own_directories_it_may_not_list(tmp_
     os.chmod(live / "locked" / "inner", 0o700)
 
 
+_WATCHING_WARNINGS = textwrap.dedent("""
+    import json, sys
+    from chunkvault import Repository
+    from chunkvault.store import restore
+
+    given = []
+
+    class Watched(list):
+        def append(self, warning):
+            given.append(warning)
+            super().append(warning)
+
+    made = restore.Restorer.__init__
+
+    def watched(self, *args, **kwargs):
+        made(self, *args, **kwargs)
+        self.result.warnings = Watched()
+
+    restore.Restorer.__init__ = watched
+    repo = Repository.open(sys.argv[1], sys.argv[3])
+    result = repo.restore("latest", sys.argv[2], force=True, delete=True)
+    print(json.dumps({"given": given, "kept": list(result.warnings), "deleted": result.deleted}))
+""")
+
+
+@pytest.mark.parametrize("mode", [0o000, 0o600, 0o400], ids=["000", "0600", "0400"])
+def test_delete_gives_no_warning_for_what_it_then_opens_up_or_removes_whole(tmp_path, unprivileged, mode):
+    """Entries of a directory this user may list but not search (each lstat refused), and directories it may
+    not list, were warned of as the walk met them, and the warning taken back once --delete had opened the
+    directory up and walked it, or removed it whole: whatever watched the warnings as they came saw each."""
+    repo = str(tmp_path / "repo")
+    _cli("init", "-r", repo)
+    src = tmp_path / "src"
+    (src / "locked" / "inner").mkdir(parents=True)
+    (src / "locked" / "kept").write_bytes(b"snapshot")
+    os.chmod(src / "locked" / "inner", mode)
+    os.chmod(src / "locked", mode)
+    _cli("backup", "-r", repo, str(src))
+    live = tmp_path / "live"
+    _cli("restore", "-r", repo, "latest", "--target", str(live), unprivileged=True)
+    os.chmod(live / "locked", 0o700)
+    (live / "locked" / "extra").write_bytes(b"added")
+    (live / "gone").mkdir()
+    (live / "gone" / "extra").write_bytes(b"added")
+    os.chmod(live / "gone", mode)
+    os.chmod(live / "locked", mode)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CHUNKVAULT_")}
+    proc = subprocess.run([*UNPRIVILEGED, sys.executable, "-c", _WATCHING_WARNINGS, repo, str(live), PASSWORD],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout)
+    assert out["deleted"] == 2 and not (live / "gone").exists()
+    assert out["given"] == out["kept"] == []
+    os.chmod(live / "locked", 0o700)
+    assert sorted(p.name for p in (live / "locked").iterdir()) == ["inner", "kept"]
+    os.chmod(live / "locked", mode)
+
+
 @pytest.fixture
 def victim_beside(tmp_path, new_repo):
     """(repository with a snapshot of one file, a directory out of the target holding a file of its own, its
