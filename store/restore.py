@@ -691,7 +691,9 @@ class Restorer:
         self.tree_name = tree_name  # what a tree that would lead out of the target is called, refused
         self._dirs: list[Entry] = []  # the directories the walk is in, whose metadata waits for their children
         self._fresh = False  # the target was empty: nothing in it needs to be looked at or made room for
-        self._made_mode: int | None = None  # the mode the umask gave the target this restore made
+        # The mode of a target closed while it fills (``_close_while_filling``): the umask's, of one this restore
+        # made; or the one an empty target others could write in had.  Given back where no root mode is recorded.
+        self._made_mode: int | None = None
         self.root_left = False  # the target is another user's: the snapshot root's metadata was not set there
         self._root_recorded = False  # the snapshot records its root directory (not several paths, a stream)
         self._far_times: dict[bytes, int] = {}  # entries with times some file systems cannot hold: path -> time
@@ -831,12 +833,16 @@ class Restorer:
                 if not os.path.isdir(t) or os.path.islink(t):
                     raise UsageError(f"restore target is not a directory: {os.fsdecode(t)}")
                 self._lock_target()  # before it is found empty: another restore may be filling it
+                closed = self._close_while_filling()  # before it is found empty: nothing put there after counts
                 if os.listdir(t):
+                    if closed is not None:  # in place, or refused: the target's entries are not made room for
+                        os.chmod(self.root, closed)
                     if not self.opt.force:
                         raise TargetNotEmpty(f"restore target {os.fsdecode(t)} is not empty (a restore in place "
                                              "must be asked for)")
                 else:
                     self._fresh = True
+                    self._made_mode = closed if closed is not None else self._made_mode
             else:
                 self._lock_target()  # refused if another restore that found it made took it first
                 # through its descriptor from here on, as every later step: not through a link put in its place
@@ -846,6 +852,24 @@ class Restorer:
         except OSError as exc:
             raise target_error(f"cannot restore into {os.fsdecode(t)}", exc) from None
         self.dirs  # opened now, before any worker process is forked: they share it
+
+    def _close_while_filling(self) -> int | None:
+        """Close a target that others may write in (0777, 0775, 1777) to 0700 while the restore fills it, as one
+        it makes is, where this user may: whoever can write there could put a directory of their own where the
+        snapshot has one (the restore then wrote into it, theirs to change until its end), or move what was
+        restored aside and put their own in its place.  The mode it had, or None where it was not closed; the
+        snapshot root's recorded mode, else that one, is the target's once all is in (``note_walked``).
+        Until then (a restore killed) it stays 0700, as one the restore made."""
+        if self._made_mode is not None:  # closed already (--delete's walk checked the target first)
+            return None
+        st = os.fstat(self.dirs.at(b"")[0])
+        if not st.st_mode & 0o022 or os.geteuid() not in (0, st.st_uid):
+            return None
+        try:
+            os.chmod(self.root, 0o700)
+        except PermissionError:  # root without CAP_FOWNER (a container's), in another's target: as before
+            return None
+        return stat.S_IMODE(st.st_mode)
 
     def run(self, records: Iterator[Record]) -> RestoreResult:
         """Restore into an empty target (or in place); what the target does not take and files whose data is

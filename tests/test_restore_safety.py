@@ -16,6 +16,7 @@ import shutil
 import stat
 import subprocess
 import sys
+import tempfile
 import textwrap
 from pathlib import Path
 
@@ -1718,6 +1719,62 @@ def test_delete_gives_no_warning_for_what_it_then_opens_up_or_removes_whole(tmp_
     os.chmod(live / "locked", 0o700)
     assert sorted(p.name for p in (live / "locked").iterdir()) == ["inner", "kept"]
     os.chmod(live / "locked", mode)
+
+
+AS_NOBODY = ["setpriv", "--reuid", "65534", "--regid", "65534", "--clear-groups"]
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or shutil.which("setpriv") is None, reason="needs root and setpriv")
+@pytest.mark.parametrize("paths", [1, 2], ids=["root-recorded-0777", "several-paths"])
+def test_an_empty_target_others_may_write_in_is_closed_while_a_restore_as_root_fills_it(tmp_path, new_repo, paths):
+    """Root restoring into an empty 0777 directory left it open while it wrote: another user could make a
+    directory where the snapshot has one (the restore took it, and wrote the snapshot's files into a directory
+    that user owned and could rearrange until the end), or put anything else in the tree.  Files and links
+    planted were refused already (O_EXCL, O_NOFOLLOW, a link out of the target never followed)."""
+    sources = []
+    for n in range(paths):
+        src = tmp_path / f"src{n}"
+        (src / "a").mkdir(parents=True)
+        for i in range(40):
+            (src / "a" / f"f{i}").write_bytes(os.urandom(2000))
+        (src / "z").mkdir()
+        (src / "z" / "secret").write_bytes(b"secret")
+        os.chmod(src / "z" / "secret", 0o600)
+        os.chmod(src, 0o777)  # a shared directory, backed up as it is
+        sources.append(src)
+    repo = new_repo()
+    repo.backup([str(s) for s in sources])
+    reachable = Path(tempfile.mkdtemp(prefix="shared-"))  # where that user can reach it (tmp_path is 0700)
+    os.chmod(reachable, 0o755)
+    target = reachable / "target"
+    target.mkdir()
+    os.chmod(target, 0o777)
+    planted = []
+
+    def plant(files, nbytes):
+        if planted:
+            return
+        for what in (["mkdir", str(target / "z")], ["ln", "-s", "/etc", str(target / "z")],
+                     ["touch", str(target / "extra")]):
+            planted.append(subprocess.run([*AS_NOBODY, *what], capture_output=True).returncode)
+        planted.append(stat.S_IMODE(target.stat().st_mode))
+
+    try:
+        result = repo.restore("latest", str(target), progress=plant, processes=1)
+        _check_closed_while_filled(target, sources, planted, result)
+    finally:
+        shutil.rmtree(reachable)
+
+
+def _check_closed_while_filled(target, sources, planted, result):
+    paths = len(sources)
+    assert planted == [1, 1, 1, 0o700]
+    assert result.files == 41 * paths and not result.unwritten
+    assert stat.S_IMODE(target.stat().st_mode) == 0o777  # the recorded root's, or the one it had
+    assert all(p.lstat().st_uid == 0 for p in target.rglob("*"))
+    for src in sources:
+        restored = target if paths == 1 else target / src.relative_to("/")
+        assert describe(restored) == describe(src)
 
 
 @pytest.fixture
