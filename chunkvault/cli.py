@@ -2392,6 +2392,18 @@ def cmd_completion(args: argparse.Namespace) -> int:
 # --- parser -------------------------------------------------------------------------------
 
 
+def _reading_options(more_wait: str) -> argparse.ArgumentParser:
+    """The options of a command that holds the shared lock while it reads: ``more_wait`` adds to what its
+    ``--wait`` waits for (a restore's, for another restore writing into its target, ``target_wait``)."""
+    reading = _Parser(add_help=False)
+    reading.add_argument("--no-lock", action="store_true",
+                         help="read without the shared lock (e.g. a read-only remote); a prune running "
+                              "meanwhile can make the read fail")
+    reading.add_argument("--wait", type=_seconds, default=3600.0, metavar="SECONDS", action=_Given,
+                         help=f"wait this long for a running prune, forget or repair (default 3600){more_wait}")
+    return reading
+
+
 def _wait_option(parser: argparse.ArgumentParser, default: float, what: str) -> None:
     """``--wait SECONDS`` of a command that takes the exclusive lock: how long it waits for ``what``."""
     parser.add_argument("--wait", type=_seconds, default=default, metavar="SECONDS",
@@ -2685,13 +2697,9 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
                    help="zstd level of the new data, 1 to 22, 0 = off (default: the repository's)")
     s.set_defaults(func=cmd_import_tar)
 
-    reading = _Parser(add_help=False)  # commands that read data hold a shared lock (store/locks.py)
-    reading.add_argument("--no-lock", action="store_true",
-                         help="read without the shared lock (e.g. a read-only remote); a prune running "
-                              "meanwhile can make the read fail")
-    reading.add_argument("--wait", type=_seconds, default=3600.0, metavar="SECONDS", action=_Given,
-                         help="wait this long for a running prune, forget or repair (default 3600); restore: "
-                              "for another restore writing into the target too (default: refused at once)")
+    reading = _reading_options("")  # commands that read data hold a shared lock (store/locks.py)
+    restoring = _reading_options("; given, also for another restore writing into the target, which is "
+                                 "otherwise refused at once")
 
     select = _Parser(add_help=False)
     select.add_argument("--host", action="append", default=[], help="only snapshots of this host (repeatable)")
@@ -2742,7 +2750,7 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     s.add_argument("--ignore-case", "-i", action="store_true", help="match the patterns ignoring case")
     s.set_defaults(func=cmd_find, read_lock="find")
 
-    s = sub.add_parser("restore", parents=[common, reading], help="restore a snapshot into a directory")
+    s = sub.add_parser("restore", parents=[common, restoring], help="restore a snapshot into a directory")
     s.add_argument("snapshot", nargs="?", default="latest",
                    help="id, unique prefix, or latest; SNAPSHOT:PATH restores that directory's contents (or that "
                         "file) as the target's root")
