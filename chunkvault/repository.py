@@ -2776,7 +2776,10 @@ def diff_trees(old: Iterator[Record], new: Iterator[Record],
                ) -> Iterator[tuple[str, Entry | None, Entry | None]]:
     """Pure merge of two sorted resolved trees.  A path of a multiply-linked file is compared by the file
     it names (``holder_*`` find it by path): which of its links holds the data follows the order of the
-    paths, so a new link sorting first turned an unchanged file into a hard link, reported as a type change."""
+    paths, so a new link sorting first turned an unchanged file into a hard link, reported as a type change.
+    Two equal links whose change times differ are compared so too: a link's entry does not carry the file's
+    attributes, nor its content when size and mtime stayed (each target's pair of files is looked up once)."""
+    same_file: dict[bytes, bool] = {}  # a target both trees' equal links name -> its two files alike
     a = next(old, None)
     b = next(new, None)
     while a is not None or b is not None:
@@ -2789,7 +2792,13 @@ def diff_trees(old: Iterator[Record], new: Iterator[Record],
         else:
             ea, eb = a.entry, b.entry
             assert ea is not None and eb is not None
-            if not ea.same_content(eb) and T_HARDLINK in (ea.type, eb.type):
+            if ea.type == T_HARDLINK and ea.ctime_ns != eb.ctime_ns and ea.same_content(eb):
+                alike = same_file.get(ea.target)
+                if alike is None:
+                    alike = same_file[ea.target] = as_file(ea, holder_old).same_content(as_file(eb, holder_new))
+                if not alike:
+                    ea, eb = as_file(ea, holder_old), as_file(eb, holder_new)
+            elif T_HARDLINK in (ea.type, eb.type) and not ea.same_content(eb):
                 ea, eb = as_file(ea, holder_old), as_file(eb, holder_new)
             if not ea.same_content(eb):
                 yield "modified", ea, eb

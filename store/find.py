@@ -128,8 +128,17 @@ def versions(snapshots: Iterable[Snapshot], matches: dict[str, list[Record]],
     multiply-linked file is compared by the file it names (``holder`` finds it by path in a snapshot), as
     ``diff`` compares it: which of its paths holds the data follows their order, so a new link sorting
     first made the file a hard link, a new version of nothing."""
+    firsts: dict[tuple, tuple[Version, tuple]] = {}  # a path's last version -> the state of the file it names
+
+    def first_state(key: tuple, v: Version) -> tuple:
+        got = firsts.get(key)
+        if got is None or got[0] is not v:
+            got = firsts[key] = (v, _state(_in(v.entry, v.snapshots[0], holder)))
+        return got[1]
+
     found: dict[tuple, Found] = {}
     last_seen: dict[tuple, str] = {}
+    last_ctime: dict[tuple, int] = {}  # a link's change time in the snapshot before
     previous: dict[tuple[str, tuple[str, ...]], str] = {}
     snapshots = list(snapshots)
     for s in sorted((s for s in snapshots if s.id in matches), key=chronological_key(snapshots)):
@@ -146,14 +155,19 @@ def versions(snapshots: Iterable[Snapshot], matches: dict[str, list[Record]],
             if v is None or last_seen[key] != before:
                 v = Version(rec.entry)
                 f.versions.append(v)
-            elif _state(v.entry) != _state(rec.entry):
-                if _state(_in(v.entry, v.snapshots[0], holder)) != _state(_in(rec.entry, s, holder)):
+            elif _state(v.entry) != _state(rec.entry) or (
+                    rec.entry.type == T_HARDLINK and rec.entry.ctime_ns != last_ctime.get(key)):
+                # an equal link too, its file changed since (its change time): a link's entry carries neither the
+                # file's attributes nor, when size and mtime stayed, its content
+                if first_state(key, v) != _state(_in(rec.entry, s, holder)):
                     v = Version(rec.entry)
                     f.versions.append(v)
-                elif v.entry.type == T_HARDLINK:
+                elif v.entry.type == T_HARDLINK and _state(v.entry) != _state(rec.entry):
                     # the same file, a link in some of the version's snapshots and not in others (or to
                     # another name): listed as the file, whose name a link gives is not in them all
                     v.entry = _in(v.entry, v.snapshots[0], holder)
             v.snapshots.append(s)
             last_seen[key] = s.id
+            if rec.entry.type == T_HARDLINK:
+                last_ctime[key] = rec.entry.ctime_ns
     return sorted(found.values(), key=lambda f: (f.host, f.paths, f.path))

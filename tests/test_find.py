@@ -15,7 +15,9 @@ from chunkvault import Repository
 from chunkvault.errors import UsageError
 from chunkvault.ledger import RepositoryStateWarning
 from chunkvault.store.find import chain_order, path_matcher
+from chunkvault.store.manifest import T_HARDLINK, what_changed
 from chunkvault.store.snapshot import Snapshot, select_snapshots
+from chunkvault.store.subtree import Subtree
 from treeutil import change_small_tree, refusing_open
 
 PASSWORD = crashkit.PASSWORD
@@ -279,6 +281,44 @@ def test_a_file_that_only_got_another_link_is_one_version(tmp_path, new_repo):
     repo.backup([str(src)])
     versions = repo.find(["b/data"])[0].versions
     assert [len(v.snapshots) for v in versions] == [2, 1]
+
+
+@pytest.mark.parametrize("change", ["xattr", "same size and mtime"])
+def test_a_linked_files_change_its_links_entry_does_not_carry_is_seen_at_every_link(tmp_path, new_repo, change,
+                                                                                     monkeypatch):
+    """A hard link's entry holds the file's size, mode, owner and mtime, not its attributes nor content: a link
+    of a file whose attributes alone changed, or whose content changed keeping its size and mtime, had the
+    same entry in both snapshots, and diff left the link out, find kept it one version."""
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "a").write_bytes(b"hello")
+    os.link(src / "a", src / "b")
+    repo = new_repo()
+    first = repo.backup([str(src)]).snapshot
+    if change == "xattr":
+        os.setxattr(src / "a", "user.note", b"reviewed")
+    else:
+        st = os.stat(src / "a")
+        (src / "a").write_bytes(b"jello")
+        os.utime(src / "a", ns=(st.st_atime_ns, st.st_mtime_ns))
+    second = repo.backup([str(src)]).snapshot
+    tree = {e.path: e for e in repo.tree(second)}
+    assert tree[b"b"].type == T_HARDLINK and tree[b"b"].target == b"a"
+    what = "metadata" if change == "xattr" else "content"
+    assert [(c, n.path, what_changed(o, n)) for c, o, n in repo.diff(first, second)] == [
+        ("modified", b"a", what), ("modified", b"b", what)]
+    assert list(repo.diff(second, second)) == []
+    found = {f.path: [[s.id for s in v.snapshots] for v in f.versions] for f in repo.find(["*"])}
+    assert found == {b"a": [[first.id], [second.id]], b"b": [[first.id], [second.id]]}
+    third = repo.backup([str(src)], kind="full").snapshot  # unchanged: one version on, nothing looked up
+    looked_up = []
+    monkeypatch.setattr(Subtree, "lookup", lambda self, path: looked_up.append(path))
+    assert list(repo.diff(second, third)) == []
+    assert looked_up == []
+    monkeypatch.undo()
+    found = {f.path: [[s.id for s in v.snapshots] for v in f.versions] for f in repo.find(["b"])}
+    assert found == {b"b": [[first.id], [second.id, third.id]]}
+    assert [v.entry.type for v in repo.find(["b"])[0].versions] == [T_HARDLINK, T_HARDLINK]
 
 
 def test_a_version_no_backup_could_read_is_marked_as_ls_marks_it(tmp_path, new_repo, monkeypatch, python_file_reads,
