@@ -1264,13 +1264,20 @@ def cmd_find(args: argparse.Namespace) -> int:
     if args.json:
         _emit_json_array(_found_json(f, names) for f in found)
         return 0
+    named: dict[str, str] = {}  # a snapshot as a version names it: its local time worked out once, not per path
+
+    def shown(snap: Snapshot) -> str:
+        if snap.id not in named:
+            named[snap.id] = f"{snap.short_id} ({listed_time(snap.datetime)})"
+        return named[snap.id]
+
     for f in found:
         print(f"{shown_name(f.path) or '.'}  ({one_line(f.host)}: {' '.join(map(shown_name, f.paths))})")
         for v in f.versions:
             e, first, last = v.entry, v.snapshots[0], v.snapshots[-1]
-            where = f"{first.short_id} ({listed_time(first.datetime)})"
+            where = shown(first)
             if len(v.snapshots) > 1:
-                where += f" .. {last.short_id} ({listed_time(last.datetime)}), {len(v.snapshots)} snapshots"
+                where += f" .. {shown(last)}, {len(v.snapshots)} snapshots"
             extra = f" -> {shown_name(e.target)}" if e.target else ""
             said = _unreadable(e)  # as ls marks it: else a file no backup read passes for an empty one
             if said:

@@ -168,6 +168,28 @@ def test_find_lists_the_snapshots_a_bounded_number_of_times_whatever_the_version
         assert indexed.count(True) <= 2, indexed
 
 
+def test_find_works_out_each_snapshots_time_once_whatever_the_paths(tmp_path, new_repo, monkeypatch, password):
+    """Each version's first and last snapshot had its local time worked out again: `find '*'` over two
+    snapshots of 300,000 files spent 11 of its 28 s on 600,000 times of two snapshots."""
+    from chunkvault import cli
+
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(40):
+        (src / f"f{i}").write_text(f"file {i}")
+    repo = new_repo(str(tmp_path / "repo"))
+    first = repo.backup([str(src)]).snapshot
+    (src / "f0").write_text("changed")
+    second = repo.backup([str(src)]).snapshot
+    times = []
+    real = cli.listed_time
+    monkeypatch.setattr(cli, "listed_time", lambda t: times.append(t) or real(t))
+    monkeypatch.setenv("CHUNKVAULT_PASSWORD", password)
+    assert cli.main(["find", "-r", str(tmp_path / "repo"), "f*"]) == 0
+    of_snapshots = [t for t in times if t in (first.datetime, second.datetime)]  # the rest: files' mtimes
+    assert len(of_snapshots) == 2, len(of_snapshots)
+
+
 def test_find_and_snapshot_filters_on_the_command_line(tmp_path):
     repo = str(tmp_path / "repo")
     crashkit.init_repo(repo)
