@@ -223,6 +223,17 @@ class PostgresOnline:
             return {name for name in names if name != self._version_dir}
         return unlogged_and_temporary(names) if is_database_directory(self._through_link(below)) else set()
 
+    def walked(self, unreadable: list[str], warnings: list[str]) -> None:
+        """Fail the backup, before the stop, for a path the walk could not read (``SourceSession.walked``): a
+        relation's file kept from the parent snapshot, older than the backup's start, is not one the WAL
+        repairs, and one left out loses its table; pg_basebackup fails likewise on any file it cannot read."""
+        if not unreadable:
+            return
+        why = next((w for w in warnings if w.startswith("cannot read")), unreadable[0])
+        count = f"{len(unreadable)} paths, first " if len(unreadable) > 1 else ""
+        raise SourceCommandFailed(f"the data directory could not be read whole ({count}{why}): a base backup "
+                                  "needs every file: no snapshot saved")
+
     def _control_file(self) -> AddedFile:
         path = os.path.join(self.datadir, CONTROL_FILE.decode())
         try:

@@ -125,13 +125,16 @@ class SourceSession(Protocol):
     walk's root), what looks at its bytes, or None (called on reader threads); ``appendix``, once every file
     of the walk is read, gives the files to add to the tree (whose content is known only then) and what to
     record in the snapshot's stats, and ``notes`` then holds the warnings it adds to the backup's; ``close``
-    runs in every case, last."""
+    runs in every case, last.  Before ``appendix``, ``walked`` is told the paths the walk could not read and
+    its warnings, and may fail the backup for them (raising): a source that holds together only whole."""
 
     notes: list[str]
 
     def begin(self) -> None: ...
 
     def inspector(self, rel: bytes) -> FileInspector | None: ...
+
+    def walked(self, unreadable: list[str], warnings: list[str]) -> None: ...
 
     def appendix(self) -> tuple[list[AddedFile], dict]: ...
 
@@ -1358,12 +1361,13 @@ class Backup:
             if self.opt.session is not None:
                 self.opt.session.close()
 
-    def _with_appendix(self, records: list[Record], kind: str, stats: ManifestStats
+    def _with_appendix(self, records: list[Record], kind: str, stats: ManifestStats, walk_warnings: list[str]
                        ) -> tuple[Iterator[Record], dict]:
         """The walk's records (all taken, so every file is read) with the session's files added in their
         places: stored as new files (nothing to build a delta on), each replacing what the walk or the
-        parent had at its path."""
+        parent had at its path; the session first told what the walk could not read."""
         assert self.opt.session is not None
+        self.opt.session.walked(list(self.unreadable), [*walk_warnings, *self.warnings])
         added, session_stats = self.opt.session.appendix()
         self.warnings += self.opt.session.notes
         extra = []
@@ -1506,7 +1510,7 @@ class Backup:
                     self._total = TreeTotal(source)
                 stats_iter = self.records(source, parent_tree, kind, stats)
                 if self.opt.session is not None:
-                    stats_iter, session_stats = self._with_appendix(list(stats_iter), kind, stats)
+                    stats_iter, session_stats = self._with_appendix(list(stats_iter), kind, stats, source.warnings)
             mw = ManifestWriter(repo, self.writer)
             uids: set[int] = set()
             gids: set[int] = set()

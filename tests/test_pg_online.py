@@ -338,3 +338,27 @@ def test_oldest_snapshot_takes_the_start_segment_from_the_stats_and_reads_the_la
     assert "postgres" not in older.stats
     assert repo.archive_expire("oldest-snapshot", dry_run=True) == [f"{start - 2:024X}"]
     assert opened == ["backup_label"]  # that snapshot's alone
+
+
+def test_a_file_of_the_data_directory_that_cannot_be_read_fails_the_backup_and_saves_nothing(
+        cluster, new_repo, pg_env, monkeypatch, python_file_reads):
+    """Kept from the parent snapshot (older than the backup's start, which the WAL does not repair) or left
+    out (its table lost), an unreadable relation's file would make a snapshot that starts and lies: the backup
+    fails before the stop, as pg_basebackup's does, and the session's end aborts the server's backup."""
+    from treeutil import refusing_open
+
+    cluster.sql("DROP TABLE IF EXISTS locked; CREATE TABLE locked AS SELECT g FROM generate_series(1, 1000) g; "
+                "CHECKPOINT")
+    name = os.path.basename(cluster.sql("SELECT pg_relation_filepath('locked')"))
+    repo = new_repo()
+    full = repo.backup([cluster.datadir], postgres="").snapshot
+    cluster.sql("UPDATE locked SET g = -g; CHECKPOINT")
+    with monkeypatch.context() as m, pytest.raises(
+            SourceCommandFailed, match=rf"could not be read whole \(cannot read \S+/{name}: Permission denied\): "
+                                       r".* no snapshot saved$"):
+        m.setattr("chunkvault.store.backup.os.open", refusing_open(name))
+        repo.backup([cluster.datadir], postgres="")
+    assert [s.id for s in repo.snapshots()] == [full.id]
+    assert cluster.sql("SELECT count(*) FROM pg_replication_slots") == "0"
+    assert repo.backup([cluster.datadir], postgres="").snapshot.parent == full.id
+
