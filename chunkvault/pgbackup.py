@@ -144,16 +144,19 @@ class PostgresOnline:
         self._pages: PageChecks | None = None
         self.notes: list[str] = []
 
-    def begin(self) -> None:
-        started = self._session.start(self.label, fast=self.fast)
-        self._started = started
+    def _accept(self, data_directory: str) -> None:
+        """Refuse a server whose data directory is not the one to read, before its backup starts."""
         try:
-            same = os.path.samefile(started.data_directory, self.datadir)
+            same = os.path.samefile(data_directory, self.datadir)
         except OSError:
             same = False
         if not same:
-            raise UsageError(f"the PostgreSQL server reached has its data directory at {started.data_directory}, "
+            raise UsageError(f"the PostgreSQL server reached has its data directory at {data_directory}, "
                              f"not {self.datadir}: back up that directory, on that server's machine")
+
+    def begin(self) -> None:
+        started = self._session.start(self.label, fast=self.fast, accept=self._accept)
+        self._started = started
         self._version_dir = version_directory(started.version, catalog_version(self.datadir))
         self._in_tree = os.path.lexists(os.path.join(self.datadir, TABLESPACES.decode()))
         inside = os.path.realpath(self.datadir)

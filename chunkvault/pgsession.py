@@ -37,7 +37,7 @@ import select
 import subprocess
 import time
 from dataclasses import dataclass, field
-from typing import Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 from chunkvault.errors import SourceCommandFailed, UsageError, process_end
 from chunkvault.processes import without_secrets
@@ -312,9 +312,12 @@ class PgBackupSession:
             raise SourceCommandFailed(f"PostgreSQL answered {sql!r} with {len(rows)} rows, not one value")
         return rows[0][0]
 
-    def start(self, label: str, *, fast: bool = True, slot: bool = True) -> BackupStart:
+    def start(self, label: str, *, fast: bool = True, slot: bool = True,
+              accept: Callable[[str], None] | None = None) -> BackupStart:
         """Start the backup (``fast``: an immediate checkpoint, not a spread one) after taking a temporary
-        replication slot that keeps the WAL from here on (``slot``)."""
+        replication slot that keeps the WAL from here on (``slot``).  ``accept`` is called with the server's
+        data directory before either, and may refuse it (raise): refused after the start, the server would
+        have made its checkpoint (an immediate one, or a wait for a spread one) for nothing."""
         if self._started is not None:
             raise UsageError("this session has started a backup already")
         if "\n" in label or len(label) > 1023:
@@ -323,9 +326,6 @@ class PgBackupSession:
         if version < OLDEST_VERSION:
             raise SourceCommandFailed(f"PostgreSQL {version // 10000}.{version // 100 % 100} is too old for a "
                                       "base backup by chunkvault (10 or newer)")
-        standby = self.value("SELECT pg_is_in_recovery()") == "t"
-        if standby:
-            self._standby_ready()
         try:
             data_directory = self.value("SELECT current_setting('data_directory')")
         except SourceCommandFailed as exc:  # a role with REPLICATION and EXECUTE but no settings to read
@@ -333,6 +333,11 @@ class PgBackupSession:
                 raise
             raise SourceCommandFailed(f"{exc} (the backup checks the server's data directory is the one it reads: "
                                       "GRANT pg_read_all_settings TO the role)") from None
+        if accept is not None:
+            accept(data_directory)
+        standby = self.value("SELECT pg_is_in_recovery()") == "t"
+        if standby:
+            self._standby_ready()
         segment_size = int(self.value(SEGMENT_SIZE_QUERY))
         tablespaces = self.tablespaces()
         if slot:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import time
 
 import pytest
 
@@ -362,3 +363,17 @@ def test_a_file_of_the_data_directory_that_cannot_be_read_fails_the_backup_and_s
     assert cluster.sql("SELECT count(*) FROM pg_replication_slots") == "0"
     assert repo.backup([cluster.datadir], postgres="").snapshot.parent == full.id
 
+
+def test_a_data_directory_not_the_servers_is_refused_before_the_backup_starts(cluster, new_repo, pg_env, tmp_path):
+    """Refused once started, the server would have made the start's checkpoint for nothing: an immediate one
+    on a busy server, or with ``pg_checkpoint="spread"`` minutes of waiting before the refusal."""
+    newer = int(cluster.sql("SELECT current_setting('server_version_num')")) >= 170000
+    requested = ("SELECT num_requested FROM pg_stat_checkpointer" if newer
+                 else "SELECT checkpoints_req FROM pg_stat_bgwriter")
+    before = cluster.sql(requested)
+    repo = new_repo()
+    with pytest.raises(UsageError, match="has its data directory at"):
+        repo.backup([str(tmp_path)], postgres="")
+    time.sleep(0.5)  # the checkpointer's counts reach the statistics once its checkpoint is done
+    assert cluster.sql(requested) == before
+    assert repo.snapshots() == [] and cluster.sql("SELECT count(*) FROM pg_replication_slots") == "0"

@@ -55,7 +55,8 @@ def test_a_tablespace_outside_is_walked_under_chunkvault_tblspc_and_its_link_rec
     os.symlink(data / "inner", data / "pg_tblspc" / "16385")
 
     class Session:
-        def start(self, label, fast):
+        def start(self, label, fast, accept):
+            accept(str(data))
             return BackupStart(0x2000028, str(data), 150000, 16 << 20,
                                [Tablespace(16384, "ts", str(location)), Tablespace(16385, "in", str(data / "inner"))])
 
