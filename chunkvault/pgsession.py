@@ -34,6 +34,7 @@ import base64
 import os
 import secrets
 import select
+import signal
 import subprocess
 import time
 from dataclasses import dataclass, field
@@ -242,6 +243,7 @@ class PgBackupSession:
                 self._env["PGPASSWORD"] = password
         self._proc: subprocess.Popen[bytes] | None = None
         self._buffer = b""
+        self._asked = False  # a statement sent whose answer was not read (a signal ended the wait)
         self._started: BackupStart | None = None
         #: How long one statement's answer may take (None: as long as it takes, as a backup's start waits for
         #: a checkpoint); past it psql is ended and SourceCommandFailed raised.
@@ -250,6 +252,7 @@ class PgBackupSession:
     def open(self) -> None:
         if self._proc is not None:
             return
+        self._asked = False
         try:
             self._proc = subprocess.Popen(self._argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                           stderr=subprocess.PIPE, env=self._env)
@@ -267,7 +270,9 @@ class PgBackupSession:
             self._proc.stdin.flush()
         except (BrokenPipeError, OSError):
             self._failed()
+        self._asked = True
         lines = self._read_until(marker.encode())
+        self._asked = False
         return [line.split(_FIELD) for line in lines]
 
     def _read_until(self, marker: bytes) -> list[str]:
@@ -447,6 +452,12 @@ class PgBackupSession:
         if proc is None:
             return
         assert proc.stdin is not None
+        if self._asked:  # psql reads no more input until it has the answer: have it cancel the statement
+            self._asked = False
+            try:
+                proc.send_signal(signal.SIGINT)
+            except OSError:
+                pass
         try:
             proc.stdin.close()
         except OSError:

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
+import time
 
 import pytest
 from hypothesis import given
@@ -156,6 +158,32 @@ def test_an_answer_that_does_not_come_in_time_ends_the_session(cluster):
         assert session._proc is None  # psql ended; the next statement starts another
         assert session.query("SELECT 1") == [["1"]]
 
+
+
+def test_a_statement_a_signal_interrupted_is_cancelled_when_the_session_closes(cluster):
+    """A stop signal while a statement runs (``pg_backup_start`` waiting for a spread checkpoint, say): psql
+    reads no input until the answer, so closing its input alone neither ends it nor the statement; it is made
+    to cancel it, and the session ends at once, not after psql was waited for and then terminated."""
+    def interrupted(signum, frame):
+        raise KeyboardInterrupt
+
+    session = session_of(cluster)
+    pid = session.value("SELECT pg_backend_pid()")
+    previous = signal.signal(signal.SIGALRM, interrupted)
+    try:
+        signal.setitimer(signal.ITIMER_REAL, 0.5)
+        with pytest.raises(KeyboardInterrupt):
+            session.query("SELECT pg_sleep(60)")
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+    began = time.monotonic()
+    session.close()
+    assert time.monotonic() - began < 5
+    deadline = time.monotonic() + 10
+    while cluster.sql(f"SELECT count(*) FROM pg_stat_activity WHERE pid = {pid}") != "0":
+        assert time.monotonic() < deadline, "the statement still runs on the server"
+        time.sleep(0.1)
 
 def test_a_role_without_the_rights_gets_postgresqls_reason(cluster):
     cluster.sql("DROP ROLE IF EXISTS weak; CREATE ROLE weak LOGIN")
