@@ -23,12 +23,23 @@ class Progress:
         self.enabled = self.stream.isatty() if enabled is None else enabled
         self.interval = interval
         self.start = time.monotonic()
+        # Whence the rate is measured: the last report of nothing done yet.  The time before it went to
+        # waiting for a lock or planning (a prune's marking: a minute on a repository of millions of blobs),
+        # and counted as work it put the ETA of a prune's repack at forty times the time left.
+        self.origin = self.start
         self.last = float("-inf")  # the first report is shown whatever the monotonic clock's origin
         self.shown = False
 
+    def rate(self, nbytes: int, now: float) -> float:
+        return nbytes / max(now - self.origin, 1e-6)
+
+    def begun(self, files: int, nbytes: int) -> None:
+        """Note a report of nothing done yet: the work starts from here."""
+        if not files and not nbytes:
+            self.origin = time.monotonic()
+
     def line(self, files: int, nbytes: int, now: float) -> str:
-        elapsed = max(now - self.start, 1e-6)
-        rate = nbytes / elapsed
+        rate = self.rate(nbytes, now)
         text = f"{self.what}: {files} {self.unit}, {format_size(nbytes)}"
         if self.total:
             text += f" of {format_size(self.total)} ({min(100.0, 100.0 * nbytes / self.total):.0f}%)"
@@ -44,6 +55,7 @@ class Progress:
         """``total_bytes`` lets a caller that learns the total only once started set it."""
         if total_bytes is not None:
             self.total = total_bytes
+        self.begun(files, nbytes)
         if not self.enabled:
             return
         now = time.monotonic()
@@ -80,7 +92,7 @@ class JsonProgress(Progress):
 
     def record(self, files: int, nbytes: int, now: float, final: bool = False) -> dict[str, Any]:
         elapsed = max(now - self.start, 1e-6)
-        rate = nbytes / elapsed
+        rate = self.rate(nbytes, now)
         eta = None
         if self.total and rate > 0 and nbytes < self.total and not final:
             eta = round((self.total - nbytes) / rate, 1)
@@ -90,6 +102,7 @@ class JsonProgress(Progress):
     def __call__(self, files: int, nbytes: int, total_bytes: int | None = None) -> None:
         if total_bytes is not None:
             self.total = total_bytes
+        self.begun(files, nbytes)
         self.count, self.nbytes = files, nbytes
         now = time.monotonic()
         if now - self.last < self.interval:

@@ -609,6 +609,8 @@ def execute(repo: Repo, plan: PrunePlan, progress: Callable[[int, int, int], Non
     repo.require_deletes(pack_key(bytes(32)), "prune")
     repo.require_deletes(f"index/{bytes(32).hex()}", "prune")  # a policy may deny deletes under one folder alone
     done = 0
+    if progress is not None:  # the total first, as check's: the work starts here, not with the lock or the plan
+        progress(0, 0, plan.repacked_bytes)
 
     def step(nbytes: int) -> None:
         nonlocal done

@@ -158,7 +158,8 @@ def test_check_copy_and_prune_report_progress(tmp_path, new_repo):
     repo.forget([repo.snapshots()[0].id])
     steps = []
     plan = repo.prune(max_unused=0.0, progress=lambda *a: steps.append(a))
-    assert len(steps) == 2 * len(plan.repack) + len(plan.delete) + len(plan.orphans) > 0
+    assert steps[0] == (0, 0, plan.repacked_bytes)  # the total first, as check's
+    assert len(steps) == 1 + 2 * len(plan.repack) + len(plan.delete) + len(plan.orphans) > 1
     assert steps[-1][1] == steps[-1][2] == plan.repacked_bytes
 
 
@@ -235,3 +236,45 @@ def test_a_backup_s_last_report_carries_its_total_even_when_it_ended_before_its_
     repo.backup([str(src)], progress=calls.append)
     assert (calls[-1]["total_files"], calls[-1]["total_bytes"]) == (3, 1507)
     assert all(c["total_bytes"] is None for c in calls[:-1])
+
+
+def test_a_prune_measures_its_rate_from_its_work_not_from_its_plan(monkeypatch, tmp_path, new_repo):
+    """A prune's marking takes a minute on a repository of millions of blobs (and ``--wait`` may wait out a
+    backup first): counted as repacking, it put the rate at a fortieth of the real one and the ETA of the
+    repack at forty times the time left.  The rate is of the work since the prune reported its total."""
+    import chunkvault.store.prune as prune_module
+
+    import os
+
+    repo = new_repo()
+    src = tmp_path / "src"
+    src.mkdir()
+    for name in "ab":
+        (src / name).write_bytes(os.urandom(300_000))
+    first = repo.backup([str(src)]).snapshot
+    (src / "a").unlink()
+    repo.backup([str(src)])
+    repo.forget([first.id])  # half of the one pack unused: repacked
+    clock = {"now": 5.0, "tick": 0.0}
+
+    def monotonic():
+        clock["now"] += clock["tick"]
+        return clock["now"]
+
+    monkeypatch.setattr("chunkvault.progress.time.monotonic", monotonic)
+    planned = prune_module.plan_prune
+
+    def slow_plan(*args, **kwargs):
+        clock["now"] += 1000.0  # the marking: 1000 s
+        clock["tick"] = 0.01  # then each look at the clock 10 ms on
+        return planned(*args, **kwargs)
+
+    monkeypatch.setattr(prune_module, "plan_prune", slow_plan)
+    out = io.StringIO()
+    bar = JsonProgress("prune", stream=out, interval=0, unit="packs")
+    plan = repo.prune(max_unused=0.0, progress=bar)
+    bar.done()
+    last = json.loads(out.getvalue().splitlines()[-1])
+    assert plan.repacked_bytes > 0 and last["bytes"] == plan.repacked_bytes
+    assert last["seconds"] > 1000  # the whole command's time
+    assert last["bytes_per_second"] > plan.repacked_bytes / 10  # the repack's: a few seconds, not 1000
