@@ -143,14 +143,21 @@ def password_aside(conninfo: str) -> tuple[str, str | None]:
     """``conninfo`` (a database name, ``key=value`` pairs or a ``postgresql://`` URI) without its password,
     and the password (None: none there).  psql gets the rest on its command line and the password as
     ``PGPASSWORD``: every user's process listing shows a command line, a process's environment only its own
-    user and root see."""
+    user and root see.  ``key=value`` pairs that do not parse, or that name the password in other letters,
+    are refused (SourceCommandFailed): libpq refuses them too, but psql would have shown them whole."""
     if conninfo.startswith(("postgresql://", "postgres://")):
         return _uri_password_aside(conninfo)
     if "=" not in conninfo:
         return conninfo, None
     pairs = _conninfo_pairs(conninfo)
-    if pairs is None or not any(k == "password" for k, _ in pairs):
-        return conninfo, None  # one libpq will refuse, with its own message
+    if pairs is None:  # psql would refuse it, but only once every user's process listing had shown it whole
+        raise SourceCommandFailed("PostgreSQL: the connection string does not parse (key=value settings, a value "
+                                  "with spaces in single quotes): not shown, as it may hold a password")
+    for k, _ in pairs:
+        if k.lower() == "password" and k != "password":
+            raise SourceCommandFailed(f'PostgreSQL: invalid connection option "{k}" (the password is "password")')
+    if not any(k == "password" for k, _ in pairs):
+        return conninfo, None
     password = [v for k, v in pairs if k == "password"][-1]
     rest = " ".join(f"{k}='{_quoted(v)}'" for k, v in pairs if k != "password")
     return rest, password
@@ -184,8 +191,10 @@ def _conninfo_pairs(text: str) -> list[tuple[str, str]] | None:
         quoted = i < n and text[i] == "'"
         i += quoted
         while i < n and (quoted or not text[i].isspace()):
-            if text[i] == "\\" and i + 1 < n:
+            if text[i] == "\\":  # escapes the next character; one at the very end escapes nothing
                 i += 1
+                if i == n:
+                    break
             elif quoted and text[i] == "'":
                 break
             value.append(text[i])

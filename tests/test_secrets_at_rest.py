@@ -192,6 +192,7 @@ def test_a_token_given_on_the_command_line_is_warned_about_once(cli, http_server
     ("postgresql:///app?host=%2Frun%2Fpg&options=-c%20a%3Db+c&password=x", "postgresql:///app?host=%2Frun%2Fpg&"
      "options=-c%20a%3Db+c", "x"),
     ("password=only", None, "only"),
+    ("host=/run/pg password=ends\\", "host='/run/pg'", "ends"),  # a backslash at the end escapes nothing
 ])
 def test_psql_gets_the_password_in_its_environment_not_its_argv(tmp_path, given, argv_d, password):
     """``backup --postgres``/``archive-check --pg-connect`` (a policy's ``postgres =`` too) ran ``psql -d
@@ -210,6 +211,36 @@ def test_psql_gets_the_password_in_its_environment_not_its_argv(tmp_path, given,
     assert (tmp_path / "psql.pw").read_text() == (password or "outer")
     if password:
         assert not any(password in a for a in argv)
+
+
+@pytest.mark.parametrize("given, said", [
+    ("host=/run/pg password=hunter22 dbname", "the connection string does not parse"),
+    ("host=/run/pg password='hunter22", "the connection string does not parse"),
+    ("password=hunter 22", "the connection string does not parse"),  # libpq: missing "=" after "22"
+    ("host=/run/pg PASSWORD=hunter22", 'invalid connection option "PASSWORD"'),
+])
+def test_a_connection_string_libpq_cannot_parse_never_reaches_psqls_argv(tmp_path, cli, given, said):
+    """psql refused such a string, but only after every user's process listing had shown it whole, password
+    and all; it is refused before psql runs, in one line that does not show it, with psql's exit code."""
+    from chunkvault.errors import SourceCommandFailed
+    from chunkvault.pgsession import PgBackupSession
+
+    psql = tmp_path / "psql"
+    psql.write_text('#!/bin/sh\nprintf "%s\\n" "$@" >> "$0.argv"\nexit 2\n')
+    psql.chmod(0o700)
+    with pytest.raises(SourceCommandFailed, match=f"^PostgreSQL: {said}") as e:
+        PgBackupSession(given, psql=str(psql)).open()
+    assert "hunter" not in str(e.value)
+    cli("init", "-r", str(tmp_path / "repo"), "-q")
+    datadir = tmp_path / "data"
+    datadir.mkdir()
+    env = {"PATH": f"{tmp_path}:{os.environ['PATH']}"}
+    for command in (["backup", "--postgres", "--pg-connect", given, str(datadir)],
+                    ["archive-check", "--pg-connect", given]):
+        out = cli(*command, "-r", str(tmp_path / "repo"), env=env, check=20)
+        assert out.stderr.decode().count("\n") == 1 and said in out.stderr.decode()
+        assert "hunter" not in out.stderr.decode()
+    assert not (tmp_path / "psql.argv").exists()
 
 
 # --------------------------------------------------------------------------- archive-push/-get --spool
