@@ -50,6 +50,9 @@ OLDEST_VERSION = 100000
 RENAMED_IN = 150000
 #: How long a standby's waits last by default (its WAL receiver to stream, its replay to catch up), in seconds.
 STANDBY_WAIT = 60.0
+#: How long psql may take to cancel a statement that did not answer in time (``answer_wait``) and end: a server
+#: that answers at all cancels at once; one frozen whole is not waited for (it cancels once it runs again).
+CANCEL_WAIT = 2.0
 _FIELD = "\x1f"
 
 
@@ -255,7 +258,8 @@ class PgBackupSession:
         self._asked = False  # a statement sent whose answer was not read (a signal ended the wait)
         self._started: BackupStart | None = None
         #: How long one statement's answer may take (None: as long as it takes, as a backup's start waits for
-        #: a checkpoint); past it psql is ended and SourceCommandFailed raised.
+        #: a checkpoint); past it the statement is cancelled, psql ended and SourceCommandFailed raised (killed,
+        #: psql would leave the statement running on the server: one that waits for a lock holds it on).
         self.answer_wait: float | None = None
 
     def open(self) -> None:
@@ -294,9 +298,8 @@ class PgBackupSession:
                 out, self._buffer = self._buffer[:end], self._buffer[end + len(marker) + 1:]
                 return [line for line in out.decode("utf-8", "replace").split("\n") if line]
             while not select.select([fd], [], [], 0.5)[0]:  # in slices: a signal gets handled meanwhile
-                if deadline is not None and time.monotonic() > deadline:
-                    self._proc.kill()
-                    self.close()
+                if deadline is not None and time.monotonic() > deadline:  # psql cancels the statement as it ends
+                    self.close(CANCEL_WAIT)
                     raise SourceCommandFailed(f"PostgreSQL did not answer within {self.answer_wait:g} s (a server "
                                               "that hangs, or a lock the statement waits for)")
             data = os.read(fd, 65536)
@@ -455,8 +458,9 @@ class PgBackupSession:
         return BackupStop(parse_lsn(lsn), label_file, base64.b64decode(map_b64).decode(),
                           parse_lsn(start.split()[0]), int(timeline), replay)
 
-    def close(self) -> None:
-        """End the session: a backup not stopped is aborted by the server, the slot dropped."""
+    def close(self, wait: float = 10.0) -> None:
+        """End the session: a backup not stopped is aborted by the server, the slot dropped.  psql is given
+        ``wait`` seconds to end on its own (having cancelled a statement that runs) before it is terminated."""
         proc, self._proc = self._proc, None
         if proc is None:
             return
@@ -472,7 +476,7 @@ class PgBackupSession:
         except OSError:
             pass
         try:
-            proc.wait(10)
+            proc.wait(wait)
         except subprocess.TimeoutExpired:
             proc.terminate()
             try:

@@ -149,14 +149,22 @@ def test_misuse_is_refused(cluster):
         assert label_field(session.stop().label_file, "LABEL") == "it's quoted"
 
 
-def test_an_answer_that_does_not_come_in_time_ends_the_session(cluster):
-    """``answer_wait`` (archive-check's timeout): a statement that hangs, as on a frozen server, is given up."""
+def test_an_answer_that_does_not_come_in_time_ends_the_session_and_the_statement(cluster):
+    """``answer_wait`` (archive-check's timeout): a statement that hangs, as on a frozen server, is given up,
+    and cancelled: psql was killed, which left it running on the server (a lock waited for, held on)."""
     with session_of(cluster) as session:
+        pid = session.value("SELECT pg_backend_pid()")
         session.answer_wait = 0.5
+        began = time.monotonic()
         with pytest.raises(SourceCommandFailed, match=r"did not answer within 0\.5 s"):
-            session.query("SELECT pg_sleep(30)")
+            session.query("SELECT pg_sleep(60)")
+        assert time.monotonic() - began < 5
         assert session._proc is None  # psql ended; the next statement starts another
         assert session.query("SELECT 1") == [["1"]]
+    deadline = time.monotonic() + 10
+    while cluster.sql(f"SELECT count(*) FROM pg_stat_activity WHERE pid = {pid}") != "0":
+        assert time.monotonic() < deadline, "the statement still runs on the server"
+        time.sleep(0.1)
 
 
 
