@@ -112,6 +112,17 @@ def changed_tablespaces(before: list[Tablespace], after: list[Tablespace]) -> st
     return ", ".join(parts) or None
 
 
+def _missing_directory(path: str) -> bool:
+    """Whether no directory is at ``path``: nothing there, or something else; one that cannot be looked at
+    is not missing (the walk then fails the backup for it, as for any path it cannot read)."""
+    try:
+        return not stat.S_ISDIR(os.stat(path).st_mode)
+    except (FileNotFoundError, NotADirectoryError):
+        return True
+    except OSError:
+        return False
+
+
 #: ``backup --pg-checkpoint``: the checkpoint ``pg_backup_start`` waits for, as ``pg_basebackup -c`` takes it.
 CHECKPOINTS = ("fast", "spread")
 
@@ -164,11 +175,16 @@ class PostgresOnline:
             if not t.outside:  # made in place: a directory in pg_tblspc, read as any other
                 continue
             oid, real = b"%d" % t.oid, os.path.realpath(t.location)
+            missing = _missing_directory(real)
+            if missing:  # the walk would say "vanished during backup" of what never was there
+                self.notes.append(f"tablespace {t.name} (oid {t.oid}) has no directory at its location "
+                                  f"{t.location} (never made there, or removed since): nothing of it stored")
             if real.startswith(inside.rstrip("/") + "/"):  # read where it lies; the link leads there
                 self._links[oid] = os.fsencode(os.path.relpath(real, os.path.join(inside, "pg_tblspc")))
                 self._inside[os.fsencode(os.path.relpath(real, inside))] = b"pg_tblspc/" + oid
             else:
-                self._grafts[oid] = os.fsencode(real)
+                if not missing:
+                    self._grafts[oid] = os.fsencode(real)
                 self._links[oid] = b"../" + TABLESPACES + b"/" + oid
         self._pages = self._page_checks(started)
 

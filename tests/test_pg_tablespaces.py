@@ -146,3 +146,21 @@ def test_a_tablespace_created_or_dropped_during_the_backup_fails_it(cluster, new
         repo.backup([cluster.datadir], postgres="")
     assert repo.snapshots() == [] and cluster.sql("SELECT count(*) FROM pg_replication_slots") == "0"
     cluster.sql(f"DROP TABLESPACE IF EXISTS ts_{change}")
+
+
+def test_a_tablespace_whose_location_is_missing_is_named_not_said_to_have_vanished(cluster, new_repo, pg_env):
+    """Its directory gone before the backup began (or never made), the walk warned "vanished during backup"
+    of the location: as if it went while read, and with nothing to say it is a tablespace, or which."""
+    location = private_dir(os.path.join(cluster.base, "ts-missing"), cluster.user)
+    cluster.sql(f"CREATE TABLESPACE ts_missing LOCATION '{location}'")
+    oid = cluster.sql("SELECT oid FROM pg_tablespace WHERE spcname = 'ts_missing'")
+    shutil.rmtree(location)
+    try:
+        result = new_repo().backup([cluster.datadir], postgres="")
+    finally:
+        cluster.sql("DROP TABLESPACE ts_missing")
+    assert not [w for w in result.warnings if "vanished" in w]
+    assert [w for w in result.warnings if "tablespace" in w] == [
+        f"tablespace ts_missing (oid {oid}) has no directory at its location {location} (never made there, or "
+        "removed since): nothing of it stored"]
+    assert not result.partial and result.snapshot.stats["postgres"]["tablespaces"][-1]["name"] == "ts_missing"
