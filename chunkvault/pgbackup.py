@@ -245,10 +245,12 @@ class PostgresOnline:
     def walked(self, unreadable: list[str], warnings: list[str]) -> None:
         """Fail the backup, before the stop, for a path the walk could not read (``SourceSession.walked``): a
         relation's file kept from the parent snapshot, older than the backup's start, is not one the WAL
-        repairs, and one left out loses its table; pg_basebackup fails likewise on any file it cannot read."""
+        repairs, and one left out loses its table; pg_basebackup fails likewise on any file it cannot read.
+        Extended attributes that could not be read are no such path (PostgreSQL needs none to start)."""
         if not unreadable:
             return
-        why = next((w for w in warnings if w.startswith("cannot read")), unreadable[0])
+        why = next((w for w in warnings if w.startswith("cannot read")
+                    and not w.startswith("cannot read extended attributes")), unreadable[0])
         count = f"{len(unreadable)} paths, first " if len(unreadable) > 1 else ""
         raise SourceCommandFailed(f"the data directory could not be read whole ({count}{why}): a base backup "
                                   "needs every file: no snapshot saved")

@@ -126,7 +126,9 @@ class SourceSession(Protocol):
     of the walk is read, gives the files to add to the tree (whose content is known only then) and what to
     record in the snapshot's stats, and ``notes`` then holds the warnings it adds to the backup's; ``close``
     runs in every case, last.  Before ``appendix``, ``walked`` is told the paths the walk could not read and
-    its warnings, and may fail the backup for them (raising): a source that holds together only whole."""
+    its warnings, and may fail the backup for them (raising): a source that holds together only whole.  A
+    path whose extended attributes alone could not be read is not among them (its data was read; it is
+    listed unreadable in the snapshot all the same, its attributes the parent's)."""
 
     notes: list[str]
 
@@ -499,6 +501,9 @@ class Backup:
         self._hardlinks: dict[tuple[int, int], _Link] = {}  # (device, inode) of each multiply-linked file walked
         self._links_waiting: dict[bytes, tuple[_Link, os.stat_result]] = {}  # its paths not settled yet, their lstat
         self._unread: set[bytes] = set()  # paths not read, kept from the parent, to list unreadable when settled
+        self._attrs_unread: set[bytes] = set()  # paths read but for their extended attributes, likewise
+        #: Of ``unreadable``, the paths whose extended attributes alone could not be read (their data is this backup's).
+        self.unreadable_attrs: set[str] = set()
         self._roots: list[bytes] = []  # the source roots on disk, longest first (``records``)
         self._listing = options.listing
         self._uid_ok = os.geteuid() == 0 if hasattr(os, "geteuid") else False
@@ -919,7 +924,7 @@ class Backup:
             notes.append(f"cannot read extended attributes of {os.fsdecode(path)}: {exc.strerror}")
             e.xattrs = prev.xattrs if same_type else b""
             e.flags |= F_CHANGED_DURING_READ
-            self._unread.add(e.path)
+            self._attrs_unread.add(e.path)
 
     def _base_entry(self, rel: bytes, st: os.stat_result, etype: int, prev: Entry | None = None) -> Entry:
         """The entry's stat fields; those the backup ignores are kept from ``prev`` (of the same type), so
@@ -1307,9 +1312,14 @@ class Backup:
         self.warnings += item.notes
         e = item.entry
         kept_unread = bool(self._unread) and item.rel in self._unread
-        if kept_unread or e is not None and e.flags & F_UNREADABLE:
+        attrs_unread = bool(self._attrs_unread) and item.rel in self._attrs_unread
+        not_read = kept_unread or e is not None and e.flags & F_UNREADABLE
+        if not_read or attrs_unread:
             self._unread.discard(item.rel)
+            self._attrs_unread.discard(item.rel)
             self.unreadable.append(os.fsdecode(item.rel) or ".")
+            if not not_read:
+                self.unreadable_attrs.add(self.unreadable[-1])
         prev = item.prev
         was_file = prev is not None and prev.type != T_DIR
         if e is None or e.type == T_DIR:
@@ -1367,7 +1377,8 @@ class Backup:
         places: stored as new files (nothing to build a delta on), each replacing what the walk or the
         parent had at its path; the session first told what the walk could not read."""
         assert self.opt.session is not None
-        self.opt.session.walked(list(self.unreadable), [*walk_warnings, *self.warnings])
+        self.opt.session.walked([p for p in self.unreadable if p not in self.unreadable_attrs],
+                                [*walk_warnings, *self.warnings])
         added, session_stats = self.opt.session.appendix()
         self.warnings += self.opt.session.notes
         extra = []

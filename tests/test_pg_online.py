@@ -7,6 +7,7 @@ back only from the label's start position and the WAL the snapshot carries.
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -16,7 +17,7 @@ import pytest
 
 from chunkvault.errors import SourceCommandFailed, UsageError
 from chunkvault.pgbackup import PostgresOnline
-from chunkvault.store.manifest import T_DIR
+from chunkvault.store.manifest import F_UNREADABLE, T_DIR
 from servers_pg import PgCluster, require_postgres, start_restored
 from test_pgsession import cluster  # noqa: F401  (the running cluster with table t)
 from walsegments import write_segment
@@ -377,3 +378,36 @@ def test_a_data_directory_not_the_servers_is_refused_before_the_backup_starts(cl
     time.sleep(0.5)  # the checkpointer's counts reach the statistics once its checkpoint is done
     assert cluster.sql(requested) == before
     assert repo.snapshots() == [] and cluster.sql("SELECT count(*) FROM pg_replication_slots") == "0"
+
+
+def test_extended_attributes_that_cannot_be_read_are_a_warning_not_a_failure(cluster, new_repo, pg_env, monkeypatch):
+    """PostgreSQL needs no extended attributes to start: a relation's file read whole whose attributes could
+    not be (a security.* one denied, an I/O error from a FUSE file system) failed the backup (exit 20), as a
+    file whose data could not be read does; it is listed unreadable and the snapshot saved (exit 3), as in
+    other backups, with the file's data the backup's own."""
+    cluster.sql("DROP TABLE IF EXISTS labelled; CREATE TABLE labelled AS SELECT g FROM generate_series(1, 1000) g; "
+                "CHECKPOINT")
+    rel = cluster.sql("SELECT pg_relation_filepath('labelled')")
+    try:
+        os.setxattr(os.path.join(cluster.datadir, rel), "user.label", b"x")  # else its absence is all there is
+    except OSError as exc:
+        pytest.skip(f"no user.* extended attributes here: {exc.strerror}")
+    listxattr = os.listxattr
+
+    def failing(target, *args, **kwargs):
+        path = os.readlink(f"/proc/self/fd/{target}") if isinstance(target, int) else os.fsdecode(target)
+        if path.endswith("/" + rel):
+            raise OSError(errno.EIO, os.strerror(errno.EIO))
+        return listxattr(target, *args, **kwargs)
+
+    repo = new_repo()
+    with monkeypatch.context() as m:
+        m.setattr("chunkvault.store.xattrs.os.listxattr", failing)
+        result = repo.backup([cluster.datadir], postgres="")
+    assert result.partial and result.snapshot.stats["unreadable"] == [rel]
+    assert f"cannot read extended attributes of {os.path.join(cluster.datadir, rel)}: Input/output error" in (
+        result.warnings)
+    [e] = [e for e in repo.tree(result.snapshot) if e.path == rel.encode()]
+    assert e.size == os.path.getsize(os.path.join(cluster.datadir, rel)) > 0 and not e.flags & F_UNREADABLE
+    assert cluster.sql("SELECT count(*) FROM pg_replication_slots") == "0"
+
