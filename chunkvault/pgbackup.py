@@ -154,6 +154,9 @@ class PostgresOnline:
         self._version_dir = b""
         self._pages: PageChecks | None = None
         self.notes: list[str] = []
+        #: Files that change while being read are the norm on a busy cluster, and the WAL from the backup's start
+        #: repairs them: counted in one warning (``SourceSession.repairs_changes``), not each named.
+        self.repairs_changes = "the WAL the snapshot holds, replayed from the backup's start, repairs them"
 
     def _accept(self, data_directory: str) -> None:
         """Refuse a server whose data directory is not the one to read, before its backup starts."""

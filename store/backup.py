@@ -131,6 +131,10 @@ class SourceSession(Protocol):
     listed unreadable in the snapshot all the same, its attributes the parent's)."""
 
     notes: list[str]
+    #: What repairs a file that changed while being read (a database's WAL, replayed from before the walk, in
+    #: what ``appendix`` adds), or None: such files are then counted in one warning that says it, not each
+    #: named, and still flagged to be read again by the next backup.
+    repairs_changes: str | None
 
     def begin(self) -> None: ...
 
@@ -229,6 +233,10 @@ def _matches(rel: bytes, globs: list[str]) -> bool:
     s = os.fsdecode(rel)
     name = s.rsplit("/", 1)[-1]
     return any(fnmatch.fnmatchcase(s, g) or fnmatch.fnmatchcase(name, g) for g in globs)
+
+
+#: The warning of a file that changed while being read, before its path.
+CHANGED_WHILE_READ = "changed while being read (stored as read): "
 
 
 def _cannot_read(path: bytes, exc: OSError) -> str:
@@ -504,6 +512,7 @@ class Backup:
         self._attrs_unread: set[bytes] = set()  # paths read but for their extended attributes, likewise
         #: Of ``unreadable``, the paths whose extended attributes alone could not be read (their data is this backup's).
         self.unreadable_attrs: set[str] = set()
+        self._changed_unnamed = 0  # files that changed while being read, when the session repairs them
         self._roots: list[bytes] = []  # the source roots on disk, longest first (``records``)
         self._listing = options.listing
         self._uid_ok = os.geteuid() == 0 if hasattr(os, "geteuid") else False
@@ -894,7 +903,7 @@ class Backup:
         FUSE files: their times do not tell a change either), which the warning says as it is.  Flagged, it
         is read again by the next backup."""
         if after != (st.st_size, st.st_mtime_ns, st.st_ctime_ns):
-            notes.append(f"changed while being read (stored as read): {os.fsdecode(path)}")
+            notes.append(f"{CHANGED_WHILE_READ}{os.fsdecode(path)}")
         elif e.size != st.st_size:
             notes.append(f"read {e.size} bytes where its size says {st.st_size} (stored as read): "
                          f"{os.fsdecode(path)}")
@@ -1309,7 +1318,12 @@ class Backup:
             self.changed = True
         if self._listing is not None:
             self._list_settled(item)
-        self.warnings += item.notes
+        if self.opt.session is not None and self.opt.session.repairs_changes is not None and item.notes:
+            named = [n for n in item.notes if not n.startswith(CHANGED_WHILE_READ)]
+            self._changed_unnamed += len(item.notes) - len(named)
+            self.warnings += named
+        else:
+            self.warnings += item.notes
         e = item.entry
         kept_unread = bool(self._unread) and item.rel in self._unread
         attrs_unread = bool(self._attrs_unread) and item.rel in self._attrs_unread
@@ -1380,6 +1394,9 @@ class Backup:
         self.opt.session.walked([p for p in self.unreadable if p not in self.unreadable_attrs],
                                 [*walk_warnings, *self.warnings])
         added, session_stats = self.opt.session.appendix()
+        if self._changed_unnamed:
+            self.warnings.append(f"{self._changed_unnamed} file(s) changed while being read (stored as read: "
+                                 f"{self.opt.session.repairs_changes}; the next backup reads them again)")
         self.warnings += self.opt.session.notes
         extra = []
         for a in sorted(added, key=lambda a: sort_key(a.path)):

@@ -17,7 +17,7 @@ import pytest
 
 from chunkvault.errors import SourceCommandFailed, UsageError
 from chunkvault.pgbackup import PostgresOnline
-from chunkvault.store.manifest import F_UNREADABLE, T_DIR
+from chunkvault.store.manifest import F_CHANGED_DURING_READ, F_UNREADABLE, T_DIR
 from servers_pg import PgCluster, require_postgres, start_restored
 from test_pgsession import cluster  # noqa: F401  (the running cluster with table t)
 from walsegments import write_segment
@@ -410,4 +410,36 @@ def test_extended_attributes_that_cannot_be_read_are_a_warning_not_a_failure(clu
     [e] = [e for e in repo.tree(result.snapshot) if e.path == rel.encode()]
     assert e.size == os.path.getsize(os.path.join(cluster.datadir, rel)) > 0 and not e.flags & F_UNREADABLE
     assert cluster.sql("SELECT count(*) FROM pg_replication_slots") == "0"
+
+
+def test_files_that_changed_while_being_read_are_counted_in_one_warning_and_read_again(
+        cluster, new_repo, pg_env, monkeypatch):
+    """On a busy cluster relation files change while being read, every backup: the WAL the snapshot holds
+    repairs them, so a warning naming each one was noise; one line counts them, and each is still flagged,
+    so the next backup reads it again."""
+    from chunkvault.store.backup import Backup
+
+    check = Backup._check_unchanged
+    changed = []
+
+    def written_meanwhile(e, path, st, after, notes):  # as a checkpoint writing the file while it is read does
+        if e.path.startswith(b"base/") and len(changed) < 3:
+            changed.append(e.path)
+            after = (after[0], after[1] + 1, after[2] + 1)
+        return check(e, path, st, after, notes)
+
+    repo = new_repo()
+    with monkeypatch.context() as m:
+        m.setattr(Backup, "_check_unchanged", staticmethod(written_meanwhile))
+        result = repo.backup([cluster.datadir], postgres="")
+    assert len(changed) == 3
+    assert [w for w in result.warnings if "changed while being read" in w] == [
+        "3 file(s) changed while being read (stored as read: the WAL the snapshot holds, replayed from the backup's "
+        "start, repairs them; the next backup reads them again)"]
+    assert not result.partial
+    flagged = {e.path for e in repo.tree(result.snapshot) if e.flags & F_CHANGED_DURING_READ}
+    assert flagged == set(changed)
+    again = repo.backup([cluster.datadir], postgres="")
+    assert not any("changed while being read" in w for w in again.warnings)
+    assert not {e.path for e in repo.tree(again.snapshot) if e.flags & F_CHANGED_DURING_READ} & flagged
 
