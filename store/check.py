@@ -27,6 +27,7 @@ from .blobindex import BlobIndex
 from .chain import broken_chains, resolving_chains
 from .config import KeyFile, open_config, peek_config
 from .confinement import Confinement
+from .crypto import content_name
 from .indexfile import IndexColumns
 from .manifest import T_FILE, T_HARDLINK, Record, unread
 from .pack import (PACK_FIXED_OVERHEAD, PackEntry, decode_entries, delta_entries_and_readable_bases, fetch_header,
@@ -463,12 +464,16 @@ class Checker:
                 continue
             key = pack_key(pid)
             try:
-                repo.pack_header(key, stored[pid])
+                header = repo.pack_header(key, stored[pid])
             except NOT_DAMAGE:
                 raise
             except (ChunkvaultError, ValueError) as exc:  # nothing in it can be found: `repair index` cannot add it
                 self.report.warnings.append(f"{key} is in no index, and its header does not read ({exc}): nothing "
                                             "in it can be found (not a pack of this repository?); prune deletes it")
+                continue
+            if _misnamed_copy(repo, pid, header, stored, indexed):  # `repair index` leaves it out
+                self.report.warnings.append(f"{key} is in no index, and its content does not match its name (a copy "
+                                            "of another pack under a new name?): nothing needs it; prune deletes it")
                 continue
             self.report.warnings.append(
                 f"{pack_key(pid)} is in no readable index (an index object is damaged: `repair index` adds it)"
@@ -732,6 +737,18 @@ def _encoded_entries(sources: EntrySources) -> bytes:
         end, _ = _blobtable.scan_entries(d.plain, start, count)
         parts.append(d.plain[start:end])
     return b"".join(parts)
+
+
+def _misnamed_copy(repo: Repo, pid: bytes, header: list[PackEntry], stored: Mapping[bytes, int],
+                   indexed: Mapping[bytes, EntrySources]) -> bool:
+    """Whether a pack no index lists is an indexed pack's copy under another name (a sync tool's, a hand's):
+    its header lists the very same blobs at the same places and its bytes do not hash to its name.  Such a
+    copy was advised to `repair index`, which leaves it out as such.  Only such look-alikes are read whole."""
+    entries = frozenset(header)
+    if not any(stored.get(other) == stored[pid] and frozenset(_entries(sources)) == entries
+               for other, sources in indexed.items()):
+        return False
+    return content_name(repo.remote.get(pack_key(pid))) != pid.hex()
 
 
 def _entries(sources: EntrySources) -> list[PackEntry]:

@@ -1064,6 +1064,25 @@ def test_a_pack_copied_under_another_name_or_into_another_folder_is_not_taken_fo
     assert {p.name: p.read_bytes() for p in (tmp_path / "out").rglob("*") if p.is_file()} == files
 
 
+@pytest.mark.parametrize("read_data", [False, True])
+def test_check_says_a_pack_copied_under_another_name_is_a_copy_not_a_pack_for_repair_index(small_files, read_data):
+    """`check` advised `repair index` for it ("a backup running now, or one interrupted ... `repair index` adds
+    it"), which leaves such a copy out of the index and says so."""
+    path, repo, snap, files = small_files
+    (pack,) = [p for p in (path / "data").rglob("*") if p.is_file()]
+    renamed = path / "data" / "ab" / ("ab" + "c" * 62)
+    renamed.parent.mkdir(exist_ok=True)
+    renamed.write_bytes(pack.read_bytes())
+    report = repo.check(read_data=read_data)
+    assert report.ok
+    said = [w for w in report.warnings if renamed.name in w]
+    assert said == [f"data/ab/{renamed.name} is in no index, and its content does not match its name (a copy of "
+                    "another pack under a new name?): nothing needs it; prune deletes it"], report.warnings
+    assert any("its content does not match its name" in u for u in repo.repair_index().unreadable_packs)
+    repo.prune()
+    assert not renamed.exists() and pack.exists()
+
+
 @pytest.mark.parametrize("where", ["snapshots", "keys", "locks", "index", "data", "data/ab", ""])
 @pytest.mark.parametrize("name", [".DS_Store", "notes~", "a b"])
 def test_a_file_whose_name_no_object_has_is_left_alone(small_files, tmp_path, cli, where, name):
