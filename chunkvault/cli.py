@@ -1903,17 +1903,18 @@ def cmd_forget(args: argparse.Namespace) -> int:
     if args.json:
         _emit_json({"dry_run": args.dry_run, "frees_stored_bytes": frees,
                     "decisions": [{"id": d.snapshot_id, "keep": d.keep, "reasons": list(d.reasons),
-                                   "time": plan.listed[d.snapshot_id].time}
+                                   "time": s.time if (s := plan.listed.get(d.snapshot_id)) else None}
                                   for d in plan.decisions],
                     "rebased": _rebases_json(plan.rebases),
                     "prune": pruned.to_dict() if pruned is not None else None,
                     "prune_error": None if prune_error is None else one_line(prune_error)})
     elif not args.quiet:
         shown = [d for d in plan.decisions if d.reasons or not d.keep]  # by id: the others kept for no rule
-        # with their times, a policy's buckets can be checked from the dry run
-        times, width = _time_column(plan.listed[d.snapshot_id] for d in shown)
+        # with their times, a policy's buckets can be checked from the dry run; one that does not load has none
+        times, width = _time_column(plan.listed[d.snapshot_id] for d in shown if d.snapshot_id in plan.listed)
         for d in shown:
-            print(f"{'keep  ' if d.keep else 'remove'}  {d.snapshot_id[:8]}  {times[d.snapshot_id]:{width}}  "
+            print(f"{'keep  ' if d.keep else 'remove'}  {d.snapshot_id[:8]}  "
+                  f"{times.get(d.snapshot_id, '(unreadable)'):{width}}  "
                   f"{', '.join(d.reasons)}")
         _print_rebases(plan.rebases)
         verb = "would remove" if args.dry_run else "removed"

@@ -2107,6 +2107,7 @@ class Repository:
         direct = [i for i in ids if i in lost]
         plan.decisions += [Decision(i, False, ("named on the command line",)) for i in direct]
         plan.remove += direct
+        plan.listed.update((s.id, s) for s in snaps if s.id in broken)  # the times of those that load
         return plan, whole
 
     def _forgotten_here(self) -> list[str]:

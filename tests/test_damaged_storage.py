@@ -462,6 +462,34 @@ def test_unreadable_snapshot_object_is_left_out_and_forgotten_with_what_builds_o
     assert sorted(p.name for p in (tmp_path / "last").iterdir()) == ["f0", "f1", "f2"]
 
 
+@pytest.mark.parametrize("json_out", [False, True])
+def test_forget_by_id_of_an_unreadable_snapshot_and_what_builds_on_it_reports_them(tmp_path, new_repo, cli,
+                                                                                  json_out):
+    """The remedy `check` and `repair snapshots` name for a snapshot object that does not load: `forget`
+    deleted them, then printed its decisions by the times of the snapshots it had listed, which the damaged
+    one is not among (nor a differential on it): an internal error (exit 1), dry run or not."""
+    src = tmp_path / "src"
+    src.mkdir()
+    repo = new_repo(str(tmp_path / "repo"))
+    made = []
+    for i in range(3):
+        (src / f"f{i}").write_bytes(os.urandom(1000))
+        made.append(repo.backup([str(src)], kind="diff" if i else "full").snapshot)
+    full, d1, d2 = made
+    flip(tmp_path / "repo" / "snapshots" / d1.id)
+    url = str(tmp_path / "repo")
+    json_args = ["--json"] if json_out else []
+    for dry in (["--dry-run"], []):
+        proc = cli("forget", "-r", url, *json_args, *dry, d1.id[:8], d2.id[:8])
+        out = proc.stdout.decode()
+        if json_out:
+            times = {d["id"]: d["time"] for d in json.loads(out)["decisions"] if not d["keep"]}
+            assert times == {d1.id: None, d2.id: d2.time}
+        else:
+            assert f"remove  {d1.id[:8]}  (unreadable)" in out and f"remove  {d2.id[:8]}  20" in out, out
+    assert sorted(p.name for p in (tmp_path / "repo" / "snapshots").iterdir()) == [full.id]
+
+
 def test_a_snapshot_forgotten_while_listing_is_simply_gone(repo_with_data, monkeypatch):
     from chunkvault.store.repository import Repo
 
