@@ -1239,7 +1239,8 @@ class Restorer:
             if rel == b"":
                 continue
             if skip is not None and key.startswith(skip + b"\x00"):
-                walk.pass_over(walk.STAT)  # removed whole, or not the target's: nothing to stat there
+                # removed whole, or not the target's: nothing to stat there, nor to list (a 000 directory in it)
+                walk.pass_over(walk.STAT, walk.LIST)
                 continue
             if kept is not None and key.startswith(kept):
                 continue

@@ -966,10 +966,10 @@ class TargetWalk(SourceWalk):
             self._give_held()
         self._give_held()
 
-    def pass_over(self, failure: str) -> None:
-        """The entry yielded last failed as ``failure`` (STAT, LIST) says, which is no failure of the
+    def pass_over(self, *failures: str) -> None:
+        """The entry yielded last failed as one of ``failures`` (STAT, LIST) says, which is no failure of the
         target's where its consumer removes it whole or walks it opened up: its warning is not given."""
-        if self._held is not None and self._held[0] == failure:
+        if self._held is not None and self._held[0] in failures:
             self._held = None
 
     def _hold(self, failure: str, warning: str) -> None:

@@ -1777,6 +1777,30 @@ def _check_closed_while_filled(target, sources, planted, result):
         assert describe(restored) == describe(src)
 
 
+def test_delete_gives_no_warning_for_a_directory_it_may_not_list_inside_one_it_removes_whole(tmp_path, unprivileged):
+    """A directory of this user's it may not list (000), or whose entries it may not stat (0600), inside one
+    the snapshot lacks (0700, listed): the walk warned that it could not read the first, though --delete
+    removed it with the directory around it."""
+    repo = str(tmp_path / "repo")
+    _cli("init", "-r", repo)
+    src = tmp_path / "src"
+    (src / "kept").mkdir(parents=True)
+    _cli("backup", "-r", repo, str(src))
+    live = tmp_path / "live"
+    _cli("restore", "-r", repo, "latest", "--target", str(live), unprivileged=True)
+    for name, mode in (("x", 0o000), ("y", 0o600)):
+        (live / "gone" / name).mkdir(parents=True)
+        (live / "gone" / name / "f").write_bytes(b"added")
+        os.chmod(live / "gone" / name, mode)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CHUNKVAULT_")}
+    proc = subprocess.run([*UNPRIVILEGED, sys.executable, "-c", _WATCHING_WARNINGS, repo, str(live), PASSWORD],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout)
+    assert out["deleted"] == 1 and not (live / "gone").exists()
+    assert out["given"] == out["kept"] == []
+
+
 @pytest.fixture
 def victim_beside(tmp_path, new_repo):
     """(repository with a snapshot of one file, a directory out of the target holding a file of its own, its
