@@ -168,6 +168,7 @@ def test_a_server_stopped_while_the_check_waits_passes_once_its_segment_arrives(
         with open(os.path.join(cluster.datadir, "postgresql.conf"), "a") as f:
             f.write("archive_mode = on\n")  # slow: the stop comes while the check waits
             f.write(servers_pg.conf_line("archive_command", f"sleep 3 && cp %p {shlex.quote(spool)}/%f"))
+            f.write("log_statement = 'all'\n")  # the switch logged: the stop comes once the check waits for it
         cluster.start()
 
         pusher = pushing_from(spool, lambda path: cli("archive-push", path).returncode == 0, stop, 0.2)
@@ -176,9 +177,13 @@ def test_a_server_stopped_while_the_check_waits_passes_once_its_segment_arrives(
                                   connect, "--timeout", "60", "--json"], env=env, stdout=subprocess.PIPE,
                                  stderr=subprocess.PIPE, text=True)
         deadline = time.monotonic() + 60
-        while 'restore point "chunkvault archive-check"' not in cluster.log_tail(100000):
+        # Past the restore point, the switch: stopped before it answered, the server ended the session while
+        # the check was still asking, not waiting for the segment (exit 20, the test's race, not the check's).
+        while "pg_switch_wal()" not in cluster.log_tail(100000):
             assert time.monotonic() < deadline and check.poll() is None, cluster.log_tail()
             time.sleep(0.05)
+        time.sleep(0.5)  # its answer is immediate; the archiver's copy takes 3 s
+        assert 'restore point "chunkvault archive-check"' in cluster.log_tail(100000)
         cluster.stop()
         out, err = check.communicate(timeout=120)
         assert check.returncode == 0, out + err
