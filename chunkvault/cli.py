@@ -1246,10 +1246,12 @@ def _restore_json(snap: Snapshot, result: Any, target: str, verified: bool,
 def cmd_find(args: argparse.Namespace) -> int:
     repo = _open(args)
     hosts = args.host or ([env_host()] if env_host() and not args.snapshot else [])  # ids name their snapshots
-    found = repo.find(args.patterns, snapshots=args.snapshot or None, hosts=hosts, tags=args.tag,
-                      paths=args.path, ignore_case=args.ignore_case)
-    if not found:
+    found = repo.iter_find(args.patterns, snapshots=args.snapshot or None, hosts=hosts, tags=args.tag,
+                           paths=args.path, ignore_case=args.ignore_case)  # one path at a time: never all held
+    first = next(found, None)
+    if first is None:
         _warn_rooted(args.patterns)
+    found = itertools.chain([] if first is None else [first], found)
     tables: dict[str, tuple[dict[int, str], dict[int, str]]] = {}  # per snapshot: versions share them
     listing: list[Snapshot] | None = None  # read once, when a version first needs its owners' names
 
@@ -1271,7 +1273,10 @@ def cmd_find(args: argparse.Namespace) -> int:
             named[snap.id] = f"{snap.short_id} ({listed_time(snap.datetime)})"
         return named[snap.id]
 
+    paths = versions = 0
     for f in found:
+        paths += 1
+        versions += len(f.versions)
         print(f"{shown_name(f.path) or '.'}  ({one_line(f.host)}: {' '.join(map(shown_name, f.paths))})")
         for v in f.versions:
             e, first, last = v.entry, v.snapshots[0], v.snapshots[-1]
@@ -1288,8 +1293,7 @@ def cmd_find(args: argparse.Namespace) -> int:
             print(f"  {TYPE_NAMES[e.type]:8} {oct(e.mode)[2:]:>5} {owner:<17} {size:>10}  "
                   f"modified {_ns_local(e.mtime_ns)}  in {where}{extra}")
     if not args.quiet:
-        versions = sum(len(f.versions) for f in found)
-        print(f"{len(found)} path{'s' * (len(found) != 1)}, {versions} version{'s' * (versions != 1)}")
+        print(f"{paths} path{'s' * (paths != 1)}, {versions} version{'s' * (versions != 1)}")
     return 0
 
 

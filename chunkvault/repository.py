@@ -11,6 +11,7 @@ import contextlib
 import dataclasses
 import functools
 import io
+import itertools
 import math
 import os
 import re
@@ -1427,7 +1428,6 @@ class Repository:
             named.add(snap.id)
         return [s for s in chosen if s.id in named]
 
-    @_stoppable
     def find(self, patterns: list[str], *, snapshots: Iterable[str | Snapshot] | None = None,
              hosts: Iterable[str] = (), tags: Iterable[str] = (), paths: Iterable[str] = (),
              ignore_case: bool = False) -> list[Found]:
@@ -1435,8 +1435,18 @@ class Repository:
         snapshot's root, or its name), with the snapshots holding it: in all snapshots, or in those named
         and those the filters select.  Each full manifest is read once, each differential's own records
         once (``store/find.py``); patterns that all start with a directory (``etc/postgresql/*``) read only
-        that directory's part of each manifest."""
-        from .store.find import chain_order, matches_by_snapshot, path_matcher, tree_glob, versions
+        that directory's part of each manifest.  ``iter_find`` gives them one at a time."""
+        return list(self.iter_find(patterns, snapshots=snapshots, hosts=hosts, tags=tags, paths=paths,
+                                   ignore_case=ignore_case))
+
+    @_stoppable
+    def iter_find(self, patterns: list[str], *, snapshots: Iterable[str | Snapshot] | None = None,
+                  hosts: Iterable[str] = (), tags: Iterable[str] = (), paths: Iterable[str] = (),
+                  ignore_case: bool = False) -> Iterator[Found]:
+        """``find``, each path made as it is taken: the search is done (and the repository let go) on return,
+        what it found held encoded, not as a ``Found`` per path (``find '*'`` over two snapshots of 300,000
+        files took 510 MB as a list)."""
+        from .store.find import chain_order, held_matches, path_matcher, tree_glob, versions
 
         patterns = [tree_glob(p) for p in _globs(patterns, "pattern")]
         if not patterns:
@@ -1453,20 +1463,24 @@ class Repository:
             with self._repo.manifests_ahead(chain_order(needed.values()) if within is None else ()) as ahead:
                 own: Callable[[Snapshot], Iterator[Record]] = ahead.records if within is None else (
                     lambda s: self._repo.manifest_records_within(s, within))
-                matches = matches_by_snapshot(needed.values(), own, match, damaged)
+                held = held_matches(needed.values(), own, match, damaged)
+            # read ahead into the blob cache, the manifests would stay there (up to its 256 MiB) beside the matches
+            self._repo.uncache(bytes.fromhex(h) for s in needed.values() for h in s.manifest)
             for s in chosen:
                 if s.id in damaged:
                     warnings.warn(f"snapshot {s.short_id} is not searched: a manifest of its chain is damaged "
                                   f"({damaged[s.id]}; `check` names what it takes down)",
                                   RepositoryStateWarning, stacklevel=2)
-                elif s.id not in matches:
+                elif s.id not in held:
                     warnings.warn(f"snapshot {s.short_id} is not searched: its chain does not reach a full snapshot "
                                   f"(`check` says why)", RepositoryStateWarning, stacklevel=2)
             def holder(snap: Snapshot, path: bytes) -> Entry | None:
                 rec = self._repo.lookup(snap, path)
                 return None if rec is None else rec.entry
 
-            return versions(chosen, matches, holder)
+            found = versions(chosen, held, holder)
+            first = next(found, None)  # the search and its look-ups done under the lock
+        return iter(()) if first is None else itertools.chain([first], found)
 
     @_stoppable
     def snapshot(self, spec: str | Snapshot = "latest", *, until: str | datetime | None = None,

@@ -102,20 +102,16 @@ def test_small_repository_listings_match_and_are_written_while_entries_come(tmp_
     assert any("path_b64" in e for e in json.loads(expected_ls))
 
     produced = [0]  # entries (or found paths) taken from the repository so far
-    real_tree, real_diff, real_find = Repository.tree, Repository.diff, Repository.find
+    real_tree, real_diff, real_find = Repository.tree, Repository.diff, Repository.iter_find
 
     def counted(it: Any) -> Any:
         for x in it:
             produced[0] += 1
             yield x
 
-    class Found(list):  # find's result is a list: counted as the command goes through it
-        def __iter__(self) -> Any:
-            return counted(super().__iter__())
-
     monkeypatch.setattr(Repository, "tree", lambda self, *a, **k: counted(real_tree(self, *a, **k)))
     monkeypatch.setattr(Repository, "diff", lambda self, *a, **k: counted(real_diff(self, *a, **k)))
-    monkeypatch.setattr(Repository, "find", lambda self, *a, **k: Found(real_find(self, *a, **k)))
+    monkeypatch.setattr(Repository, "iter_find", lambda self, *a, **k: counted(real_find(self, *a, **k)))
     monkeypatch.setattr(cvcli, "_ARRAY_BATCH", 2, raising=False)
     monkeypatch.setattr(cvcli, "_WRITE_BATCH", 256, raising=False)
     monkeypatch.setenv("CHUNKVAULT_PASSWORD", PASSWORD)
