@@ -18,6 +18,8 @@
  * record through several merges, at every backup, restore and listing.
  *
  *   Merge(lower, upper, lower_is_full, record_cls, entry_op, fresh_op, delete_op) -> iterator of records
+ *
+ * And the look-up of one path in a run of records, by their heads alone (locate, below).
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -252,15 +254,93 @@ static PyObject *decode(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
 /* Paths compare as their sort keys do (store/manifest.py's sort_key: every "/" read as a zero byte). */
 static inline unsigned char key_byte(unsigned char c) { return c == '/' ? 0 : c; }
 
-static int key_compare(PyObject *a, PyObject *b) {
-    const unsigned char *p = (const unsigned char *)PyBytes_AS_STRING(a), *q = (const unsigned char *)PyBytes_AS_STRING(b);
-    Py_ssize_t n = PyBytes_GET_SIZE(a), m = PyBytes_GET_SIZE(b), k = n < m ? n : m;
+static int raw_key_compare(const unsigned char *p, Py_ssize_t n, const unsigned char *q, Py_ssize_t m) {
+    Py_ssize_t k = n < m ? n : m;
     for (Py_ssize_t i = 0; i < k; i++) {
         unsigned char x = key_byte(p[i]), y = key_byte(q[i]);
         if (x != y)
             return x < y ? -1 : 1;
     }
     return n < m ? -1 : n > m;
+}
+
+static int key_compare(PyObject *a, PyObject *b) {
+    return raw_key_compare((const unsigned char *)PyBytes_AS_STRING(a), PyBytes_GET_SIZE(a),
+                           (const unsigned char *)PyBytes_AS_STRING(b), PyBytes_GET_SIZE(b));
+}
+
+/* The end of the record at ``pos`` of an entry op (its head and path read), or -1 where ``buf`` ends first. */
+static Py_ssize_t entry_end(const unsigned char *buf, Py_ssize_t n, Py_ssize_t pos) {
+    if (n - pos < BODY_SIZE)
+        return -1;
+    const unsigned char *body = buf + pos;
+    uint64_t end = (uint64_t)pos + BODY_SIZE + u32(body + 62) + body[66];
+    if (end + 4 > (uint64_t)n)
+        return -1;
+    end += 4 + (uint64_t)u32(buf + end) * 32;
+    if (body[1] & F_XATTRS) {
+        if (end + 4 > (uint64_t)n)
+            return -1;
+        end += 4 + (uint64_t)u32(buf + end);
+    }
+    return end > (uint64_t)n ? -1 : (Py_ssize_t)end;
+}
+
+/* locate(buf, path, delete_op) -> (status, start, end): the records of ``buf`` passed over by their heads
+ * alone, none decoded, until the one of ``path`` (status 0, its bytes start..end), one sorting after it
+ * (1: it is not there; start where that one begins) or the end of ``buf`` (2: start where the record it
+ * ends inside begins, or its length).  A look-up of one path decoded every record of a blob before it. */
+static PyObject *locate(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    (void)self;
+    if (nargs != 3) {
+        PyErr_SetString(PyExc_TypeError, "locate takes 3 arguments");
+        return NULL;
+    }
+    Py_buffer view, want;
+    if (PyObject_GetBuffer(args[0], &view, PyBUF_SIMPLE) < 0)
+        return NULL;
+    if (PyObject_GetBuffer(args[1], &want, PyBUF_SIMPLE) < 0) {
+        PyBuffer_Release(&view);
+        return NULL;
+    }
+    long delete_op = PyLong_AsLong(args[2]);
+    int status = 2;
+    Py_ssize_t n = view.len, pos = 0, start = 0, end = 0;
+    const unsigned char *buf = view.buf;
+    while (!PyErr_Occurred()) {
+        start = pos;
+        if (n - pos < HEAD_SIZE)
+            break;
+        unsigned op = buf[pos];
+        uint32_t plen = u32(buf + pos + 1);
+        if ((long)op > delete_op) {
+            PyErr_Format(PyExc_ValueError, "unknown manifest record op %u", op);
+            break;
+        }
+        if (n - pos - HEAD_SIZE < (Py_ssize_t)plen)
+            break;
+        int order = raw_key_compare(buf + pos + HEAD_SIZE, plen, want.buf, want.len);
+        if (order > 0) {
+            status = 1;
+            end = start;
+            break;
+        }
+        pos += HEAD_SIZE + (Py_ssize_t)plen;
+        if ((long)op != delete_op && (pos = entry_end(buf, n, pos)) < 0)
+            break;
+        if (order == 0) {
+            status = 0;
+            end = pos;
+            break;
+        }
+    }
+    if (status == 2)
+        end = start;
+    PyBuffer_Release(&view);
+    PyBuffer_Release(&want);
+    if (PyErr_Occurred())
+        return NULL;
+    return Py_BuildValue("(inn)", status, start, end);
 }
 
 /* chain.py's _under: the path is ``cut`` or lies below it. */
@@ -478,6 +558,8 @@ static PyTypeObject MergeType = {
 static PyMethodDef methods[] = {
     {"decode", (PyCFunction)(void (*)(void))decode, METH_FASTCALL,
      "decode(buf, record_cls, entry_cls, delete_op, max_type) -> (records, bytes consumed)"},
+    {"locate", (PyCFunction)(void (*)(void))locate, METH_FASTCALL,
+     "locate(buf, path, delete_op) -> (0 found, 1 not there or 2 buf ends first; start, end)"},
     {NULL, NULL, 0, NULL},
 };
 

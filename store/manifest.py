@@ -224,8 +224,58 @@ assert OP_DELETE == max(OP_ENTRY, OP_FRESH, OP_DELETE) and set(TYPE_NAMES) == se
 
 try:  # the same records, parsed in C in about half the Python loop's time
     from ._manifest import decode as _decode_c
+    from ._manifest import locate as _locate_c
 except ImportError:
-    _decode_c = None
+    _decode_c = _locate_c = None
+
+
+def locate_record(buf: bytes | memoryview, path: bytes, what: str) -> tuple[int, int, int]:
+    """Where ``path``'s record lies in the records of ``buf``, read by their heads and lengths alone:
+    ``(0, start, end)`` its bytes, ``(1, start, start)`` not there (a record sorting after it starts there),
+    ``(2, start, start)`` ``buf`` ends first (inside the record starting there, or at its end).  Decoding
+    every record before it cost a look-up of one path several milliseconds a blob."""
+    if _locate_c is None:
+        return locate_record_reference(buf, path, what)
+    try:
+        return _locate_c(buf, path, OP_DELETE)
+    except ValueError as exc:
+        raise CorruptObject(what, str(exc)) from None
+
+
+def locate_record_reference(buf: bytes | memoryview, path: bytes, what: str) -> tuple[int, int, int]:
+    """``locate_record`` in Python: what the C look-up must match."""
+    buf = bytes(buf)
+    key, n, pos = sort_key(path), len(buf), 0
+    while True:
+        start = pos
+        if pos + _HEAD.size > n:
+            return 2, start, start
+        op, plen = _HEAD.unpack_from(buf, pos)
+        if op > OP_DELETE:
+            raise CorruptObject(what, f"unknown manifest record op {op}")
+        pos += _HEAD.size
+        if pos + plen > n:
+            return 2, start, start
+        k = sort_key(buf[pos : pos + plen])
+        if k > key:
+            return 1, start, start
+        pos += plen
+        if op != OP_DELETE:
+            if pos + _BODY.size > n:
+                return 2, start, start
+            fixed = _BODY.unpack_from(buf, pos)
+            pos += _BODY.size + fixed[-2] + fixed[-1]
+            if pos + 4 > n:
+                return 2, start, start
+            pos += 4 + 32 * _COUNT.unpack_from(buf, pos)[0]
+            if fixed[1] & F_XATTRS:
+                if pos + 4 > n:
+                    return 2, start, start
+                pos += 4 + _COUNT.unpack_from(buf, pos)[0]
+            if pos > n:
+                return 2, start, start
+        if k == key:
+            return 0, start, pos
 
 
 def iter_records(pieces: Iterable[bytes], what: str) -> Iterator[Record]:

@@ -17,7 +17,7 @@ from typing import Callable, Iterator, NamedTuple
 from chunkvault.errors import CorruptObject
 
 from .chain import ancestors, in_listing
-from .manifest import _HEAD, Record, decode_records, iter_records, sort_key
+from .manifest import _HEAD, Record, decode_records, iter_records, locate_record, sort_key
 
 #: Blobs kept as read: the binary search keeps each blob's first key apart, so these serve only the next look-ups
 #: near the last (a diff's, in path order); sixteen per seeker, kept for a whole diff across a chain of 24, held
@@ -87,6 +87,14 @@ class ManifestSeeker:
 
     def _records_from(self, key: bytes) -> Iterator[Record]:
         """Records from the last blob whose first record sorts at or before ``key``."""
+        i = self._blob_of(key)
+        if i is None:
+            return iter_records(self._pieces(0, 0), self.what) if self.ids else iter(())
+        return self._decoded_from(i)
+
+    def _blob_of(self, key: bytes) -> int | None:
+        """The last seekable blob whose first record sorts at or before ``key`` (None: none is, or none can be
+        sought: read from the first)."""
         lo, hi = 0, len(self._seekable)
         # The blobs the search ends between, as their probes read them: probed early, they were pushed out of
         # the few blobs kept by the probes after (in a manifest of more than 16 blobs) and read again for their
@@ -103,9 +111,7 @@ class ManifestSeeker:
         for i, data in [bounds[side] for side in (False, True) if side in bounds]:  # where the records begin, last
             if data is not None and i not in self._blobs:
                 self._keep(i, data)
-        if lo == 0:
-            return iter_records(self._pieces(0, 0), self.what) if self.ids else iter(())
-        return self._decoded_from(self._seekable[lo - 1])
+        return None if lo == 0 else self._seekable[lo - 1]
 
     def _decoded_from(self, i: int) -> Iterator[Record]:
         """The records from blob ``i``'s first record start on, that blob's decoded once while it is among the
@@ -125,13 +131,21 @@ class ManifestSeeker:
         return itertools.chain(records, iter_records(itertools.chain([rest], later), self.what))
 
     def find(self, path: bytes) -> Record | None:
-        key = sort_key(path)
-        for rec in self._records_from(key):
-            k = sort_key(rec.path)
-            if k == key:
-                return rec
-            if k > key:
-                break
+        """``path``'s record, found by the records' heads (``locate_record``) and decoded alone."""
+        if not self.ids:
+            return None
+        i = self._blob_of(sort_key(path))
+        pending = b""
+        for piece in self._pieces(0, 0) if i is None else self._pieces(i, self._starts[i]):
+            buf = pending + piece if pending else piece
+            found, start, end = locate_record(buf, path, self.what)
+            if found == 0:
+                return decode_records(buf[start:end], self.what)[0][0]
+            if found == 1:
+                return None
+            pending = bytes(buf[start:])
+        if pending:
+            raise CorruptObject(self.what, "manifest ends inside a record")
         return None
 
     def shallow(self, directory: bytes) -> Iterator[Record]:

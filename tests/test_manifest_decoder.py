@@ -5,7 +5,8 @@ from hypothesis import given, settings, strategies as st
 from chunkvault.errors import CorruptObject
 from chunkvault.store import manifest
 from chunkvault.store.manifest import (F_XATTRS, OP_DELETE, OP_ENTRY, OP_FRESH, TYPE_NAMES, Entry, Record,
-                                       decode_records, decode_records_reference, encode_record)
+                                       decode_records, decode_records_reference, encode_record, locate_record,
+                                       locate_record_reference, sort_key)
 
 pytestmark = pytest.mark.skipif(manifest._decode_c is None, reason="the C decoder is not built")
 
@@ -50,6 +51,41 @@ def test_damaged_input_fails_or_decodes_as_the_reference_does(recs, data):
     for _ in range(data.draw(st.integers(1, 4))):
         buf[data.draw(st.integers(0, len(buf) - 1))] = data.draw(st.integers(0, 255))
     assert outcome(decode_records, bytes(buf)) == outcome(decode_records_reference, bytes(buf))
+
+
+@settings(max_examples=300)
+@given(st.lists(records, max_size=12), st.data())
+def test_a_record_is_located_by_its_head_as_the_reference_locates_it(recs, data):
+    """A look-up of one path passes over the records before it by their heads and lengths, none decoded: where
+    it is, where it would be (a record after it), or where the bytes end (inside a record, or after one)."""
+    recs = sorted({sort_key(r.path): r for r in recs}.values(), key=lambda r: sort_key(r.path))
+    buf = b"".join(encode_record(r) for r in recs)
+    starts = [0]
+    for r in recs:
+        starts.append(starts[-1] + len(encode_record(r)))
+    for i, r in enumerate(recs):
+        assert locate_record(buf, r.path, "m") == (0, starts[i], starts[i + 1])
+        assert decode_records(buf[starts[i] : starts[i + 1]], "m")[0] == [r]
+    path = data.draw(st.binary(max_size=40))
+    cut = data.draw(st.integers(0, len(buf)))
+    got = locate_record(buf[:cut], path, "m")
+    assert got == locate_record_reference(buf[:cut], path, "m")
+    assert locate_record(memoryview(buf)[:cut], path, "m") == got
+    after = [i for i, r in enumerate(recs) if sort_key(r.path) > sort_key(path)]
+    if path in [r.path for r in recs] or not after or starts[after[0]] + 5 + len(recs[after[0]].path) > cut:
+        assert got[0] != 1  # its head and path read: no more of it
+    else:
+        assert got == (1, starts[after[0]], starts[after[0]])
+
+
+@settings(max_examples=300)
+@given(st.lists(records, min_size=1, max_size=6), st.binary(max_size=40), st.data())
+def test_damaged_input_is_located_in_as_the_reference_does(recs, path, data):
+    buf = bytearray(b"".join(encode_record(r) for r in recs))
+    for _ in range(data.draw(st.integers(1, 4))):
+        buf[data.draw(st.integers(0, len(buf) - 1))] = data.draw(st.integers(0, 255))
+    located = lambda fn: outcome(lambda b, what: fn(b, path, what), bytes(buf))  # noqa: E731
+    assert located(locate_record) == located(locate_record_reference)
 
 
 def test_unknown_op_and_type_name_the_object():

@@ -53,6 +53,29 @@ def test_seeker_agrees_with_a_scan_and_reads_few_blobs(new_repo):
         assert slow.find(recs[-1].path) == recs[-1] and slow.find(b"zzz") is None
 
 
+def test_a_lookup_decodes_the_record_it_finds_alone(new_repo, monkeypatch):
+    """A look-up decoded every record of the blob it ends in, and took each one's sort key, to keep one: several
+    milliseconds a blob (``ls`` or ``dump`` of one path, each hard link ``diff`` and ``find`` look up).  The
+    records before it are passed over by their heads; only its own is decoded."""
+    from chunkvault.store import manifest_seek
+
+    repo = new_repo(chunker=SMALL).store
+    recs = _records(random.Random(5), 1500)
+    ids, mw = store_manifest(repo, recs)
+    decoded = []
+    real = manifest_seek.decode_records
+    monkeypatch.setattr(manifest_seek, "decode_records",
+                        lambda buf, what: decoded.append(len(real(buf, what)[0])) or real(buf, what))
+    for starts in (mw.starts, []):  # by a binary search, or from the first blob
+        seeker = ManifestSeeker(repo.read_blob, ids, starts, "test manifest")
+        for rec in random.Random(6).sample(recs, 100):
+            decoded.clear()
+            assert seeker.find(rec.path) == rec
+            assert decoded == [1]
+        decoded.clear()
+        assert seeker.find(b"a0/zz") is None and seeker.find(b"zzz") is None and not decoded
+
+
 def test_a_lookup_reads_each_manifest_blob_once(new_repo):
     """The blob a binary search ends in was probed early and pushed out of the few blobs a seeker keeps by the
     probes after it, then read again for its records: a round trip more per look-up in each manifest of a
