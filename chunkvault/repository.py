@@ -1475,11 +1475,16 @@ class Repository:
                     warnings.warn(f"snapshot {s.short_id} is not searched: its chain does not reach a full snapshot "
                                   f"(`check` says why)", RepositoryStateWarning, stacklevel=2)
             def holder(snap: Snapshot, path: bytes) -> Entry | None:
-                rec = self._repo.lookup(snap, path)
+                # the blobs a link's look-up reads stay cached for the next ones (each read its blobs anew: a
+                # search over a tree of changed hard links read and decoded them once per link), until the end
+                rec = self._repo.lookup(snap, path, cache=True)
                 return None if rec is None else rec.entry
 
             found = versions(chosen, held, holder)
-            first = next(found, None)  # the search and its look-ups done under the lock
+            try:
+                first = next(found, None)  # the search and its look-ups done under the lock
+            finally:
+                self._repo.uncache(bytes.fromhex(h) for s in needed.values() for h in s.manifest)
         return iter(()) if first is None else itertools.chain([first], found)
 
     @_stoppable

@@ -1655,9 +1655,11 @@ class Repo:
 
         return chain_of
 
-    def lookup(self, snap: Snapshot, path: bytes, snapshots: Iterable[Snapshot] | None = None) -> Record | None:
-        """One path's resolved record, reading only the manifest blobs that can hold it (and its parents)."""
-        return chain.lookup(path, [seeker.find for _, seeker in self._seekers(snap, snapshots)])
+    def lookup(self, snap: Snapshot, path: bytes, snapshots: Iterable[Snapshot] | None = None, *,
+               cache: bool = False) -> Record | None:
+        """One path's resolved record, reading only the manifest blobs that can hold it (and its parents).
+        ``cache``: the blobs read stay in the blob cache, for look-ups to come in the same manifests."""
+        return chain.lookup(path, [seeker.find for _, seeker in self._seekers(snap, snapshots, cache)])
 
     def lookups(self, snap: Snapshot) -> Callable[[bytes], Record | None]:
         """``lookup`` of one path after another of ``snap``: the seekers in its chain's manifests made at the
@@ -1697,19 +1699,22 @@ class Repo:
         seeking: what ``find`` needs of each manifest when its patterns name a directory."""
         return self._seeker(snap, snap).within(directory)
 
-    def _seekers(self, snap: Snapshot, snapshots: Iterable[Snapshot] | None) -> list[tuple[Snapshot, ManifestSeeker]]:
+    def _seekers(self, snap: Snapshot, snapshots: Iterable[Snapshot] | None,
+                 cache: bool = False) -> list[tuple[Snapshot, ManifestSeeker]]:
         """A seeker in each manifest of ``snap``'s chain, the full first."""
-        return [(s, self._seeker(s, snap)) for s in self.chain_of(snap, snapshots)]
+        return [(s, self._seeker(s, snap, cache)) for s in self.chain_of(snap, snapshots)]
 
-    def _seeker(self, snap: Snapshot, needed_by: Snapshot) -> ManifestSeeker:
+    def _seeker(self, snap: Snapshot, needed_by: Snapshot, cache: bool = False) -> ManifestSeeker:
         self.index  # loaded here: its own damage is not a manifest's
-        return ManifestSeeker(self._manifest_reader(snap, needed_by), [bytes.fromhex(h) for h in snap.manifest],
-                              snap.manifest_starts, _manifest_name(snap, needed_by))
+        return ManifestSeeker(self._manifest_reader(snap, needed_by, cache),
+                              [bytes.fromhex(h) for h in snap.manifest], snap.manifest_starts,
+                              _manifest_name(snap, needed_by))
 
-    def _manifest_reader(self, snap: Snapshot, needed_by: Snapshot) -> Callable[[bytes], Plaintext]:
+    def _manifest_reader(self, snap: Snapshot, needed_by: Snapshot, cache: bool = False
+                         ) -> Callable[[bytes], Plaintext]:
         def read(blob_id: bytes) -> Plaintext:
             try:
-                return self.read_blob(blob_id)
+                return self.read_blob(blob_id, cache=cache)
             except CorruptObject as exc:
                 raise _manifest_damage(exc, snap, needed_by) from None
         return read

@@ -476,3 +476,31 @@ def test_find_holds_what_it_found_encoded_not_an_entry_per_path(tmp_path, new_re
     entries = sum(isinstance(o, Entry) for o in gc.get_objects())
     assert len(made) == 1 and entries < 300, (len(made), entries)
     assert first.path == b"d0" and sum(1 for _ in found) == 1010 - 1
+
+
+def test_find_reads_the_manifests_once_where_it_compares_hard_links_by_their_files(tmp_path, new_repo):
+    """A hard link whose file changed is compared by the file it names, looked up in its snapshot's manifests.
+    The search's manifests left the blob cache before those look-ups: each one read and decoded its blobs
+    again (300 changed links over two snapshots: 602 blob reads, where the search itself read 2).  The blobs
+    a look-up reads are kept until the search is done."""
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(300):
+        (src / f"f{i}").write_text(str(i))
+        os.link(src / f"f{i}", src / f"f{i}.lnk")
+    repo = new_repo(str(tmp_path / "repo"))
+    repo.backup([str(src)])
+    for i in range(300):
+        with open(src / f"f{i}", "a") as fh:
+            fh.write("x")
+    repo.backup([str(src)], kind="diff")
+    store = repo._repo
+    decoded = []
+    real = store._decode
+    store._decode = lambda blob_id: decoded.append(blob_id) or real(blob_id)
+    store._cache.drop([bytes.fromhex(h) for s in repo.snapshots() for h in s.manifest])
+    found = repo.find(["*.lnk"])
+    assert len(found) == 300 and [len(f.versions) for f in found] == [2] * 300
+    manifest_blobs = sum(len(s.manifest) for s in repo.snapshots())
+    assert len(decoded) <= 2 * manifest_blobs, (len(decoded), manifest_blobs)
+    assert not any(store._cache.peek(bytes.fromhex(h)) for s in repo.snapshots() for h in s.manifest)
