@@ -117,7 +117,7 @@ def test_never_reads_only_the_data_it_writes_and_keeps_the_root_s_times(scene, m
     root = os.stat(target)
     read = set()
     real_one, real_many = Repo.read_blob, Repo.read_blobs
-    monkeypatch.setattr(Repo, "read_blob", lambda self, c: read.add(c) or real_one(self, c))
+    monkeypatch.setattr(Repo, "read_blob", lambda self, c, **kw: read.add(c) or real_one(self, c, **kw))
     monkeypatch.setattr(Repo, "read_blobs", lambda self, ids: read.update(ids) or real_many(self, ids))
     repo.restore(snap, str(target), overwrite="never")
     chunks = {e.path.decode(): set(e.chunk_ids()) for e in repo.tree(snap) if e.type == T_FILE}
