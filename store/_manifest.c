@@ -160,6 +160,38 @@ static PyObject *entry(const builders *bs, PyObject *path, const unsigned char *
     return e;
 }
 
+/* The head of the record at ``pos``: 1 with its op and path length where the head and path lie in ``buf``, 0 where
+ * ``buf`` ends first, -1 (ValueError set) for an op after ``delete_op``. */
+static int record_head(const unsigned char *buf, Py_ssize_t n, Py_ssize_t pos, long delete_op, unsigned *op,
+                       uint32_t *plen) {
+    if (n - pos < HEAD_SIZE)
+        return 0;
+    *op = buf[pos];
+    *plen = u32(buf + pos + 1);
+    if ((long)*op > delete_op) {
+        PyErr_Format(PyExc_ValueError, "unknown manifest record op %u", *op);
+        return -1;
+    }
+    return n - pos - HEAD_SIZE >= (Py_ssize_t)*plen;
+}
+
+/* The end of the record at ``pos`` of an entry op (its head and path read), or -1 where ``buf`` ends first. */
+static Py_ssize_t entry_end(const unsigned char *buf, Py_ssize_t n, Py_ssize_t pos) {
+    if (n - pos < BODY_SIZE)
+        return -1;
+    const unsigned char *body = buf + pos;
+    uint64_t end = (uint64_t)pos + BODY_SIZE + u32(body + 62) + body[66];
+    if (end + 4 > (uint64_t)n)
+        return -1;
+    end += 4 + (uint64_t)u32(buf + end) * 32;
+    if (body[1] & F_XATTRS) {
+        if (end + 4 > (uint64_t)n)
+            return -1;
+        end += 4 + (uint64_t)u32(buf + end);
+    }
+    return end > (uint64_t)n ? -1 : (Py_ssize_t)end;
+}
+
 static PyObject *decode(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     (void)self;
     if (nargs != 5) {
@@ -177,61 +209,45 @@ static PyObject *decode(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
     Py_ssize_t n = view.len, pos = 0, start = 0;
     while (out != NULL) {
         start = pos;
-        if (n - pos < HEAD_SIZE)
-            break;
-        unsigned op = buf[pos];
-        uint32_t plen = u32(buf + pos + 1);
-        if ((long)op > delete_op) {
-            PyErr_Format(PyExc_ValueError, "unknown manifest record op %u", op);
-            Py_CLEAR(out);
+        unsigned op;
+        uint32_t plen;
+        int whole = record_head(buf, n, pos, delete_op, &op, &plen);
+        if (whole <= 0) {
+            if (whole < 0)
+                Py_CLEAR(out);
             break;
         }
-        pos += HEAD_SIZE;
-        if (n - pos < (Py_ssize_t)plen)
-            break;
-        const unsigned char *path_at = buf + pos;
-        pos += plen;
+        const unsigned char *path_at = buf + pos + HEAD_SIZE;
+        pos += HEAD_SIZE + (Py_ssize_t)plen;
         PyObject *rec;
         if ((long)op == delete_op) {
             PyObject *path = PyBytes_FromStringAndSize((const char *)path_at, plen);
             rec = record(&bs, PyLong_FromUnsignedLong(op), path, Py_NewRef(Py_None));
         } else {
-            if (n - pos < BODY_SIZE)
+            Py_ssize_t end = entry_end(buf, n, pos);
+            if (end < 0)
                 break;
-            const unsigned char *body = buf + pos;
+            /* entry_end has checked every length below against the buffer */
+            const unsigned char *body = buf + pos, *target = body + BODY_SIZE;
             uint32_t tlen = u32(body + 62);
             unsigned dlen = body[66];
-            pos += BODY_SIZE;
-            if (n - pos < (Py_ssize_t)tlen + (Py_ssize_t)dlen + 4)
-                break;
-            const unsigned char *target = buf + pos, *digest = target + tlen;
-            pos += (Py_ssize_t)tlen + dlen;
-            uint32_t count = u32(buf + pos);
-            pos += 4;
-            if ((uint64_t)(n - pos) < (uint64_t)count * 32)
-                break;
-            const unsigned char *chunks = buf + pos;
-            pos += (Py_ssize_t)count * 32;
+            const unsigned char *digest = target + tlen, *chunks = digest + dlen + 4;
+            Py_ssize_t clen = (Py_ssize_t)u32(digest + dlen) * 32;
             const unsigned char *xattrs = NULL;
             uint32_t xlen = 0;
             if (body[1] & F_XATTRS) {
-                if (n - pos < 4)
-                    break;
-                xlen = u32(buf + pos);
-                pos += 4;
-                if (n - pos < (Py_ssize_t)xlen)
-                    break;
-                xattrs = buf + pos;
-                pos += xlen;
+                xlen = u32(chunks + clen);
+                xattrs = chunks + clen + 4;
             }
+            pos = end;
             if ((long)body[0] > max_type) {
                 PyErr_Format(PyExc_ValueError, "unknown entry type %u", body[0]);
                 Py_CLEAR(out);
                 break;
             }
             PyObject *path = PyBytes_FromStringAndSize((const char *)path_at, plen);
-            PyObject *e = path ? entry(&bs, path, body, target, tlen, digest, dlen, chunks,
-                                       (Py_ssize_t)count * 32, xattrs, xlen) : NULL;
+            PyObject *e = path ? entry(&bs, path, body, target, tlen, digest, dlen, chunks, clen, xattrs, xlen)
+                               : NULL;
             rec = record(&bs, PyLong_FromUnsignedLong(op), Py_XNewRef(path), e);
             Py_XDECREF(path);
         }
@@ -269,23 +285,6 @@ static int key_compare(PyObject *a, PyObject *b) {
                            (const unsigned char *)PyBytes_AS_STRING(b), PyBytes_GET_SIZE(b));
 }
 
-/* The end of the record at ``pos`` of an entry op (its head and path read), or -1 where ``buf`` ends first. */
-static Py_ssize_t entry_end(const unsigned char *buf, Py_ssize_t n, Py_ssize_t pos) {
-    if (n - pos < BODY_SIZE)
-        return -1;
-    const unsigned char *body = buf + pos;
-    uint64_t end = (uint64_t)pos + BODY_SIZE + u32(body + 62) + body[66];
-    if (end + 4 > (uint64_t)n)
-        return -1;
-    end += 4 + (uint64_t)u32(buf + end) * 32;
-    if (body[1] & F_XATTRS) {
-        if (end + 4 > (uint64_t)n)
-            return -1;
-        end += 4 + (uint64_t)u32(buf + end);
-    }
-    return end > (uint64_t)n ? -1 : (Py_ssize_t)end;
-}
-
 /* locate(buf, path, delete_op) -> (status, start, end): the records of ``buf`` passed over by their heads
  * alone, none decoded, until the one of ``path`` (status 0, its bytes start..end), one sorting after it
  * (1: it is not there; start where that one begins) or the end of ``buf`` (2: start where the record it
@@ -309,15 +308,9 @@ static PyObject *locate(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
     const unsigned char *buf = view.buf;
     while (!PyErr_Occurred()) {
         start = pos;
-        if (n - pos < HEAD_SIZE)
-            break;
-        unsigned op = buf[pos];
-        uint32_t plen = u32(buf + pos + 1);
-        if ((long)op > delete_op) {
-            PyErr_Format(PyExc_ValueError, "unknown manifest record op %u", op);
-            break;
-        }
-        if (n - pos - HEAD_SIZE < (Py_ssize_t)plen)
+        unsigned op;
+        uint32_t plen;
+        if (record_head(buf, n, pos, delete_op, &op, &plen) <= 0)
             break;
         int order = raw_key_compare(buf + pos + HEAD_SIZE, plen, want.buf, want.len);
         if (order > 0) {
