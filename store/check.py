@@ -35,7 +35,7 @@ from .pack import (PACK_FIXED_OVERHEAD, PackEntry, decode_entries, delta_entries
 from .repository import (NOT_INDEXED, OBJECT_READERS, WORKERS, Repo, pack_id_of, pack_key, short_key_names,
                          superseded_names)
 from .snapshot import Snapshot
-from .unlock import KEY_IMPORT_HINT
+from .unlock import KEY_IMPORT_HINT, read_key_file
 from .walarchive import PUSH_AGAIN, WAL_PREFIX, WalFile, load_all
 
 
@@ -277,7 +277,7 @@ class Checker:
         for name, short in shown.items():
             key = f"keys/{name}"
             try:
-                kf = KeyFile.decode(name, repo.remote.get(key))
+                kf = KeyFile.decode(name, read_key_file(repo.remote, name))
             except NOT_DAMAGE:
                 raise
             except NewerObject as exc:  # a host that upgraded added it: not damage

@@ -221,6 +221,10 @@ KDF_SCRYPT = "scrypt"
 KDF_SECRET = "secret"
 KDF_COST_FIELDS = {KDF_ARGON2ID: ("t", "m", "p"), KDF_SCRYPT: ("log_n", "r", "p"), KDF_SECRET: ()}
 KEY_SALT_SIZE = 16
+#: The most a key file is read to: chunkvault's are a few hundred bytes.  Read whole, one planted or grown to
+#: gigabytes made every command that opens the repository read all of it, `key list` and `key remove` (the way
+#: to be rid of it) too, each running out of memory at its size.
+KEY_FILE_LIMIT = 64 << 10
 #: The most an older key file's scrypt may ask for: what ``init`` wrote before Argon2id, never more (no key
 #: file is made with scrypt any longer).  r was 8; the first releases tuned N alone to the time (log_n up to
 #: 19, 512 MiB, on fast machines), later ones N to 32 MiB and up to 64 lanes, N growing only past 64 lanes.

@@ -22,10 +22,10 @@ from typing import Iterable
 from chunkvault.errors import ChunkvaultError
 from chunkvault.localfiles import make_private_dirs, read_regular, remove_if_stale
 
-from .config import KDF_SECRET, KeyFile
+from .config import KDF_SECRET, KEY_FILE_LIMIT, KeyFile
 from .crypto import content_name
 
-MAX_KEY_FILE = 64 << 10  # key files are a few hundred bytes; anything larger is not one
+MAX_KEY_FILE = KEY_FILE_LIMIT  # key files are a few hundred bytes; anything larger is not one
 
 
 class KeyAhead:

@@ -24,7 +24,7 @@ from .indexfile import decode_index_columns
 from .locks import EXCLUSIVE, RepoLock
 from .repository import OBJECT_READERS
 from .snapshot import Snapshot
-from .unlock import MISTYPED_SECRET, missing_config, password_for, repository_objects
+from .unlock import MISTYPED_SECRET, missing_config, password_for, read_key_file, repository_objects
 from .walnames import WAL_PREFIX, is_wal_name
 
 EXPORT_MAGIC = "chunkvault key export"
@@ -98,7 +98,7 @@ class KeyExport:
 def export_key(remote: Remote, key_name: str) -> KeyExport:
     """The export of ``key_name`` (the key a repository was opened with) and the config as stored now."""
     config = remote.get("config")
-    return KeyExport(peek_config(config)["id"], config, remote.get(f"keys/{key_name}"))
+    return KeyExport(peek_config(config)["id"], config, read_key_file(remote, key_name))
 
 
 @dataclass(frozen=True)
@@ -148,9 +148,11 @@ def import_key(remote: Remote, export: KeyExport, password: bytes, what: str, *,
                              + ")")
         key = f"keys/{export.key_name}"
         try:
-            stored_key: bytes | None = remote.get(key)
+            stored_key: bytes | None = read_key_file(remote, export.key_name)
         except ObjectNotFound:
             stored_key = None
+        except CorruptObject:  # too large to be a key file: damaged, put back
+            stored_key = b""
         if stored_key != export.key:
             if stored_key is None and _own_keys(remote, export.repo_id):
                 # Lost, or removed on purpose: the export and its password read every snapshot either way, so
@@ -205,7 +207,8 @@ def _key_files(remote: Remote) -> list[KeyFile]:
     out = []
     for o in remote.list("keys/"):
         try:
-            out.append(KeyFile.decode(o.key.split("/", 1)[1], remote.get(o.key)))
+            name = o.key.split("/", 1)[1]
+            out.append(KeyFile.decode(name, read_key_file(remote, name)))
         except (CorruptObject, ObjectNotFound):
             continue
     return out

@@ -21,7 +21,7 @@ from .indexfile import IndexData
 from .locks import read_lock
 from .pack import PackEntry
 from .repository import OBJECT_ID, pack_id_of
-from .unlock import missing_config
+from .unlock import missing_config, read_key_file
 
 #: What ``list`` lists; the first five are names in the storage's listing, which need no key.
 LIST_KINDS = ("snapshots", "index", "packs", "keys", "locks", "blobs")
@@ -108,7 +108,7 @@ def key_json(remote: Remote, name: str) -> dict[str, Any]:
     it names.  Neither its salt nor its wrapped secret: with them, guessing the password needs no repository."""
     key = f"keys/{name}"
     try:
-        kf = KeyFile.decode(name, remote.get(key))
+        kf = KeyFile.decode(name, read_key_file(remote, name))
     except ObjectNotFound:
         raise MissingObject(key) from None
     return {"id": name, "kdf": kf.kdf, **{f: kf.cost[f] for f in KDF_COST_FIELDS[kf.kdf]}, "created": kf.created,

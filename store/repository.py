@@ -56,8 +56,8 @@ from .pack import PackBuffers, PackBuilder, PackEntry, fetch_header
 from .packranges import RecentRanges
 from .chronology import chronological_key
 from .snapshot import Snapshot
-from .unlock import (KEY_IMPORT_HINT, Unlocked, nested_hint, only_keys_hint, password_for, repository_objects,
-                     require_openable, unlock)
+from .unlock import (KEY_IMPORT_HINT, Unlocked, nested_hint, only_keys_hint, password_for, read_key_file,
+                     repository_objects, require_openable, unlock)
 
 if TYPE_CHECKING:
     from .locks import RepoLock
@@ -351,7 +351,7 @@ class Repo:
         for o in self.remote.list("keys/"):
             name = o.key.split("/", 1)[1]
             try:
-                out.append(KeyFile.decode(name, self.remote.get(o.key)))
+                out.append(KeyFile.decode(name, read_key_file(self.remote, name)))
             except CorruptObject as exc:
                 damaged[name] = exc
         return sorted(out, key=lambda k: (k.created, k.name)), damaged

@@ -18,7 +18,7 @@ from chunkvault.errors import (ChunkvaultError, CorruptObject, NewerObject, Obje
                                RepositoryStateWarning, UnsupportedFormat, WrongPassword)
 from chunkvault.remotes import Remote
 
-from .config import KDF_SECRET, KeyFile, RepoConfig, open_config, peek_config
+from .config import KDF_SECRET, KEY_FILE_LIMIT, KeyFile, RepoConfig, open_config, peek_config
 from .crypto import KeyMaterial, Sealer, as_secret, looks_like_secret
 from .keyahead import KeyAhead
 
@@ -124,6 +124,16 @@ def read_config(remote: Remote) -> tuple[bytes, dict]:
         raise exc.explained(KEY_IMPORT_HINT) from None
 
 
+def read_key_file(remote: Remote, name: str) -> bytes:
+    """The bytes of ``keys/<name>``, read no further than ``KEY_FILE_LIMIT``: a CorruptObject past it, as for
+    any key file that does not decode (the other keys still open; `key remove` removes it)."""
+    data = remote.get(f"keys/{name}", 0, KEY_FILE_LIMIT + 1)
+    if len(data) > KEY_FILE_LIMIT:
+        raise CorruptObject(f"keys/{name}", f"over {KEY_FILE_LIMIT >> 10} KiB, where a key file holds a few hundred "
+                                            "bytes: not chunkvault's (not read further)")
+    return data
+
+
 def _key_names(remote: Remote) -> list[str]:
     return sorted(o.key.split("/", 1)[1] for o in remote.list("keys/"))
 
@@ -189,7 +199,7 @@ def unlock(remote: Remote, password: bytes, ahead: KeyAhead | None = None, *,
     relisted = False
     for name in key_names:  # grows once where a key file listed is gone: see below
         try:
-            raws[name] = remote.get(f"keys/{name}")
+            raws[name] = read_key_file(remote, name)
             kf = KeyFile.decode(name, raws[name])
         except NewerObject as exc:  # a key of a newer version: another key may still open
             unsupported = exc

@@ -418,3 +418,50 @@ def test_a_key_change_that_cannot_read_the_keys_says_nothing_changed_not_that_an
         remote.fail = False
         assert len(repo.keys()) == 2
     Repository.open(str(tmp_path / "repo"), "old", ledger=False).close()
+
+
+class _Counted(LocalRemote):
+    """The bytes each read of a key file returned."""
+
+    def __init__(self, path: str, reads: list[int]):
+        super().__init__(path)
+        self.reads = reads
+
+    def get(self, key, start=None, length=None):
+        data = super().get(key, start, length)
+        if key.startswith("keys/"):
+            self.reads.append(len(data))
+        return data
+
+
+def test_an_oversized_file_among_the_key_files_is_damage_not_read_whole(tmp_path, cli):
+    """Key files are a few hundred bytes; one of gigabytes planted in keys/ (or grown so) was read whole by
+    every command opening the repository, and by `key list` and `key remove`, which are there to remove it:
+    each needed its size in memory.  Now none reads past the limit: the other keys open, and it is damage."""
+    from chunkvault.store.config import KEY_FILE_LIMIT
+    from chunkvault.store.keyexport import export_key
+    from chunkvault.store.objects import key_json
+
+    url = str(tmp_path / "repo")
+    Repository.init(url, "pw", kdf_seconds=0).close()
+    planted = "f" * 32
+    with open(tmp_path / "repo" / "keys" / planted, "wb") as f:
+        f.truncate(64 << 20)  # sparse: what matters is what is read of it
+    reads: list[int] = []
+    remote = _Counted(url, reads)
+    repo = Repo.open(remote, b"pw")
+    assert max(reads) <= KEY_FILE_LIMIT + 1
+    _, damaged = repo.list_keys()
+    assert "over 64 KiB" in damaged[planted].reason
+    with pytest.raises(WrongPassword):
+        Repo.open(remote, b"mistyped")
+    (problem,) = Repository.open(url, "pw", ledger=False).check().problems
+    assert problem.object == f"keys/{planted}" and "over 64 KiB" in problem.problem
+    with pytest.raises(CorruptObject, match="over 64 KiB"):
+        key_json(remote, planted)
+    assert export_key(remote, repo.key_name).key
+    assert reads and max(reads) <= KEY_FILE_LIMIT + 1
+    out = cli("key", "list", "--json", "-r", url, password="pw").stdout
+    assert {k["id"]: k.get("kdf") for k in json.loads(out)}[planted] == "damaged"
+    cli("key", "remove", planted[:8], "-r", url, password="pw")
+    assert not os.path.exists(tmp_path / "repo" / "keys" / planted)
