@@ -2191,7 +2191,7 @@ def cmd_key(args: argparse.Namespace) -> int:
             for k in keys:  # a key file's fields are not sealed: anyone who can write the storage chooses them
                 name = shown[k["id"]]
                 print(one_line(f"{'*' if k['current'] else ' '} {name:{width}}  {k['kdf']:8}  " + (
-                    k["problem"] + (f" (`key remove {name}`)" if k["kdf"] == "damaged" else "")
+                    k["problem"] + (f" (`key remove {name}`)" if k["kdf"] != "newer" else "")
                     if "problem" in k else
                     f"{k['created'][:19]}  {k['user']}@{k['host']}")))
     elif args.key_cmd == "add":

@@ -2467,9 +2467,13 @@ class Repository:
 
     @_stoppable
     def keys(self) -> list[dict[str, Any]]:
+        """The key files: a ``problem`` names why one does not read, or why it opens nothing here (another
+        repository's, or one asking for more derivation than chunkvault writes, which opening skips): listed
+        as any other, it passed for a key that opens the repository."""
         readable, damaged = self._repo.list_keys()
         return [{"id": k.name, "kdf": k.kdf, "created": k.created, "host": k.host, "user": k.user,
-                 "current": k.name == self._repo.key_name} for k in readable] + [
+                 "current": k.name == self._repo.key_name,
+                 **({"problem": p} if (p := self._repo.key_problem(k)) else {})} for k in readable] + [
                 {"id": name, "kdf": "newer" if isinstance(exc, NewerObject) else "damaged", "created": "", "host": "",
                  "user": "", "current": False, "problem": exc.reason} for name, exc in damaged.items()]
 

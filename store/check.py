@@ -291,7 +291,10 @@ class Checker:
                 if beyond is not None:  # never derived: nothing opens with it
                     self.problem(key, f"{beyond}: never derived, so nothing opens with it (`key remove` it)")
                     continue
-                readable += not kf.repo or kf.repo == repo.config.repo_id
+                if kf.repo and kf.repo != repo.config.repo_id:  # copied or planted: harmless, but no key of this one
+                    self.report.warnings.append(f"{key}: {repo.key_problem(kf)} (`key remove {short}` removes it)")
+                    continue
+                readable += 1
         if not readable:
             self.problem("keys", f"no key file of this repository is left: nothing opens it{KEY_IMPORT_HINT}")
 

@@ -356,6 +356,13 @@ class Repo:
                 damaged[name] = exc
         return sorted(out, key=lambda k: (k.created, k.name)), damaged
 
+    def key_problem(self, kf: KeyFile) -> str | None:
+        """Why the readable key file ``kf`` opens nothing here, or None: another repository's (copied or planted
+        here), or asking for more derivation than chunkvault writes (never derived)."""
+        if kf.repo and kf.repo != self.config.repo_id:
+            return f"made for another repository ({kf.repo[:16]}): it opens nothing here"
+        return kf.cost_problem()
+
     def add_key(self, password: bytes, *, kdf_seconds: float = 0.5, kdf_log_n: int | None = None) -> str:
         """A key file for ``password``; where a key opens with it already, that key's id, none added (``key_found``
         says so): a second key for one password outlived a `key passwd` of it, which replaces the key it opened

@@ -465,3 +465,25 @@ def test_an_oversized_file_among_the_key_files_is_damage_not_read_whole(tmp_path
     assert {k["id"]: k.get("kdf") for k in json.loads(out)}[planted] == "damaged"
     cli("key", "remove", planted[:8], "-r", url, password="pw")
     assert not os.path.exists(tmp_path / "repo" / "keys" / planted)
+
+
+def test_key_list_and_check_name_the_key_files_that_open_nothing_here(tmp_path, cli):
+    """A key file copied from another repository (its id in clear) and one asking for more derivation than
+    chunkvault writes are never opened with; `key list` showed both as keys of the repository, and check
+    said nothing of the copy.  Each now carries its problem and what removes it."""
+    url, other = str(tmp_path / "repo"), str(tmp_path / "other")
+    repo = Repository.init(url, "pw", kdf_seconds=0)
+    Repository.init(other, "pw", kdf_seconds=0).close()
+    (copied,) = os.listdir(os.path.join(other, "keys"))
+    with open(os.path.join(other, "keys", copied), "rb") as f:
+        repo.store.remote.put(f"keys/{copied}", f.read())
+    costly = _plant(repo, t=1, m=1 << 22)
+    listed = {k["id"]: k for k in json.loads(cli("key", "list", "--json", "-r", url, password="pw").stdout)}
+    assert "another repository" in listed[copied]["problem"]
+    assert "more than chunkvault writes" in listed[costly]["problem"]
+    assert "problem" not in listed[repo.store.key_name]
+    text = cli("key", "list", "-r", url, password="pw").stdout.decode()
+    assert f"`key remove {copied[:12]}`" in text and f"`key remove {costly[:12]}`" in text
+    with pytest.warns(Warning):
+        report = Repository.open(url, "pw", ledger=False).check()
+    assert [w for w in report.warnings if w.startswith(f"keys/{copied}: made for another repository")]
