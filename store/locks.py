@@ -49,6 +49,9 @@ from .forksafe import FORK_GUARD, start_quiet_thread
 
 REFRESH_EVERY = 60.0
 LOCK_READERS = 8  # lock objects read at once
+#: The most a lock object is read to: chunkvault's are a few hundred bytes.  Every command that locks reads
+#: every lock object, and one of gigabytes (an append-only client may store shared locks) was read whole by each.
+LOCK_OBJECT_LIMIT = 64 << 10
 STALE_AFTER = 300.0
 # A lock not written for this long may have been judged stale by another command (a paused or suspended
 # process, a remote out of reach): its holder no longer trusts it (``RepoLock.ensure_held``).  Below
@@ -190,7 +193,7 @@ def list_locks(remote: Remote, reference: str | None = None) -> list[LockInfo]:
 
     def read(o: ObjectInfo) -> LockInfo | None:
         try:
-            lock = _parsed_lock(o.key, json.loads(remote.get(o.key)))
+            lock = _parsed_lock(o.key, json.loads(_lock_bytes(remote, o.key)))
         except (ObjectNotFound, ValueError, KeyError, TypeError, AttributeError, RecursionError):
             return None  # vanished, or not ours: a lock never parses into something it is not
         if now is not None and o.modified is not None:
@@ -265,13 +268,23 @@ def read_lock(remote: Remote, key: str) -> LockInfo:
     """The lock object stored under ``key``, as ``list_locks`` parses each (``cat lock``): MissingObject when
     it is gone, CorruptObject when it holds no lock."""
     try:
-        data = remote.get(key)
+        data = _lock_bytes(remote, key)
     except ObjectNotFound:
         raise MissingObject(key) from None
+    except ValueError:  # too large to be one
+        raise CorruptObject(key, f"over {LOCK_OBJECT_LIMIT >> 10} KiB: not a lock object") from None
     try:
         return _parsed_lock(key, json.loads(data))
     except (ValueError, KeyError, TypeError, AttributeError, RecursionError):
         raise CorruptObject(key, "not a lock object (JSON with kind, host, pid and time)") from None
+
+
+def _lock_bytes(remote: Remote, key: str) -> bytes:
+    """A lock object's bytes, read no further than ``LOCK_OBJECT_LIMIT``: past it, a ValueError (no lock)."""
+    data = remote.get(key, 0, LOCK_OBJECT_LIMIT + 1)
+    if len(data) > LOCK_OBJECT_LIMIT:
+        raise ValueError(f"{key} is over {LOCK_OBJECT_LIMIT >> 10} KiB: not a lock object")
+    return data
 
 
 def _parsed_lock(key: str, d: dict) -> LockInfo:
@@ -377,7 +390,7 @@ class RepoLock:
         another command's replacement, which stopped the command as if its lock were lost."""
         for _ in range(2):
             try:
-                body = self.remote.get(self.key)
+                body = self.remote.get(self.key, 0, LOCK_OBJECT_LIMIT + 1)  # one larger is not this command's
             except ObjectNotFound:
                 return False
             if body in self._bodies:

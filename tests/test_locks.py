@@ -841,3 +841,33 @@ def test_the_locks_of_many_commands_are_read_several_at_once(remote):
     with RepoLock(Distant(remote, seed=0), SHARED, "backup"):
         pass
     assert reading[1] > 1 and time.monotonic() - started < 40 * 0.05
+
+
+class _LockReads(LocalRemote):
+    """The most bytes a read of a lock object returned."""
+
+    most = 0
+
+    def get(self, key, start=None, length=None):
+        data = super().get(key, start, length)
+        if key.startswith("locks/"):
+            _LockReads.most = max(_LockReads.most, len(data))
+        return data
+
+
+def test_a_lock_object_of_gigabytes_is_no_lock_and_not_read_whole(tmp_path):
+    """Every command that locks reads every lock object, and an append-only client may store shared ones:
+    one of gigabytes was read whole by each (a backup beside a 512 MiB one peaked at 700 MB).  None is read
+    past the limit; such an object holds nothing off, and `cat lock` calls it no lock."""
+    from chunkvault.errors import CorruptObject
+    from chunkvault.store.locks import LOCK_OBJECT_LIMIT, read_lock
+
+    remote = _LockReads(str(tmp_path / "repo"))
+    os.makedirs(os.path.join(remote.root, "locks"))
+    with open(os.path.join(remote.root, "locks", "planted"), "wb") as f:
+        f.truncate(64 << 20)  # sparse: what matters is what is read of it
+    with RepoLock(remote, EXCLUSIVE, "prune"):
+        assert "locks/planted" not in [lock.key for lock in list_locks(remote)]
+    with pytest.raises(CorruptObject, match="not a lock object"):
+        read_lock(remote, "locks/planted")
+    assert 0 < _LockReads.most <= LOCK_OBJECT_LIMIT + 1
