@@ -225,8 +225,12 @@ def unlock(remote: Remote, password: bytes, ahead: KeyAhead | None = None, *,
     if ahead is not None:
         ahead.drop_unless_held(raws.values())
     # Cheapest first (a secret costs microseconds, a password about 0.5 s of CPU) and this repository's before
-    # any other's: a key file planted with the largest cost the bounds allow (a minute) is tried last.
-    for kf in sorted(keys, key=lambda k: (k.kdf != KDF_SECRET, bool(k.repo) and k.repo != clear["id"], k.work)):
+    # any other's: a key file planted with the largest cost the bounds allow (a minute) is tried last.  Among
+    # passwords' keys, the one derived ahead (that opened last time) first: its key is derived already, and key
+    # files added cheaper than it (an append-only client may add keys) each cost a derivation, tried before it.
+    remembered = ahead.raw if ahead is not None else None
+    for kf in sorted(keys, key=lambda k: (k.kdf != KDF_SECRET, raws[k.name] != remembered,
+                                          bool(k.repo) and k.repo != clear["id"], k.work)):
         kek = ahead.kek_for(raws[kf.name]) if ahead is not None else None
         try:
             material = (kf.open_with(kek, clear["id"]) if kek is not None else

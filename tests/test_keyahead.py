@@ -187,3 +187,23 @@ def test_a_key_replaced_while_the_password_was_asked_for_still_opens_with_the_ne
     assert unlock(remote, b"new password", config=config, key_names=listed).key_name not in listed
     with pytest.raises(WrongPassword):
         unlock(remote, PASSWORD, config=config, key_names=listed)
+
+
+def test_the_key_derived_ahead_is_tried_before_cheaper_key_files_added_since(repo_dir, tmp_path, derivations):
+    """Key files are tried cheapest first, and anyone who may add keys (an append-only client may) can add
+    key files cheaper than the password's: each cost every opening a derivation before the key that opens
+    (ten of them: 13 s a command).  The key derived ahead, which opened last time, is tried first."""
+    from chunkvault.store.config import make_key_file
+
+    kept = str(tmp_path / "kept")
+    remote = open_remote(repo_dir)
+    first = unlock(remote, PASSWORD, KeyAhead.start(kept, PASSWORD))
+    own = json.loads(key_file_bytes(repo_dir))
+    for i in range(3):
+        _, data = make_key_file(first.material, b"added %d" % i, first.config.repo_id, kdf_seconds=0)
+        data = json.dumps({**json.loads(data), "t": 1, "m": own["m"] // 2}).encode()
+        remote.put(f"keys/{content_name(data)[:32]}", data)
+    derivations.clear()
+    second = unlock(remote, PASSWORD, KeyAhead.start(kept, PASSWORD))
+    assert second.key_name == first.key_name
+    assert len(derivations) == 1  # the one made ahead
