@@ -21,9 +21,9 @@ from typing import Any
 from chunkvault.errors import CorruptObject, NewerObject, UnsupportedFormat, UsageError, WrongPassword
 
 from .crypto import (
-    ARGON2_MAX_MEMORY_KIB, ARGON2_MAX_WORK_KIB, MAX_LOG_N, MAX_P, MAX_R, MIN_LOG_N, SCRYPT_P, SCRYPT_R,
-    AuthenticationFailed, KeyMaterial, Sealer, content_name, derive_argon2id, derive_kek, as_secret, derive_secret_kek,
-    is_secret, scrypt_memory, tune_argon2id,
+    ARGON2_MAX_MEMORY_KIB, ARGON2_MAX_PASSES, ARGON2_MAX_WORK_KIB, MAX_LOG_N, MAX_P, MAX_R, MIN_LOG_N, SCRYPT_P,
+    SCRYPT_R, AuthenticationFailed, KeyMaterial, Sealer, content_name, derive_argon2id, derive_kek, as_secret,
+    derive_secret_kek, is_secret, scrypt_memory, tune_argon2id,
 )
 
 FORMAT_VERSION = 2
@@ -300,6 +300,9 @@ class KeyFile:
                 return (f"its key derivation asks for Argon2id over {_memory(m << 10)}, {t} time(s) "
                         f"({_memory(t * m << 10)} over all passes), more than chunkvault writes (at most "
                         f"{_memory(ARGON2_MAX_MEMORY_KIB << 10)}, and {_memory(ARGON2_MAX_WORK_KIB << 10)} over all passes)")
+            if t > ARGON2_MAX_PASSES:  # each pass starts its lanes' threads: over little memory, passes cost that
+                return (f"its key derivation asks for Argon2id over {_memory(m << 10)}, {t} time(s), more than "
+                        f"chunkvault writes (at most {ARGON2_MAX_PASSES} passes)")
         elif self.kdf == KDF_SCRYPT:
             log_n, r, p = c["log_n"], c["r"], c["p"]
             if not (MIN_LOG_N <= log_n <= MAX_LOG_N and 1 <= r <= MAX_R and 1 <= p <= MAX_P):

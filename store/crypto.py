@@ -313,6 +313,10 @@ ARGON2_LEAST_KIB = 1 << 10  # what a target below one pass over 32 MiB, or of 0,
 #: key file is tried with a mistyped password: one planted asking for 4 GiB made that cost 4 GiB.
 ARGON2_MAX_MEMORY_KIB = 2 * ARGON2_MEMORY_KIB
 ARGON2_MAX_WORK_KIB = 1 << 26  # passes x memory a key file may ask for (about a minute of CPU): the tuner's cap
+#: The most passes a key file may ask for: the tuner's cap, at 32 MiB (it makes more than one pass over no less).
+#: A pass costs more than its memory: each starts its lanes' threads, so 4 million passes over 16 KiB, within
+#: ``ARGON2_MAX_WORK_KIB``, took half an hour.
+ARGON2_MAX_PASSES = ARGON2_MAX_WORK_KIB // ARGON2_MEMORY_KIB
 
 
 def derive_argon2id(password: bytes, salt: bytes, t: int, m_kib: int, p: int) -> bytes:
@@ -320,7 +324,7 @@ def derive_argon2id(password: bytes, salt: bytes, t: int, m_kib: int, p: int) ->
 
     The bounds keep a planted key file from making opening compute for hours.
     """
-    if not (1 <= p <= MAX_P and 8 * p <= m_kib <= ARGON2_MAX_MEMORY_KIB and 1 <= t
+    if not (1 <= p <= MAX_P and 8 * p <= m_kib <= ARGON2_MAX_MEMORY_KIB and 1 <= t <= ARGON2_MAX_PASSES
             and t * m_kib <= ARGON2_MAX_WORK_KIB):
         raise ValueError(f"argon2id t={t} m={m_kib} KiB p={p} out of range")
     from argon2.exceptions import HashingError

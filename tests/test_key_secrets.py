@@ -289,9 +289,11 @@ def _plant(repo, **fields) -> str:
     {"kdf": KDF_ARGON2ID, "t": 1, "m": 1 << 22, "p": 2},  # 4 GiB, which the bounds let through
     {"kdf": KDF_ARGON2ID, "t": 2, "m": 1 << 17, "p": 2},  # 128 MiB
     {"kdf": KDF_ARGON2ID, "t": 2049, "m": 1 << 15, "p": 2},  # 32 MiB, and more passes than the tuning's cap
+    {"kdf": KDF_ARGON2ID, "t": 1 << 22, "m": 16, "p": 2},  # 64 GiB over all passes, in 30 minutes of threads
     {"kdf": KDF_SCRYPT, "log_n": 18, "r": 32, "p": 64},  # 1 GiB, 64 GiB over its lanes
     {"kdf": KDF_SCRYPT, "log_n": 19, "r": 9, "p": 1},
-], ids=["argon2id 4 GiB", "argon2id 128 MiB", "argon2id passes", "scrypt 1 GiB in 64 lanes", "scrypt r 9"])
+], ids=["argon2id 4 GiB", "argon2id 128 MiB", "argon2id passes", "argon2id passes over 16 KiB",
+        "scrypt 1 GiB in 64 lanes", "scrypt r 9"])
 def test_a_planted_key_file_asking_for_more_than_init_writes_is_skipped_not_derived(tmp_path, monkeypatch, cli,
                                                                                      cost):
     """Every key file is tried with a mistyped password: one planted asking for the most the bounds allowed
