@@ -929,10 +929,24 @@ def restore_in_place(args: argparse.Namespace, what: str, repository: bool = Tru
     return _holds_entries(args.target)
 
 
+def begin_waits(args: argparse.Namespace) -> None:
+    """Start the one ``--wait`` a restore's waits share (``target_wait``): for the repository's lock, then
+    each for its target's, each took the whole of it anew."""
+    from .store.target_lock import deadline
+
+    args.wait_until = deadline(args.wait)
+
+
 def target_wait(args: argparse.Namespace) -> float:
-    """How long a restore waits for another writing into its target: as long as ``--wait`` says where it was
-    given; refused at once by default (its default is the wait for a prune, which a restore waits out)."""
-    return args.wait if getattr(args, "wait_given", False) else 0.0
+    """How long a restore waits for another writing into its target: what is left of ``--wait`` (from
+    ``begin_waits``) where it was given; refused at once by default (its default is the wait for a prune,
+    which a restore waits out)."""
+    from .store.target_lock import remaining
+
+    if not getattr(args, "wait_given", False):
+        return 0.0
+    until = getattr(args, "wait_until", None)
+    return args.wait if until is None else remaining(until)
 
 
 def _holds_entries(target: str) -> bool:
@@ -993,8 +1007,10 @@ def chosen_snapshot(repo: Any, args: argparse.Namespace, spec: str | None = None
 
 def cmd_restore(args: argparse.Namespace) -> int:
     from .memory import RESTORE_TRIM_THRESHOLD, tune_allocator
+    from .store.target_lock import holding
 
     tune_allocator(trim_threshold=RESTORE_TRIM_THRESHOLD)
+    begin_waits(args)
     recovery = _recovery_asked(args)
     if args.from_file:
         if recovery is not None:
@@ -1034,6 +1050,7 @@ def cmd_restore(args: argparse.Namespace) -> int:
                          "(in pg_wal, a later timeline's history and segments) would steer the recovery away from "
                          "the target asked for")
     bar = _progress(args, "restore", None if subtree else snap.stats.get("bytes"))
+    args.held.enter_context(holding())  # the target's lock kept until the recovery settings are written
     try:
         try:
             result = repo.restore(snap, args.target, includes=args.include, excludes=args.exclude,

@@ -275,7 +275,16 @@ def write_recovery(datadir: str, target: RecoveryTarget, restore_command: str) -
     the settings into ``postgresql.auto.conf`` (kept its owner and mode, or made as ``global/pg_control``'s
     owner's), after the other recovery settings at their defaults (``DEFAULTS``), any signal file of an
     earlier setup removed, the target's made.  UsageError when ``datadir`` is
-    no data directory of PostgreSQL 12 or newer, or one copied after a time ``target`` (``copied_after``)."""
+    no data directory of PostgreSQL 12 or newer, or one copied after a time ``target`` (``copied_after``).
+    Written under the lock a restore holds on its target (store/target_lock.py): TargetBusy while another
+    restore writes there; within ``holding``, under the one the restore of ``datadir`` took, kept since."""
+    from .store.target_lock import target_held
+
+    with target_held(datadir):
+        return _write_recovery(datadir, target, restore_command)
+
+
+def _write_recovery(datadir: str, target: RecoveryTarget, restore_command: str) -> RecoveryWritten:
     control = os.path.join(datadir, "global", "pg_control")
     try:
         owner = os.stat(control)

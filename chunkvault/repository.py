@@ -46,7 +46,7 @@ from .store.objects import BlobInfo, unique_name
 from .store.repository import NOT_INDEXED, AheadWalk, Repo, pack_key
 from .store.confinement import confined
 from .store.subtree import Subtree, in_subtree
-from .store.target_lock import await_target
+from .store.target_lock import await_target, deadline, holding, remaining
 from .store.restore import (Relocation, Restorer, RestoreOptions, RestoreResult, check_content, check_overwrite,
                             include_directory, merged_results, refuse_overlap)
 from .store.owners import OwnerMap, chain_names
@@ -1626,6 +1626,8 @@ class Repository:
         from .store.forked import MAX_REQUESTED
         from .store.restore import Selection
 
+        if type(target_wait) not in (int, float) or not 0 <= target_wait < math.inf:
+            raise UsageError(f"target_wait is a number of seconds, not {target_wait!r}")
         if relocate:
             return self._restore_relocated(snapshot, target, list(relocate), until=until, host=host, paths=paths,
                                            includes=includes, excludes=excludes, iexcludes=iexcludes, force=force,
@@ -1639,8 +1641,6 @@ class Repository:
             raise UsageError(f"processes is a count from 1 to {MAX_REQUESTED}, not {processes!r}")
         if progress is not None and not callable(progress):
             raise UsageError(f"progress is a function (files, bytes), not {progress!r}")
-        if type(target_wait) not in (int, float) or not 0 <= target_wait < math.inf:
-            raise UsageError(f"target_wait is a number of seconds, not {target_wait!r}")
         if not isinstance(target, (str, bytes, os.PathLike)) or not os.fspath(target):
             # "" was the current directory, where delete=True then deleted nothing it should have
             raise UsageError(f"a restore target must be a directory path, not {target!r} (\".\" for here)")
@@ -1650,6 +1650,7 @@ class Repository:
             raise UsageError(f"verify compares every entry with the snapshot: overwrite {overwrite} keeps entries "
                              "of the target's that differ from it")
         force = force or overwrite == "never"  # writes only what the target lacks: nothing there is changed
+        waits = deadline(target_wait)  # one for every wait on the target: each took the whole of it anew
         await_target(target, target_wait)  # one that another restore fills is that one's, not "not empty"
         if not force and _is_nonempty_dir(target):
             raise TargetNotEmpty(f"restore target {os.fsdecode(target)} is not empty (force=True restores "
@@ -1668,7 +1669,7 @@ class Repository:
                     "alone: restore its directory")
             opts = RestoreOptions(includes=includes, excludes=excludes, iexcludes=iexcludes, force=force,
                                   delta=delta, delete=delete, overwrite=overwrite, progress=self._progress(progress),
-                                  checkpoint=self._checkpoint(), xattrs=xattrs, wait=target_wait,
+                                  checkpoint=self._checkpoint(), xattrs=xattrs, wait=remaining(waits),
                                   owner_map=None if numeric_owner else self.owner_map(snap))
             restorer = Restorer(self._repo, target, opts, lookup=sub.lookup, tree_name=f"tree of snapshot {snap.id}",
                                 subtree=sub.root)
@@ -1710,8 +1711,20 @@ class Repository:
                            subtree: str | bytes | None, force: bool, overwrite: str, progress: Any,
                            **options: Any) -> RestoreResult:
         """``restore`` with ``relocate``: the target without the relocated directories, then each of them
-        into its own directory (a restore of that subtree), then each link made.  What can be refused is
-        refused before anything is written."""
+        into its own directory (a restore of that subtree), then each link made, every lock held to the end
+        (``holding``) and waited for within one ``target_wait``.  What can be refused is refused before
+        anything is written."""
+        with holding():
+            return self._restore_relocated_held(snapshot, target, relocate, until=until, host=host, paths=paths,
+                                                includes=includes, excludes=excludes, iexcludes=iexcludes,
+                                                subtree=subtree, force=force, overwrite=overwrite,
+                                                progress=progress, **options)
+
+    def _restore_relocated_held(self, snapshot: str | Snapshot, target: str, relocate: list[Relocation], *,
+                                until: str | datetime | None, host: str | None, paths: list[str] | None,
+                                includes: list[str] | None, excludes: list[str] | None, iexcludes: list[str] | None,
+                                subtree: str | bytes | None, force: bool, overwrite: str, progress: Any,
+                                target_wait: float = 0.0, **options: Any) -> RestoreResult:
         if subtree is not None or includes or excludes or iexcludes:
             raise UsageError("relocating directories restores a whole snapshot: give no subtree, includes or "
                              "excludes with it")
@@ -1744,9 +1757,11 @@ class Repository:
         escaped = [os.fsdecode(re.sub(rb"([*?\[\\])", rb"[\1]", r.subtree)) for r in relocate]
         results = []
         parts = [(target_dir, None, escaped), *((i, r.subtree, None) for i, r in zip(intos, relocate))]
+        waits = deadline(target_wait)  # one for all the parts
         for into, sub, exclude in parts:
             result = self.restore(snap, into, excludes=exclude, subtree=sub, force=force, overwrite=overwrite,
-                                  progress=step if progress is not None else None, **options)
+                                  progress=step if progress is not None else None, target_wait=remaining(waits),
+                                  **options)
             results.append(result)
             done[0] += result.files
             done[1] += result.bytes

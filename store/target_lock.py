@@ -12,14 +12,22 @@ descriptor's last holder ends, however it ends: a killed restore leaves none
 behind, and there is no lock file to go stale.  A file system that takes no
 such lock on a directory (NFS may refuse it) leaves the restore unguarded, as
 before.
+
+A restore that writes more after its tree (``--pg-recover``'s settings, ``--pg-tablespace``'s links) keeps its
+target's lock until then (``holding``): released between, it let another restore in, to delete or overwrite
+what it wrote.  A restore's waits (for the repository's lock, then for each of its targets') share one
+deadline (``deadline``, ``remaining``): each took the whole ``--wait`` anew.
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import os
+import threading
 import time
 import warnings
+from typing import Iterator
 
 from chunkvault.errors import ChunkvaultWarning, TargetBusy
 
@@ -27,18 +35,72 @@ from .locks import stop_waiting
 
 POLL = 0.2  # seconds between attempts while waiting
 
+# This thread's ``holding`` blocks: each a map of the targets locked in it, (device, inode) -> a descriptor
+# holding the lock until the block ends.
+_scopes = threading.local()
+
+
+@contextlib.contextmanager
+def holding() -> Iterator[None]:
+    """Within the block, each target lock this thread takes is kept until the block ends, and taken again by
+    the thread (another restore's part into it, ``await_target``) at once: what a restore writes after its
+    tree (recovery settings, tablespace links) is written under the lock its tree was, with no moment between
+    for another restore to begin.  Another thread or process is refused (or waits) as before."""
+    held: dict[tuple[int, int], int] = {}
+    outer = getattr(_scopes, "held", None)
+    _scopes.held = held
+    try:
+        yield
+    finally:
+        _scopes.held = outer
+        for fd in held.values():
+            os.close(fd)
+
+
+def _held(fd: int) -> int | None:
+    """A descriptor of this thread's ``holding`` that holds the lock on the directory open at ``fd``, if any."""
+    held = getattr(_scopes, "held", None)
+    if not held:
+        return None
+    st = os.fstat(fd)
+    return held.get((st.st_dev, st.st_ino))
+
+
+def _keep(fd: int) -> None:
+    """Keep the lock just taken on ``fd`` until this thread's ``holding`` block ends, if it is in one."""
+    held = getattr(_scopes, "held", None)
+    if held is not None:
+        st = os.fstat(fd)
+        held[(st.st_dev, st.st_ino)] = os.dup(fd)  # the same open file: its lock, released when all are closed
+
+
+def deadline(wait: float) -> float:
+    """The time.monotonic() at which a wait of ``wait`` seconds begun now ends (``remaining``)."""
+    return time.monotonic() + wait
+
+
+def remaining(until: float) -> float:
+    """The seconds left before ``until`` (``deadline``), 0 once it has passed: what a restore's later wait
+    for a lock may take of the one ``--wait`` it was given."""
+    return max(0.0, until - time.monotonic())
+
 
 def lock_target(dir_fd: int, shown: str, wait: float = 0.0) -> int | None:
     """Lock the target directory open at ``dir_fd`` (an O_PATH descriptor will do) on a descriptor of its own,
     returned for the caller to close when its restore is done (closing it releases the lock).  Waits up to
     ``wait`` seconds for another restore holding it, then TargetBusy.  None where no lock can be taken there
-    (a directory this user may not read, a file system without ``flock``): the restore goes on without one."""
+    (a directory this user may not read, a file system without ``flock``): the restore goes on without one.
+    Held by this thread's ``holding`` already: a copy of that descriptor, at once."""
     try:
         fd = os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=dir_fd)
     except OSError:
         return None
     try:
+        held = _held(fd)
+        if held is not None:
+            return os.dup(held)
         if _wait_for(fd, shown, wait):
+            _keep(fd)
             return fd
     except BaseException:
         os.close(fd)
@@ -47,15 +109,37 @@ def lock_target(dir_fd: int, shown: str, wait: float = 0.0) -> int | None:
     return None
 
 
+@contextlib.contextmanager
+def target_held(path: str | bytes, wait: float = 0.0) -> Iterator[None]:
+    """The lock on the directory ``path`` held for the block (``lock_target``): for what writes into a
+    restored target by its path (``pgrecovery.write_recovery``).  Unguarded where no lock can be taken."""
+    try:
+        dir_fd = os.open(path, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError:  # none there, or no directory: the caller says so itself
+        yield
+        return
+    try:
+        fd = lock_target(dir_fd, os.fsdecode(path), wait)
+    finally:
+        os.close(dir_fd)
+    try:
+        yield
+    finally:
+        if fd is not None:
+            os.close(fd)
+
+
 def await_target(path: str | bytes, wait: float = 0.0) -> None:
     """Wait up to ``wait`` seconds for a restore writing into the directory ``path`` to end (TargetBusy
-    after): before a target is found not empty, which one that another restore is filling would be."""
+    after): before a target is found not empty, which one that another restore is filling would be.  One
+    this thread's ``holding`` holds is its own restore's: not waited for."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     except OSError:  # none there, or no directory: the restore says so itself
         return
     try:
-        _wait_for(fd, os.fsdecode(path), wait)
+        if _held(fd) is None:
+            _wait_for(fd, os.fsdecode(path), wait)
     finally:
         os.close(fd)
 
@@ -74,16 +158,21 @@ def _wait_for(fd: int, shown: str, wait: float) -> bool:
         if time.monotonic() >= deadline or stop_waiting.is_set():
             holder = _holder(fd)
             by = f" (process {holder})" if holder is not None else ""
-            waited = f"; waited {wait:g} s" if wait else ""
+            waited = f"; waited {_shown(wait)} s" if wait else ""
             raise TargetBusy(f"another restore{by} is writing into {shown}{waited}: try again once it is "
                              "done").hinting(" (or use --wait SECONDS)" if not wait else "")
         if not told:  # no command waits in silence
             holder = _holder(fd)
             by = f" (process {holder})" if holder is not None else ""
-            warnings.warn(f"waiting up to {wait:g} s: another restore{by} is writing into {shown}", ChunkvaultWarning,
-                          stacklevel=2)
+            warnings.warn(f"waiting up to {_shown(wait)} s: another restore{by} is writing into {shown}",
+                          ChunkvaultWarning, stacklevel=2)
             told = True
         stop_waiting.wait(min(POLL, max(0.0, deadline - time.monotonic())))
+
+
+def _shown(seconds: float) -> str:
+    """A wait as told: what is left of a restore's ``--wait`` is a fraction ("59.3382 s")."""
+    return f"{seconds:.0f}" if seconds >= 10 else f"{seconds:.2g}"
 
 
 def _holder(fd: int) -> int | None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import fcntl
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -86,7 +87,7 @@ def test_a_restore_given_wait_waits_for_the_other_and_then_restores(backup, held
                             text=True)
     try:
         said = proc.stderr.readline()  # told before it waits, not after
-        assert f"waiting up to 60 s: another restore (process {os.getpid()}) is writing into" in said
+        assert re.search(rf"waiting up to \d+ s: another restore \(process {os.getpid()}\) is writing into", said)
         held()
         assert proc.wait(120) == 0, proc.stderr.read()
     finally:
@@ -182,3 +183,110 @@ def test_a_bad_wait_is_a_usage_error(backup, tmp_path):
     for bad in (-1, float("nan"), "5", True):
         with pytest.raises(UsageError, match="target_wait"):
             repo.restore("latest", str(tmp_path / "target"), target_wait=bad)
+
+
+def _locked_by_another(path) -> bool:
+    """Whether a restore holds the lock on directory ``path``: a lock of our own there is refused."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return False
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+
+
+def test_a_relocated_restore_holds_the_targets_lock_until_its_links_are_made(backup, tmp_path):
+    """The target's lock was released once its own part was in, while the relocated directories were restored
+    and the links made: another restore could begin there, and --delete what the first went on to write."""
+    from chunkvault.store.restore import Relocation
+
+    repo, _, src = backup
+    target, into = tmp_path / "target", tmp_path / "d1"
+    seen = []
+
+    def step(files, nbytes):
+        if files > 90 and not seen:  # the relocated directory's part, the target's done
+            seen.append((_locked_by_another(target), _locked_by_another(into)))
+
+    repo.restore("latest", str(target), relocate=[Relocation(b"d1", str(into), b"d1")], progress=step,
+                 processes=1)
+    assert seen == [(True, True)]
+    assert os.readlink(target / "d1") == str(into)
+    assert not _locked_by_another(target) and not _locked_by_another(into)  # released once all is done
+
+
+def test_recovery_settings_are_written_under_the_targets_lock(tmp_path, monkeypatch, capsys):
+    """--pg-recover wrote its settings and signal file once the restore had released the target's lock: a
+    second restore could begin there in between.  Now they are written under the lock the restore took, and
+    the API's write_recovery takes it too."""
+    from chunkvault import cli, pgrecovery
+
+    pw = tmp_path / "pw"
+    pw.write_text(PASSWORD)
+    data = tmp_path / "data"
+    (data / "global").mkdir(parents=True)
+    (data / "global" / "pg_control").write_bytes(b"\0" * 64)
+    (data / "PG_VERSION").write_text("15\n")
+    url = str(tmp_path / "repo")
+    with Repository.init(url, PASSWORD, kdf_seconds=0) as repo:
+        repo.backup([str(data)])
+    target = tmp_path / "target"
+    seen = []
+    write = pgrecovery.write_recovery
+
+    def checked(datadir, *args):
+        seen.append(_locked_by_another(datadir))
+        return write(datadir, *args)
+
+    monkeypatch.setattr(pgrecovery, "write_recovery", checked)
+    monkeypatch.delenv("CHUNKVAULT_PASSWORD", raising=False)
+    code = cli.main(["restore", "latest", "-r", url, "--password-file", str(pw), "-t", str(target),
+                     "--pg-recover", "immediate", "--quiet"])
+    assert code == 0, capsys.readouterr().err
+    assert seen == [True] and (target / "recovery.signal").exists()
+    assert not _locked_by_another(target)
+    os.unlink(target / "recovery.signal")
+    fd = os.open(target, os.O_RDONLY | os.O_DIRECTORY)  # another restore writing there
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        with pytest.raises(TargetBusy):
+            write(str(target), pgrecovery.RecoveryTarget("end"), "x")
+    finally:
+        os.close(fd)
+    assert not (target / "recovery.signal").exists()
+
+
+def test_one_wait_bounds_every_wait_of_a_restore(backup, tmp_path, monkeypatch):
+    """A restore given target_wait waited for the target before reading the repository, then for the whole of
+    it again for the lock it writes under, where another restore took the target in between: twice what it was
+    given (three times from the command line, and --wait's wait for the repository's lock besides)."""
+    from chunkvault.store import target_lock
+
+    repo, _, _ = backup
+    target = tmp_path / "target"
+    target.mkdir()
+    first = os.open(target, os.O_RDONLY | os.O_DIRECTORY)  # a restore writing there, done in a second
+    fcntl.flock(first, fcntl.LOCK_EX)
+    threading.Timer(1.0, os.close, [first]).start()
+    then = os.open(target, os.O_RDONLY | os.O_DIRECTORY)  # one that begins there once it is done
+    real = target_lock._wait_for
+
+    def wait_for(fd, shown, wait):
+        done = real(fd, shown, wait)
+        if not getattr(wait_for, "taken", False):
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            fcntl.flock(then, fcntl.LOCK_EX)
+            wait_for.taken = True
+        return done
+
+    monkeypatch.setattr(target_lock, "_wait_for", wait_for)
+    began = time.monotonic()
+    try:
+        with pytest.raises(TargetBusy, match="waited"):
+            repo.restore("latest", str(target), target_wait=3, processes=1)
+    finally:
+        os.close(then)
+    assert 2.9 < time.monotonic() - began < 3.6
+    assert os.listdir(target) == []
