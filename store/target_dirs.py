@@ -213,10 +213,14 @@ def remove_tree(parent_fd: int, name: bytes | str, *, unlock: bool = False) -> N
     could rmdir, up to /.  Nor is another file system entered (EXDEV): a restore's --delete emptied what
     was mounted in the target (a bind mount of the same file system is for the caller to find,
     ``mount_points``).  ``unlock``: each directory of this user's that denies its owner (``closed_to_owner``)
-    is opened (mode 0700) to be listed and emptied, for a tree restored with the modes it had."""
+    is opened (mode 0700) to be listed and emptied, for a tree restored with the modes it had.  Nor is a
+    directory another restore is writing into as its target emptied (OSError, EBUSY, naming it): each is
+    locked as a restore locks its target (store/target_lock.py) while it is emptied, or left as it is; a
+    restore --delete of the directory above it removed it under the other restore's writes."""
     names = [os.fsencode(name)]  # the path from ``name`` down to the directory open at ``fd``
     device = os.fstat(parent_fd).st_dev
     fd, first = _open_to_empty(names[0], parent_fd, unlock, device)
+    _not_a_target(fd, names)
     seen = [first]  # (device, inode) of each directory in ``names``
     try:
         while True:
@@ -233,6 +237,7 @@ def remove_tree(parent_fd: int, name: bytes | str, *, unlock: bool = False) -> N
                 fd = child
                 names.append(deeper)
                 seen.append(identity)
+                _not_a_target(fd, names)
                 continue
             emptied = names.pop()
             seen.pop()
@@ -254,6 +259,25 @@ def remove_tree(parent_fd: int, name: bytes | str, *, unlock: bool = False) -> N
     finally:
         if fd >= 0:
             os.close(fd)
+
+
+def _not_a_target(fd: int, names: list[bytes]) -> None:
+    """Lock the directory open at ``fd`` (``names`` below the tree removed) as a restore locks its target, held
+    while it stays open; OSError (EBUSY) where another restore holds it.  One that takes no lock: as before."""
+    import fcntl
+
+    from .target_lock import _holder
+
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = _holder(fd)
+        by = f" (process {holder})" if holder is not None else ""
+        below = f"{os.fsdecode(b'/'.join(names[1:]))} in it" if len(names) > 1 else "it"
+        raise OSError(errno.EBUSY, f"another restore{by} is writing into {below}", os.fsdecode(b"/".join(names))
+                      ) from None
+    except OSError:
+        pass
 
 
 def _open_path(parent_fd: int, names: list[bytes]) -> int:

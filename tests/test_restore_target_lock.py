@@ -290,3 +290,38 @@ def test_one_wait_bounds_every_wait_of_a_restore(backup, tmp_path, monkeypatch):
         os.close(then)
     assert 2.9 < time.monotonic() - began < 3.6
     assert os.listdir(target) == []
+
+
+def test_delete_leaves_a_directory_inside_the_target_that_another_restore_writes_into(backup, tmp_path):
+    """The lock is the target's alone: a restore --delete into the directory above removed another restore's
+    target, at any depth, from under the writes it was making."""
+    from chunkvault.errors import TargetUnwritable
+
+    repo, _, src = backup
+    target = tmp_path / "target"
+    repo.restore("latest", str(target), processes=1)
+    theirs = [target / "other", target / "d1" / "extra" / "deeper"]
+    for d in theirs:
+        d.mkdir(parents=True)
+        (d / "written").write_text("by the other restore")
+    (target / "d1" / "extra" / "stray").write_text("the snapshot lacks it")
+    (target / "gone").mkdir()
+    fds = []
+    try:
+        for d in theirs:
+            fds.append(os.open(d, os.O_RDONLY | os.O_DIRECTORY))
+            fcntl.flock(fds[-1], fcntl.LOCK_EX)
+        with pytest.raises(TargetUnwritable) as caught:
+            repo.restore("latest", str(target), force=True, delta=True, delete=True, processes=1)
+    finally:
+        for fd in fds:
+            os.close(fd)
+    said = str(caught.value)
+    assert f"other (not deleted: another restore (process {os.getpid()}) is writing into it)" in said
+    assert f"d1/extra (not deleted: another restore (process {os.getpid()}) is writing into deeper in it)" in said
+    for d in theirs:
+        assert (d / "written").read_text() == "by the other restore"
+    assert not (target / "gone").exists()
+    assert caught.value.partial.deleted == 1
+    repo.restore("latest", str(target), force=True, delta=True, delete=True, processes=1)  # once they are done
+    assert describe(target) == describe(src)
