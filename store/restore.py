@@ -83,6 +83,8 @@ DELTA_HOLD_BYTES = 16 << 20
 LEFTOVER_SLACK_NS = 2_000_000_000
 # The name a file is written under beside the one it replaces (``Restorer._write_beside``).
 BESIDE_PREFIX = b".chunkvault-restore-"
+# The mode a target closed to 0700 while it fills gets back, noted on it until then (``Restorer._note_mode``)
+MODE_NOTE = "user.chunkvault.restore-mode"
 _BESIDE_NAME = re.compile(re.escape(BESIDE_PREFIX) + rb"[0-9a-f]{16}\Z")
 
 
@@ -694,6 +696,7 @@ class Restorer:
         # The mode of a target closed while it fills (``_close_while_filling``): the umask's, of one this restore
         # made; or the one an empty target others could write in had.  Given back where no root mode is recorded.
         self._made_mode: int | None = None
+        self._mode_noted = False  # the target carries ``_note_mode``'s note, removed once all is in
         self.root_left = False  # the target is another user's: the snapshot root's metadata was not set there
         self._root_recorded = False  # the snapshot records its root directory (not several paths, a stream)
         self._far_times: dict[bytes, int] = {}  # entries with times some file systems cannot hold: path -> time
@@ -838,17 +841,22 @@ class Restorer:
                 if os.listdir(t):
                     if closed is not None:  # in place, or refused: the target's entries are not made room for
                         os.chmod(self.root, closed)
+                    elif self._made_mode is None:
+                        self._made_mode = self._noted_mode()  # one a restore killed meanwhile closed
                     if not self.opt.force:
                         raise TargetNotEmpty(f"restore target {os.fsdecode(t)} is not empty (a restore in place "
                                              "must be asked for)")
                 else:
                     self._fresh = True
                     self._made_mode = closed if closed is not None else self._made_mode
+                    if closed is not None:
+                        self._note_mode(closed)
             else:
                 self._lock_target()  # refused if another restore that found it made took it first
                 # through its descriptor from here on, as every later step: not through a link put in its place
                 self._made_mode = stat.S_IMODE(os.stat(self.root).st_mode)  # the umask's: given back once all is in
                 os.chmod(self.root, 0o700)  # closed while it fills, as its directories are (``note_walked``)
+                self._note_mode(self._made_mode)
                 self._fresh = True
         except OSError as exc:
             raise target_error(f"cannot restore into {os.fsdecode(t)}", exc) from None
@@ -872,6 +880,28 @@ class Restorer:
             return None
         return stat.S_IMODE(st.st_mode)
 
+    def _note_mode(self, mode: int) -> None:
+        """Note on the target, closed to 0700 while it fills, the mode it gets back once all is in: a restore
+        killed before then left it 0700, and a rerun in place (--delta) kept that.  Not noted where the file
+        system takes no extended attribute (the rerun then leaves it 0700, as before)."""
+        try:
+            os.setxattr(self.root, MODE_NOTE, b"%o" % mode)
+            self._mode_noted = True
+        except OSError:
+            pass
+
+    def _noted_mode(self) -> int | None:
+        """The mode ``_note_mode`` noted on the target, where it is still closed (0700) as the restore that
+        noted it left it; None where none is."""
+        try:
+            noted = os.getxattr(self.root, MODE_NOTE)
+            self._mode_noted = True
+            if stat.S_IMODE(os.stat(self.root).st_mode) == 0o700 and re.fullmatch(rb"[0-7]{1,4}", noted):
+                return int(noted, 8) & 0o7777
+        except OSError:
+            pass
+        return None
+
     def run(self, records: Iterator[Record]) -> RestoreResult:
         """Restore into an empty target (or in place); what the target does not take and files whose data is
         damaged are left out, and then reported (``RestoreResult.raise_for_problems``)."""
@@ -892,6 +922,11 @@ class Restorer:
                 os.chmod(self.root, self._made_mode)
             except OSError as exc:
                 self.result.warnings.append(f"{os.fsdecode(self.target)} left mode 0700: {_reason(exc)}")
+        if self._mode_noted:  # its mode is given (or the snapshot root's): the note is done with
+            try:
+                os.removexattr(self.root, MODE_NOTE)
+            except OSError:
+                pass
         missed = self.opt.owner_map.missed() if self.opt.owner_map is not None and self.owners else None
         if missed is not None:
             self.result.warnings.append(missed)

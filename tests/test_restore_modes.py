@@ -149,6 +149,46 @@ def test_interrupted_restore_resumes_with_delta(snapshot_of_tree, tmp_path, monk
     assert describe(target) == expected
 
 
+@pytest.mark.parametrize("given", [None, 0o777, 0o1777])
+def test_a_rerun_gives_a_target_an_interrupted_restore_closed_its_mode_back(tmp_path, new_repo, monkeypatch, given):
+    """A target closed to 0700 while it fills (made, or an empty one others may write in) whose snapshot records
+    no root directory (several paths) gets its own mode back once all is in; interrupted, the rerun in place
+    found it 0700 and left it so: a shared directory closed to all but its owner."""
+    from chunkvault.store import restore as restore_mod
+
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        for i in range(4):
+            (tmp_path / name / f"f{i}").write_bytes(os.urandom((3 << 20) + i))  # of several chunks: not in a run
+    repo = new_repo(str(tmp_path / "repo"))
+    snap = repo.backup([str(tmp_path / "a"), str(tmp_path / "b")]).snapshot
+    target = tmp_path / "target"
+    if given is not None:
+        target.mkdir()
+        os.chmod(target, given)
+    os.umask(umask := os.umask(0o022))
+    expected = given if given is not None else 0o777 & ~umask
+    calls = {"n": 0}
+    real = restore_mod.Restorer._write_file
+
+    def dying(self, dst, e, chunks):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return real(self, dst, e, chunks)
+
+    monkeypatch.setattr(restore_mod.Restorer, "_write_file", dying)
+    with pytest.raises(KeyboardInterrupt):
+        repo.restore(snap, str(target), processes=1)
+    monkeypatch.undo()
+    assert os.stat(target).st_mode & 0o7777 == 0o700  # as a restore killed outright leaves it
+    repo.restore(snap, str(target), force=True, delta=True, processes=1)
+    assert os.stat(target).st_mode & 0o7777 == expected
+    assert "user.chunkvault.restore-mode" not in os.listxattr(target)
+    restored = target / str(tmp_path).lstrip("/")  # several paths: each under its whole path
+    assert describe(restored / "b") == describe(tmp_path / "b")
+
+
 def test_cli_in_place_needs_confirmation(snapshot_of_tree, cli, tmp_path):
     repo, snap, src, expected = snapshot_of_tree
     damage(src, random.Random(3))
