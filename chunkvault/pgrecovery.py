@@ -9,6 +9,7 @@ earlier recovery settings there commented out; the signal file is owned as ``glo
 """
 from __future__ import annotations
 
+import errno
 import os
 import re
 import shlex
@@ -302,9 +303,17 @@ def _write_recovery(datadir: str, target: RecoveryTarget, restore_command: str) 
     defaults = [(name, value) for name, value in DEFAULTS if name not in chosen]
     path = os.path.join(datadir, AUTO_CONF)
     try:
-        with open(path, encoding="utf-8", errors="surrogateescape") as f:
+        with open(os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC), encoding="utf-8",
+                  errors="surrogateescape") as f:
             text = f.read()
     except FileNotFoundError:
+        text = None
+    except OSError as exc:
+        if exc.errno != errno.ELOOP:
+            raise
+        # A symbolic link (restored as the snapshot has it) is replaced by a file, as ALTER SYSTEM's rename
+        # replaces it, and not read: followed, a restore as root rewrote whatever file it named.
+        os.unlink(path)
         text = None
     stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
     new = rewrite_auto_conf(text or "", defaults + settings, stamp)
@@ -321,7 +330,7 @@ def _write_recovery(datadir: str, target: RecoveryTarget, restore_command: str) 
 def _write_as(path: str, data: bytes, owner: os.stat_result | None) -> None:
     """``data`` into ``path`` durably: an existing file rewritten in place (its owner and mode stay); a new one
     made mode 0600 and given ``owner``'s uid and gid where this process may."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, 0o600)
     try:
         view = memoryview(data)
         while view:

@@ -140,6 +140,21 @@ def test_a_new_auto_conf_is_private(tmp_path):
     assert (d / "postgresql.auto.conf").read_text().endswith("restore_command = 'x'\n")
 
 
+@pytest.mark.parametrize("name", ["postgresql.auto.conf", "recovery.signal"])
+def test_a_symbolic_link_in_the_place_of_a_file_written_is_replaced_not_followed(tmp_path, name):
+    """A data directory restored with postgresql.auto.conf a symbolic link (as whoever could write the backed-up
+    directory left it) had the file it named rewritten, by a restore run as root: /etc/passwd, say."""
+    d = data_dir(tmp_path)
+    victim = tmp_path / "victim"
+    victim.write_text("not the restore's\n")
+    os.symlink(victim, d / name)
+    write_recovery(str(d), RecoveryTarget("end"), "x")
+    assert victim.read_text() == "not the restore's\n"
+    assert not (d / "postgresql.auto.conf").is_symlink() and not (d / "recovery.signal").is_symlink()
+    assert (d / "postgresql.auto.conf").read_text().endswith("restore_command = 'x'\n")
+    assert "not the restore's" not in (d / "postgresql.auto.conf").read_text()
+
+
 def test_no_data_directory_and_an_old_postgresql_are_refused_writing_nothing(tmp_path):
     with pytest.raises(UsageError, match="no PostgreSQL data directory"):
         write_recovery(str(tmp_path), RecoveryTarget("end"), "x")
