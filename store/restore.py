@@ -839,8 +839,13 @@ class Restorer:
                 self._lock_target()  # before it is found empty: another restore may be filling it
                 closed = self._close_while_filling()  # before it is found empty: nothing put there after counts
                 if os.listdir(t):
-                    if closed is not None:  # in place, or refused: the target's entries are not made room for
+                    if closed is not None and not self.opt.force:  # refused: as it was
                         os.chmod(self.root, closed)
+                    elif closed is not None:
+                        # in place, closed while it fills as an empty one is: entries put there meanwhile (one in
+                        # a directory the snapshot has, that then took its owner) outlived --delete's walk
+                        self._made_mode = closed
+                        self._note_mode(closed)
                     elif self._made_mode is None:
                         self._made_mode = self._noted_mode()  # one a restore killed meanwhile closed
                     if not self.opt.force:
@@ -863,12 +868,12 @@ class Restorer:
         self.dirs  # opened now, before any worker process is forked: they share it
 
     def _close_while_filling(self) -> int | None:
-        """Close a target that others may write in (0777, 0775, 1777) to 0700 while the restore fills it, as one
-        it makes is, where this user may: whoever can write there could put a directory of their own where the
-        snapshot has one (the restore then wrote into it, theirs to change until its end), or move what was
+        """Close a target that others may write in (0777, 0775, 1777) to 0700 while the restore fills it (empty, or in
+        place), as one it makes is, where this user may: whoever can write there could put a directory of their own
+        where the snapshot has one (the restore then wrote into it, theirs to change until its end), or move what was
         restored aside and put their own in its place.  The mode it had, or None where it was not closed; the
-        snapshot root's recorded mode, else that one, is the target's once all is in (``note_walked``).
-        Until then (a restore killed) it stays 0700, as one the restore made."""
+        snapshot root's recorded mode, else that one, is the target's once all is in (``note_walked``).  Until then
+        (a restore killed) it stays 0700, as one the restore made."""
         if self._made_mode is not None:  # closed already (--delete's walk checked the target first)
             return None
         st = os.fstat(self.dirs.at(b"")[0])
@@ -1660,8 +1665,9 @@ class Restorer:
             fd = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=pfd)
             try:
                 where = proc_path(fd)
-                if stat.S_IMODE(os.fstat(fd).st_mode) != stat.S_IMODE(st.st_mode):
-                    os.chmod(where, stat.S_IMODE(st.st_mode))
+                mode = stat.S_IMODE(st.st_mode) if e.path or self._made_mode is None else self._made_mode
+                if stat.S_IMODE(os.fstat(fd).st_mode) != mode:  # the target, kept: as it was before it was closed
+                    os.chmod(where, mode)
                 os.utime(where, ns=(st.st_atime_ns, st.st_mtime_ns))
             finally:
                 os.close(fd)

@@ -1766,6 +1766,58 @@ def test_an_empty_target_others_may_write_in_is_closed_while_a_restore_as_root_f
         shutil.rmtree(reachable)
 
 
+@pytest.mark.skipif(os.geteuid() != 0 or shutil.which("setpriv") is None, reason="needs root and setpriv")
+@pytest.mark.parametrize("paths", [1, 2], ids=["root-recorded-0777", "several-paths"])
+def test_a_target_others_may_write_in_is_closed_while_a_restore_as_root_fills_it_in_place(tmp_path, new_repo,
+                                                                                          paths):
+    """In place, a target others may write in was left open while the restore wrote: what another user made
+    there meanwhile (a directory where the snapshot has one, which the restore took, and the snapshot's files
+    in it, that user's to rearrange until the end) came after --delete's walk and stayed, in a tree that was
+    all root's at the end.  It is closed as an empty one is; its mode given back at the end."""
+    sources = []
+    for n in range(paths):
+        src = tmp_path / f"src{n}"
+        (src / "a").mkdir(parents=True)
+        for i in range(40):
+            (src / "a" / f"f{i}").write_bytes(os.urandom(2000))
+        (src / "z").mkdir()
+        (src / "z" / "secret").write_bytes(b"secret")
+        os.chmod(src / "z" / "secret", 0o600)
+        os.chmod(src, 0o777)
+        sources.append(src)
+    repo = new_repo()
+    repo.backup([str(s) for s in sources])
+    reachable = Path(tempfile.mkdtemp(prefix="shared-"))
+    os.chmod(reachable, 0o755)
+    target = reachable / "target"
+    target.mkdir()
+    os.chmod(target, 0o777)
+    (target / "old").write_bytes(b"the snapshot lacks it")
+    kept = (target if paths == 1 else target / sources[0].relative_to("/")) / "a"
+    kept.mkdir(parents=True)  # what --delete leaves: the target is not empty when the restore looks again
+    (kept / "f0").write_bytes(b"an older f0")
+    planted = []
+
+    def plant(files, nbytes):
+        if planted:
+            return
+        for what in (["mkdir", str(target / "z")], ["ln", "-s", "/etc", str(target / "z")],
+                     ["touch", str(target / "extra")]):
+            planted.append(subprocess.run([*AS_NOBODY, *what], capture_output=True).returncode)
+        planted.append(stat.S_IMODE(target.stat().st_mode))
+
+    try:
+        result = repo.restore("latest", str(target), progress=plant, processes=1, force=True, delete=True)
+        assert result.deleted == 1
+        _check_closed_while_filled(target, sources, planted, result)
+        assert "user.chunkvault.restore-mode" not in os.listxattr(target)
+        (target / "old").write_bytes(b"again")
+        repo.restore("latest", str(target), processes=1, overwrite="never")  # kept as it was: 0777, not 0700
+        assert stat.S_IMODE(target.stat().st_mode) == 0o777
+    finally:
+        shutil.rmtree(reachable)
+
+
 def _check_closed_while_filled(target, sources, planted, result):
     paths = len(sources)
     assert planted == [1, 1, 1, 0o700]
