@@ -15,6 +15,7 @@ import re
 import shlex
 import signal
 import sys
+import time
 import warnings
 from datetime import datetime, timedelta, timezone
 from typing import TYPE_CHECKING, Any, BinaryIO, Callable, Collection, Iterable, Iterator, TypeVar
@@ -256,7 +257,9 @@ def _open(args: argparse.Namespace, connected: tuple[Any, StopRequest] | None = 
     repo = Repository.open(remote, key, lock_reads=not getattr(args, "no_lock", False), retry_stop=retry_stop)
     purpose = getattr(args, "read_lock", None)
     if purpose:  # before anything is read; released when the command ends (``main``)
+        began = time.monotonic()
         args.held.enter_context(repo.reading(purpose, wait=args.wait))
+        args.waited = time.monotonic() - began  # taken from what a restore waits for its target (``target_wait``)
     return repo
 
 
@@ -916,7 +919,9 @@ def restore_in_place(args: argparse.Namespace, what: str, repository: bool = Tru
 
     check_overwrite(args.overwrite, args.delete)
     refuse_running_server(args.target)  # before the prompt (a restore from a file has no other check)
+    began = time.monotonic()
     await_target(args.target, target_wait(args))  # one that another restore fills is not "not empty" to confirm
+    args.waited = getattr(args, "waited", 0.0) + time.monotonic() - began
     if args.overwrite == "if-changed" and not repository:
         raise UsageError("--overwrite if-changed compares chunks by their repository ids, as --delta: it needs a "
                          "repository")
@@ -929,24 +934,13 @@ def restore_in_place(args: argparse.Namespace, what: str, repository: bool = Tru
     return _holds_entries(args.target)
 
 
-def begin_waits(args: argparse.Namespace) -> None:
-    """Start the one ``--wait`` a restore's waits share (``target_wait``): for the repository's lock, then
-    each for its target's, each took the whole of it anew."""
-    from .store.target_lock import deadline
-
-    args.wait_until = deadline(args.wait)
-
-
 def target_wait(args: argparse.Namespace) -> float:
-    """How long a restore waits for another writing into its target: what is left of ``--wait`` (from
-    ``begin_waits``) where it was given; refused at once by default (its default is the wait for a prune,
-    which a restore waits out)."""
-    from .store.target_lock import remaining
-
+    """How long a restore waits for another writing into its target: what the waits before (for the
+    repository's lock, ``args.waited``) left of ``--wait`` where it was given, each took the whole of it anew;
+    refused at once by default (its default is the wait for a prune, which a restore waits out)."""
     if not getattr(args, "wait_given", False):
         return 0.0
-    until = getattr(args, "wait_until", None)
-    return args.wait if until is None else remaining(until)
+    return max(0.0, args.wait - getattr(args, "waited", 0.0))
 
 
 def _holds_entries(target: str) -> bool:
@@ -1010,7 +1004,6 @@ def cmd_restore(args: argparse.Namespace) -> int:
     from .store.target_lock import holding
 
     tune_allocator(trim_threshold=RESTORE_TRIM_THRESHOLD)
-    begin_waits(args)
     recovery = _recovery_asked(args)
     if args.from_file:
         if recovery is not None:

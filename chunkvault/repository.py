@@ -18,6 +18,7 @@ import re
 import stat
 import sys
 import threading
+import time
 import unicodedata
 import warnings
 from datetime import datetime, timedelta, timezone, tzinfo
@@ -46,7 +47,7 @@ from .store.objects import BlobInfo, unique_name
 from .store.repository import NOT_INDEXED, AheadWalk, Repo, pack_key
 from .store.confinement import confined
 from .store.subtree import Subtree, in_subtree
-from .store.target_lock import await_target, deadline, holding, remaining
+from .store.target_lock import await_target, holding, left_after, target_held
 from .store.restore import (Relocation, Restorer, RestoreOptions, RestoreResult, check_content, check_overwrite,
                             include_directory, merged_results, refuse_overlap)
 from .store.owners import OwnerMap, chain_names
@@ -1650,8 +1651,9 @@ class Repository:
             raise UsageError(f"verify compares every entry with the snapshot: overwrite {overwrite} keeps entries "
                              "of the target's that differ from it")
         force = force or overwrite == "never"  # writes only what the target lacks: nothing there is changed
-        waits = deadline(target_wait)  # one for every wait on the target: each took the whole of it anew
+        began = time.monotonic()
         await_target(target, target_wait)  # one that another restore fills is that one's, not "not empty"
+        target_wait = left_after(target_wait, began)  # the lock it writes under waits what is left, not all anew
         if not force and _is_nonempty_dir(target):
             raise TargetNotEmpty(f"restore target {os.fsdecode(target)} is not empty (force=True restores "
                                  "into it in place)")
@@ -1669,7 +1671,7 @@ class Repository:
                     "alone: restore its directory")
             opts = RestoreOptions(includes=includes, excludes=excludes, iexcludes=iexcludes, force=force,
                                   delta=delta, delete=delete, overwrite=overwrite, progress=self._progress(progress),
-                                  checkpoint=self._checkpoint(), xattrs=xattrs, wait=remaining(waits),
+                                  checkpoint=self._checkpoint(), xattrs=xattrs, wait=target_wait,
                                   owner_map=None if numeric_owner else self.owner_map(snap))
             restorer = Restorer(self._repo, target, opts, lookup=sub.lookup, tree_name=f"tree of snapshot {snap.id}",
                                 subtree=sub.root)
@@ -1757,10 +1759,14 @@ class Repository:
         escaped = [os.fsdecode(re.sub(rb"([*?\[\\])", rb"[\1]", r.subtree)) for r in relocate]
         results = []
         parts = [(target_dir, None, escaped), *((i, r.subtree, None) for i, r in zip(intos, relocate))]
-        waits = deadline(target_wait)  # one for all the parts
+        for into in [target_dir, *intos]:  # each lock taken before anything is written, all from one wait
+            began = time.monotonic()
+            with target_held(into, target_wait):
+                pass  # kept (``holding``) until all is done
+            target_wait = left_after(target_wait, began)
         for into, sub, exclude in parts:
             result = self.restore(snap, into, excludes=exclude, subtree=sub, force=force, overwrite=overwrite,
-                                  progress=step if progress is not None else None, target_wait=remaining(waits),
+                                  progress=step if progress is not None else None, target_wait=target_wait,
                                   **options)
             results.append(result)
             done[0] += result.files

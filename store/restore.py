@@ -46,7 +46,7 @@ from .source import TargetWalk
 from .owners import OwnerMap
 from .repository import Repo
 from .target_dirs import TargetDirs, closed_to_owner, mount_points, proc_path, remove_tree
-from .target_lock import deadline, lock_target, remaining
+from .target_lock import lock_target
 from .posix_acl import ACL_KEYS
 from .xattrs import decode_xattrs, read_xattrs, write_xattrs
 from . import writefiles
@@ -703,7 +703,6 @@ class Restorer:
         self._far_count = 0
         self._target_dirs: TargetDirs | None = None
         self._lock_fd: int | None = None  # holds the target's lock (``_lock_target``) until ``close``
-        self._wait_until = deadline(options.wait)  # its wait, however many times the lock is asked for
         self._deferred: list[Entry] | None = None  # left directories whose metadata waits
         # Entries that stand for one stretch of a larger file, by id(entry): (entry, offset in the file).
         self.parts: dict[int, tuple[Entry, int]] = {}
@@ -746,7 +745,7 @@ class Restorer:
         """Hold the target's lock (store/target_lock.py) from before the target is looked at until the restore
         is done: another restore writing into it is waited for (``wait``), else refused (TargetBusy)."""
         if self._lock_fd is None:
-            self._lock_fd = lock_target(self.dirs.at(b"")[0], os.fsdecode(self.target), remaining(self._wait_until))
+            self._lock_fd = lock_target(self.dirs.at(b"")[0], os.fsdecode(self.target), self.opt.wait)
 
     @property
     def dirs(self) -> TargetDirs:

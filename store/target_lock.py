@@ -15,8 +15,8 @@ before.
 
 A restore that writes more after its tree (``--pg-recover``'s settings, ``--pg-tablespace``'s links) keeps its
 target's lock until then (``holding``): released between, it let another restore in, to delete or overwrite
-what it wrote.  A restore's waits (for the repository's lock, then for each of its targets') share one
-deadline (``deadline``, ``remaining``): each took the whole ``--wait`` anew.
+what it wrote.  A restore's waits (for the repository's lock, then for each of its targets') draw on one
+``--wait`` (``left_after``): each took the whole of it anew.
 """
 from __future__ import annotations
 
@@ -74,15 +74,10 @@ def _keep(fd: int) -> None:
         held[(st.st_dev, st.st_ino)] = os.dup(fd)  # the same open file: its lock, released when all are closed
 
 
-def deadline(wait: float) -> float:
-    """The time.monotonic() at which a wait of ``wait`` seconds begun now ends (``remaining``)."""
-    return time.monotonic() + wait
-
-
-def remaining(until: float) -> float:
-    """The seconds left before ``until`` (``deadline``), 0 once it has passed: what a restore's later wait
-    for a lock may take of the one ``--wait`` it was given."""
-    return max(0.0, until - time.monotonic())
+def left_after(wait: float, began: float) -> float:
+    """What is left of a wait of ``wait`` seconds once a wait begun at ``began`` (time.monotonic()) is over:
+    a restore's later waits for a lock take what its earlier ones left, not the whole of it anew."""
+    return max(0.0, wait - (time.monotonic() - began))
 
 
 def lock_target(dir_fd: int, shown: str, wait: float = 0.0) -> int | None:

@@ -325,3 +325,31 @@ def test_delete_leaves_a_directory_inside_the_target_that_another_restore_writes
     assert caught.value.partial.deleted == 1
     repo.restore("latest", str(target), force=True, delta=True, delete=True, processes=1)  # once they are done
     assert describe(target) == describe(src)
+
+
+def test_the_command_line_waits_for_the_repository_and_the_target_within_one_wait(backup, held):
+    """--wait waited its whole for the repository's lock (a prune running), then its whole again for the
+    target: a restore given --wait 5 behind a prune of 3 s waited 5 s more for the target."""
+    from chunkvault.store.locks import EXCLUSIVE, RepoLock
+
+    repo, url, _ = backup
+    prune = RepoLock(repo._repo.remote, EXCLUSIVE, "prune")
+    prune.acquire()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CHUNKVAULT_")}
+    env["CHUNKVAULT_PASSWORD"] = PASSWORD
+    proc = subprocess.Popen([sys.executable, "-m", "chunkvault.cli", "restore", "latest", "-t", str(held.target),
+                             "--wait", "5", "-r", url], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True)
+    try:
+        said = proc.stderr.readline()
+        assert "waiting up to 5 s: repository is locked" in said
+        time.sleep(3)
+        prune.release()
+        assert proc.wait(120) == 15
+        rest = proc.stderr.read()
+    finally:
+        proc.kill()
+        proc.wait()
+    waited = [float(w) for w in re.findall(r"(?:waiting up to|waited) ([\d.]+) s", rest)]
+    assert "another restore" in rest and all(w < 2.5 for w in waited), rest  # what the prune's wait left of 5 s
+    assert os.listdir(held.target) == []
