@@ -45,7 +45,8 @@ def holding() -> Iterator[None]:
     """Within the block, each target lock this thread takes is kept until the block ends, and taken again by
     the thread (another restore's part into it, ``await_target``) at once: what a restore writes after its
     tree (recovery settings, tablespace links) is written under the lock its tree was, with no moment between
-    for another restore to begin.  Another thread or process is refused (or waits) as before."""
+    for another restore to begin.  Another thread or process is refused (or waits) as before.  A block
+    within another hands what it holds to that one (a --pg-tablespace restore's, to --pg-recover's)."""
     held: dict[tuple[int, int], int] = {}
     outer = getattr(_scopes, "held", None)
     _scopes.held = held
@@ -53,8 +54,11 @@ def holding() -> Iterator[None]:
         yield
     finally:
         _scopes.held = outer
-        for fd in held.values():
-            os.close(fd)
+        for key, fd in held.items():
+            if outer is not None and key not in outer:
+                outer[key] = fd
+            else:
+                os.close(fd)
 
 
 def _held(fd: int) -> int | None:

@@ -215,6 +215,13 @@ def test_a_relocated_restore_holds_the_targets_lock_until_its_links_are_made(bac
     assert seen == [(True, True)]
     assert os.readlink(target / "d1") == str(into)
     assert not _locked_by_another(target) and not _locked_by_another(into)  # released once all is done
+    from chunkvault.store.target_lock import holding
+
+    with holding():  # as restore --pg-tablespace --pg-recover holds them, to write the recovery settings
+        repo.restore("latest", str(target), relocate=[Relocation(b"d1", str(into), b"d1")], force=True,
+                     delta=True, processes=1)
+        assert _locked_by_another(target) and _locked_by_another(into)
+    assert not _locked_by_another(target) and not _locked_by_another(into)
 
 
 def test_recovery_settings_are_written_under_the_targets_lock(tmp_path, monkeypatch, capsys):
