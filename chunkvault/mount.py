@@ -34,6 +34,7 @@ from .display import shown_name, warn
 from .errors import ChunkvaultError, MountFailed, RemoteUnavailable, UsageError
 from .mountview import InSnapshot, Layout, Link, Node, SnapshotTree, VirtualDir, seek_data_or_hole
 from .repository import Repository
+from .store import locks
 from .store.archive import SPARSE_LEAST
 from .store.chain import meets
 from .store.manifest import T_BLOCKDEV, T_CHARDEV, T_DIR, T_FIFO, T_FILE, T_HARDLINK, T_SYMLINK, Entry, unread
@@ -660,6 +661,7 @@ def mount(repo: Repository, mountpoint: str, *, allow_other: bool = False, wait:
         if on_mounted is not None:
             on_mounted()
 
+    left = locks.left_behind()
     # the lock is given back (``reading``) while the retries are still ended: to a remote gone, at once
     with contextlib.ExitStack() as stack, repo.retries_ended_by() as end_retries, repo.reading("mount", wait=wait):
         if home is not None:
@@ -683,14 +685,20 @@ def mount(repo: Repository, mountpoint: str, *, allow_other: bool = False, wait:
         try:
             _fuse_class(fuse)(ops, mountpoint, foreground=True, ro=True, fsname="chunkvault", **options)
         except RuntimeError as exc:  # libfuse could not mount (no /dev/fuse, no permission, ...)
-            if ops.served and exc.args == (_LOOP_ENDED_BY_SIGNAL,):
-                return  # libfuse 3 unmounted on SIGTERM or SIGINT, as asked
-            raise _mount_failed(mountpoint, exc, ops.served) from None
+            if not ops.served or exc.args != (_LOOP_ENDED_BY_SIGNAL,):  # else libfuse 3 unmounted on a signal
+                raise _mount_failed(mountpoint, exc, ops.served) from None
         finally:
+            # Unmounted (a signal, an unmount), or never mounted: the lock is removed as after Ctrl-C, within
+            # seconds.  The watch (``_end_retries_on_exit``) misses an end that comes with no read under way,
+            # and the lock's removal then retried a remote gone for the whole outage time (15 min).
+            end_retries()
             if relay is not None:
                 relay.close()
             for signum, handler in previous.items():
                 signal.signal(signum, handler)
+    if locks.left_behind() - left:
+        warn("the mount's lock could not be removed from the repository (out of reach): it goes stale by itself, "
+             "and the next command on this host removes it")
 
 
 def _working_directory() -> int | None:

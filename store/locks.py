@@ -332,6 +332,11 @@ _HELD_BY_THREAD: dict[str, int] = {}  # lock key -> the thread of this process t
 _LEFT_BEHIND: set[str] = set()
 
 
+def left_behind() -> frozenset[str]:
+    """The keys of the locks this process left on the remote to go stale (``_LEFT_BEHIND``)."""
+    return frozenset(_LEFT_BEHIND)
+
+
 #: The shared locks of commands that store snapshots brought from elsewhere (into a copy's destination, an
 #: import): one at a time in a repository, or each stores what the other brings, and the snapshot is there
 #: twice.  Each finds what the one before brought once it has the lock.

@@ -999,6 +999,34 @@ def test_a_mount_whose_remote_went_away_ends_on_a_signal_within_seconds(serve_fa
         assert not os.path.isdir(mnt / "snapshots")  # unmounted
 
 
+@needs_fuse
+@pytest.mark.parametrize("how", ["SIGTERM", "unmount"])
+def test_a_mount_whose_remote_went_away_ends_within_seconds_with_no_read_under_way(serve_factory, tmp_path, how):
+    """Unmounted with no read under way, the mount went on removing its lock from the remote that went away
+    for the whole outage time (15 min), past a service manager's stop timeout: it is left to go stale."""
+    from chunkvault import Repository
+
+    server = serve_factory("--tokens", str(write_tokens(tmp_path)))
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "f").write_bytes(b"data\n")
+    with Repository.init(server.url, PASSWORD, kdf_seconds=0, token=FULL_TOKEN) as repo:
+        repo.backup([str(src)])
+    mnt = tmp_path / "mnt"
+    with _cli_mount(server.url, mnt, CHUNKVAULT_HTTP_TOKEN=FULL_TOKEN,
+                    CHUNKVAULT_CACHE_DIR=str(tmp_path / "cache")) as proc:
+        assert (mnt / "snapshots" / "latest" / "f").read_bytes() == b"data\n"
+        server.stop(signal.SIGKILL)
+        if how == "SIGTERM":
+            proc.send_signal(signal.SIGTERM)
+        else:
+            _unmount(str(mnt))
+        assert proc.wait(timeout=60) == 0  # it retried for 15 minutes
+        lines = proc.stderr.read().decode().splitlines()
+    assert len(lines) == 2 and "lock could not be removed" in lines[1] and "stale" in lines[1], lines
+    assert not os.path.isdir(mnt / "snapshots")
+
+
 def test_a_read_that_gave_up_on_the_remote_fails_the_next_reads_at_once(repo_with, monkeypatch):
     """The kernel asks again for a page whose read-ahead failed: each ask waited out the retry time anew,
     and a reader never saw the error.  For a minute after one read gives up, reads fail at once."""
