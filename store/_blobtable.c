@@ -19,6 +19,10 @@
  *       may have left unreadable), whose row (id, four uint32 fields in native order, flag byte) is appended
  *       to the bytearray ``replaced`` when one is given
  *   t.contains_many(ids) -> bytes, 1 where present
+ *   t.kept_in(buf, pos, count, pack, sets) -> (numbers, total, live, live_entries): of ``count`` index-object
+ *       entries of pack number ``pack``, the numbers (uint32, native order) of those whose row here is (pack,
+ *       their number in the pack) and whose id one of ``sets`` (a tuple of tables) holds; the sum of all the
+ *       entries' lengths, of those entries' lengths, and the bytes those entries take (prune's live blobs)
  *   t.remove_packs(packs) -> number removed (packs: sorted, distinct uint32 buffer)
  *   t.rows(a, b) -> (ids, fields, flags) of entries a..b-1 as bytes
  *   t.memory_bytes()
@@ -507,6 +511,55 @@ fail:
     return NULL;
 }
 
+/* kept_in: the entries of one pack (index-object entries, as add_entries takes them) that are the copy this
+ * table keeps of their blob (its fields: pack number, entry number in the pack) and whose id is in one of
+ * ``sets`` (tables); prune's live blobs of a pack, found without an object per entry. */
+static PyObject *Table_kept_in(Table *t, PyObject *args) {
+    Py_buffer buf;
+    Py_ssize_t pos, count, deltas;
+    unsigned long long pack;
+    PyObject *sets, *out = NULL;
+    if (ready(t) < 0 || !PyArg_ParseTuple(args, "y*nnKO!", &buf, &pos, &count, &pack, &PyTuple_Type, &sets))
+        return NULL;
+    Py_ssize_t n_sets = PyTuple_GET_SIZE(sets);
+    for (Py_ssize_t k = 0; k < n_sets; k++) {
+        PyObject *u = PyTuple_GET_ITEM(sets, k);
+        if (!PyObject_TypeCheck(u, Py_TYPE(t))) {
+            PyErr_SetString(PyExc_TypeError, "sets must be a tuple of tables");
+            goto done;
+        }
+        if (ready((Table *)u) < 0) goto done;
+    }
+    if (walk_entries(buf.buf, buf.len, pos, count, &deltas) < 0) goto done;
+    PyObject *ordinals = PyBytes_FromStringAndSize(NULL, count * (Py_ssize_t)sizeof(uint32_t));
+    if (!ordinals) goto done;
+    uint32_t *o = (uint32_t *)PyBytes_AS_STRING(ordinals);
+    Py_ssize_t live = 0;
+    unsigned long long total = 0, live_bytes = 0, live_entry_bytes = 0;
+    for (Py_ssize_t i = 0; i < count; i++) {
+        const uint8_t *p = (const uint8_t *)buf.buf + pos;
+        Py_ssize_t size = ENTRY_SIZE + (p[0] == KIND_DELTA ? ID_SIZE : 0);
+        uint32_t length = le32(p + 5 + ID_SIZE);
+        pos += size;
+        total += length;
+        Py_ssize_t e = find(t, p + 1, NULL);
+        if (e < 0 || t->fields[(size_t)e * FIELDS] != pack || t->fields[(size_t)e * FIELDS + 1] != (uint64_t)i)
+            continue;
+        int used = 0;
+        for (Py_ssize_t k = 0; k < n_sets && !used; k++)
+            used = find((Table *)PyTuple_GET_ITEM(sets, k), p + 1, NULL) >= 0;
+        if (!used) continue;
+        o[live++] = (uint32_t)i;
+        live_bytes += length;
+        live_entry_bytes += (unsigned long long)size;
+    }
+    if (_PyBytes_Resize(&ordinals, live * (Py_ssize_t)sizeof(uint32_t)) < 0) goto done;
+    out = Py_BuildValue("(NKKK)", ordinals, total, live_bytes, live_entry_bytes);
+done:
+    PyBuffer_Release(&buf);
+    return out;
+}
+
 static PyObject *Table_contains_many(Table *t, PyObject *arg) {
     Py_buffer ids;
     if (ready(t) < 0 || get_ids(arg, &ids) < 0) return NULL;
@@ -651,6 +704,8 @@ static PyMethodDef Table_methods[] = {
     {"add_entries", (PyCFunction)Table_add_entries, METH_VARARGS,
      "add_entries(buf, pos, count, pack) -> number added"},
     {"contains_many", (PyCFunction)Table_contains_many, METH_O, "contains_many(ids) -> bytes"},
+    {"kept_in", (PyCFunction)Table_kept_in, METH_VARARGS,
+     "kept_in(buf, pos, count, pack, sets) -> (entry numbers, total, live bytes, live entry bytes)"},
     {"remove_packs", (PyCFunction)Table_remove_packs, METH_O, "remove_packs(sorted uint32 packs) -> removed"},
     {"rows", (PyCFunction)Table_rows, METH_VARARGS, "rows(a, b) -> (ids, fields, flags)"},
     {"memory_bytes", (PyCFunction)Table_memory_bytes, METH_NOARGS, "bytes held, capacity included"},

@@ -17,43 +17,48 @@ from __future__ import annotations
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Iterator
+from typing import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 
 from chunkvault.errors import (NOT_DAMAGE, ChunkvaultError, CorruptObject, ObjectArchived, ObjectNotFound,
                                RemoteError, RepositoryStateWarning, StorageFull)
 from chunkvault.remotes.layer import parallel_map
 
 from .blob import KIND_DELTA, Plaintext, envelope_base, open_blob, open_envelope
+from .blobindex import BlobIndex
 from .chain import broken_chains
-from .indexfile import INDEX_SLACK, IndexData, split_index
+from .indexfile import INDEX_SLACK, IndexColumns, IndexData, split_index
 from .locks import EXCLUSIVE, RepoLock
-from .pack import ENTRY_SIZE, PackEntry
+from .pack import ENTRY_SIZE, EncodedEntries, PackEntry, decode_entries
+from .packtable import KeptCopies, PackTable, add_ids, blob_set, id_chunks
 from .repository import OBJECT_READERS, PreparedBlob, Repo, pack_key, superseded_names
-from .usage import with_bases
+from .usage import bases_of, with_bases
 
 
 TEMP_AGE = 3600.0
 
 
-@dataclass
+@dataclass(eq=False)
 class PackUse:
+    """A pack and what of it is live.  ``entries``: as the index gives them (``EncodedEntries``, decoded when
+    read); ``live`` is held for the packs a plan repacks and None for the others, whose live blobs are only
+    counted (held for every pack, they were a PackEntry per blob of the repository)."""
+
     pack_id: bytes
-    entries: list[PackEntry]
-    live: list[PackEntry]
+    entries: Sequence[PackEntry]
+    live: Sequence[PackEntry] | None
     size: int
+    total_bytes: int = -1
+    live_bytes: int = -1
+    # What the live blobs' entries take in the header of the pack they are moved into.
+    live_entry_bytes: int = -1
 
-    @property
-    def total_bytes(self) -> int:
-        return sum(e.length for e in self.entries)
-
-    @property
-    def live_bytes(self) -> int:
-        return sum(e.length for e in self.live)
-
-    @property
-    def live_entry_bytes(self) -> int:
-        """What the live blobs' entries take in the header of the pack they are moved into."""
-        return sum(ENTRY_SIZE + (len(e.base_id) if e.kind == KIND_DELTA and e.base_id else 0) for e in self.live)
+    def __post_init__(self) -> None:
+        if self.total_bytes < 0:
+            self.total_bytes = sum(e.length for e in self.entries)
+        if self.live is not None and self.live_bytes < 0:
+            self.live_bytes = sum(e.length for e in self.live)
+            self.live_entry_bytes = sum(ENTRY_SIZE + (len(e.base_id) if e.kind == KIND_DELTA and e.base_id else 0)
+                                        for e in self.live)
 
 
 @dataclass
@@ -99,8 +104,19 @@ class PrunePlan:
                 "unfinished_error": self.unfinished_error}
 
 
-def select_packs(packs: dict[bytes, list[PackEntry]], sizes: dict[bytes, int], used: set[bytes],
-                 max_unused: float, known: dict[bytes, PackEntry] | None = None,
+class _Either:
+    """Membership in any of some blob tables: the used blobs and the bases added to them, without a copy of
+    the used (a million ids)."""
+
+    def __init__(self, *sets: BlobIndex | _Either) -> None:
+        self.sets = tuple(t for s in sets for t in (s.sets if isinstance(s, _Either) else (s,)))
+
+    def __contains__(self, blob_id: object) -> bool:
+        return any(blob_id in s for s in self.sets)
+
+
+def select_packs(packs: Mapping[bytes, Sequence[PackEntry]], sizes: dict[bytes, int], used: Collection[bytes],
+                 max_unused: float, known: KeptCopies | None = None,
                  max_repack: int | None = None) -> PrunePlan:
     """Pure: which packs to delete, repack or keep, given the used blob ids (with the bases of the copies
     ``kept_copies`` chooses).
@@ -112,26 +128,38 @@ def select_packs(packs: dict[bytes, list[PackEntry]], sizes: dict[bytes, int], u
     it holds are kept as if used: every blob the new index lists can be read.  ``known``: ``kept_copies(packs)``,
     when the caller has it already.  ``max_repack``: at most that many live bytes are repacked, from the
     packs with the largest unused share on; the others are kept for a later prune (a disk without room to
-    repack everything at once is pruned a part at a time).
+    repack everything at once is pruned a part at a time).  ``packs`` given as PackEntry lists are first
+    held as a ``PackTable`` (and ``known`` chosen for it).
     """
-    known = kept_copies(packs) if known is None else known
-    used = set(used)
+    if not isinstance(packs, PackTable):
+        packs, known = PackTable.from_entries(packs), None
+    known = KeptCopies(packs) if known is None else known
+    in_use = used if isinstance(used, (_Either, BlobIndex)) else blob_set(sorted(used))
     while True:
-        plan = _select_once(packs, sizes, used, max_unused, known, max_repack)
-        needed = {e.base_id for use in plan.keep for e in use.entries
-                  if e.kind == KIND_DELTA and e.base_id is not None} - used
-        grown = with_bases(needed, lambda b: known[b].base_id if b in known and known[b].kind == KIND_DELTA
-                           else None) - used
-        if not grown:
+        plan = _select_once(packs, sizes, in_use, max_unused, known, max_repack)
+        needed = {b for use in plan.keep for b in _delta_bases(use.entries) if b not in in_use}
+        more = {b for b in with_bases(needed, lambda b: known[b].base_id if b in known and known[b].kind == KIND_DELTA
+                                      else None) if b not in in_use}
+        if not more:
             return plan
-        used |= grown
+        in_use = _Either(in_use, blob_set(sorted(more)))
 
 
-def kept_copies(packs: dict[bytes, list[PackEntry]], spurned: frozenset[tuple[bytes, int]] = frozenset()
-                ) -> dict[bytes, PackEntry]:
+def _delta_bases(entries: Sequence[PackEntry]) -> Iterator[bytes]:
+    """The base ids the deltas among ``entries`` name (a pack of whole blobs alone is not decoded)."""
+    if isinstance(entries, EncodedEntries) and not entries.has_deltas:
+        return iter(())
+    return (e.base_id for e in entries if e.kind == KIND_DELTA and e.base_id is not None)
+
+
+def kept_copies(packs: Mapping[bytes, Sequence[PackEntry]], spurned: frozenset[tuple[bytes, int]] = frozenset()
+                ) -> Mapping[bytes, PackEntry]:
     """Pure: for each blob, the copy a prune keeps live: the first stored whole (in pack id order), else the
     first delta; a copy ``spurned`` ((pack id, offset): it failed to verify) only where the blob has no
-    other.  Marking the bases of one copy while keeping another lost a kept snapshot's data."""
+    other.  Marking the bases of one copy while keeping another lost a kept snapshot's data.  For a
+    ``PackTable``, a ``KeptCopies`` (compact); else a dict, the reference it follows."""
+    if isinstance(packs, PackTable):
+        return KeptCopies(packs, spurned)
     copies: dict[bytes, PackEntry] = {}
     rank: dict[bytes, tuple[bool, bool]] = {}
     for pid in sorted(packs):
@@ -189,34 +217,36 @@ READ_GAP = 1 << 20
 READ_RUN = 4 << 20
 
 
-def _verify_kept(repo: Repo, blob_ids: Iterable[bytes], known: dict[bytes, PackEntry], where: dict[int, bytes],
+def _verify_kept(repo: Repo, blob_ids: Iterable[bytes], known: KeptCopies,
                  verified: dict[tuple[bytes, int], bool]) -> None:
-    """Read the copy the index keeps (``known``, in pack ``where[id(entry)]``) of each of ``blob_ids`` not read
-    yet, into ``verified`` by (pack id, offset): each read once over a prune's rounds."""
+    """Read the copy the index keeps (``known``) of each of ``blob_ids`` not read yet, into ``verified`` by
+    (pack id, offset): each read once over a prune's rounds."""
     todo: dict[bytes, list[PackEntry]] = {}
     for blob_id in sorted(blob_ids):
-        e = known[blob_id]
-        if (where[id(e)], e.offset) not in verified:
-            todo.setdefault(where[id(e)], []).append(e)
+        e, pid = known[blob_id], known.pack_of(blob_id)
+        if (pid, e.offset) not in verified:
+            todo.setdefault(pid, []).append(e)
     verified.update(verify_copies(repo, todo, whole=True))
 
 
-def _unverified_keeps(repo: Repo, where: dict[int, bytes], plan: PrunePlan, used: set[bytes],
-                      known: dict[bytes, PackEntry], verified: dict[tuple[bytes, int], bool]
-                      ) -> set[tuple[bytes, int]]:
+def _unverified_keeps(repo: Repo, plan: PrunePlan, used: Collection[bytes], known: KeptCopies,
+                      verified: dict[tuple[bytes, int], bool]) -> set[tuple[bytes, int]]:
     """The kept copies ((pack id, offset)) that fail to verify, of the used blobs whose other copies the
     plan deletes.  Index entries are trusted until read: a look-alike pack (another's header over other
     bytes, stored by whoever holds the storage) lists the same blobs, and keeping its copy unread while
     deleting the real one lost the data with every check clean.  Only blobs held twice are read, each
     once over the rounds (``verified``), a pack's in few requests and packs in parallel: one request
     per blob, in a row, took minutes where two hosts had backed up the same files at once."""
-    dropped = {e.blob_id for use in plan.delete + plan.repack for e in use.entries
-               if e.blob_id in used and known[e.blob_id] is not e}
-    _verify_kept(repo, dropped, known, where, verified)
+    dropped = set()
+    for use in plan.delete + plan.repack:
+        no = known.packs.numbers[use.pack_id]
+        dropped.update(e.blob_id for i, e in enumerate(use.entries)
+                       if e.blob_id in used and known.kept_at(e.blob_id) != (no, i))
+    _verify_kept(repo, dropped, known, verified)
     failed = set()
     for blob_id in sorted(dropped):
         e = known[blob_id]
-        pid = where[id(e)]
+        pid = known.pack_of(blob_id)
         if not verified[(pid, e.offset)]:
             warnings.warn(f"blob {blob_id.hex()}: its copy in {pack_key(pid)} does not verify (damaged, or not "
                           "sealed with this repository's key); the prune keeps another copy",
@@ -225,9 +255,8 @@ def _unverified_keeps(repo: Repo, where: dict[int, bytes], plan: PrunePlan, used
     return failed
 
 
-def _deletable_orphans(repo: Repo, orphans: dict[bytes, int], where: dict[int, bytes],
-                       used: set[bytes], known: dict[bytes, PackEntry], verified: dict[tuple[bytes, int], bool]
-                       ) -> list[tuple[str, int]]:
+def _deletable_orphans(repo: Repo, orphans: dict[bytes, int], used: Collection[bytes], known: KeptCopies,
+                       verified: dict[tuple[bytes, int], bool]) -> list[tuple[str, int]]:
     """The packs in no index that may go: (key, size).  One whose header lists blobs the snapshots use is
     kept, with a warning, unless the copy of each that the index gives verifies: an index object written by
     whoever may only add (a compromised client with an append-only token) could point those blobs at other
@@ -249,12 +278,12 @@ def _deletable_orphans(repo: Repo, orphans: dict[bytes, int], where: dict[int, b
         except (ChunkvaultError, ValueError):  # nothing in it can be found: no copy of anything
             continue
         holding[pid] = [e.blob_id for e in entries if e.blob_id in used and e.blob_id in known]
-    _verify_kept(repo, {b for ids in holding.values() for b in ids}, known, where, verified)
+    _verify_kept(repo, {b for ids in holding.values() for b in ids}, known, verified)
     out = []
     for pid, size in orphans.items():
         if pid in archived:
             continue
-        bad = [b for b in holding.get(pid, ()) if not verified[(where[id(known[b])], known[b].offset)]]
+        bad = [b for b in holding.get(pid, ()) if not verified[(known.pack_of(b), known[b].offset)]]
         if bad:
             warnings.warn(f"{pack_key(pid)} is in no index but holds {len(bad)} blob(s) that snapshots use whose "
                           "indexed copy does not verify (blob " + bad[0].hex() + "): kept; `repair index` indexes "
@@ -298,20 +327,21 @@ def _verify_copies(repo: Repo, pid: bytes, entries: list[PackEntry], whole: bool
     return out
 
 
-def _select_once(packs: dict[bytes, list[PackEntry]], sizes: dict[bytes, int], used: set[bytes],
-                 max_unused: float, known: dict[bytes, PackEntry], max_repack: int | None) -> PrunePlan:
+def _select_once(packs: PackTable, sizes: dict[bytes, int], used: BlobIndex | _Either,
+                 max_unused: float, known: KeptCopies, max_repack: int | None) -> PrunePlan:
     plan = PrunePlan()
-    for pid in sorted(packs):
-        entries = packs[pid]
-        live = [e for e in entries if e.blob_id in used and known[e.blob_id] is e]
+    sets = used.sets if isinstance(used, _Either) else (used,)
+    for no, pid in enumerate(packs.pack_ids):
+        live, total, live_bytes, live_entry_bytes = known.live_in(no, sets)  # no object per entry
         plan.live_blobs += len(live)
-        plan.unused_blobs += len(entries) - len(live)
-        use = PackUse(pid, entries, live, sizes.get(pid, 0))
+        plan.unused_blobs += len(live.entries) - len(live)
+        use = PackUse(pid, live.entries, live, sizes.get(pid, 0), total, live_bytes, live_entry_bytes)
         if not live:
             plan.delete.append(use)
         elif use.total_bytes and _unused_share(use) > max_unused:
             plan.repack.append(use)
         else:
+            use.live = None
             plan.keep.append(use)
     if max_repack is not None:
         budget = max_repack
@@ -321,6 +351,7 @@ def _select_once(packs: dict[bytes, list[PackEntry]], sizes: dict[bytes, int], u
                 budget -= use.live_bytes
                 chosen.append(use)
             else:
+                use.live = None
                 plan.keep.append(use)
                 plan.held_back.append(use)
                 plan.over_limit += use.live_bytes > max_repack
@@ -333,12 +364,14 @@ def _unused_share(use: PackUse) -> float:
     return (use.total_bytes - use.live_bytes) / use.total_bytes
 
 
-def used_blobs(repo: Repo) -> set[bytes]:
+def used_blobs(repo: Repo) -> BlobIndex:
     """Every blob a snapshot needs (manifests and chunks of each snapshot's own manifest) and every blob an
-    archived WAL file needs (``wal/``: a push holds the shared lock until its object is written)."""
+    archived WAL file needs (``wal/``: a push holds the shared lock until its object is written); as a blob
+    table, the chunk references going in as the manifests give them (a ``bytes`` each in a set took some
+    110 bytes a blob)."""
     from .walarchive import used_blobs as wal_blobs
 
-    used: set[bytes] = set()
+    used = blob_set()
     # Read again under the lock: a forget's rebase since an earlier listing points a snapshot at new
     # manifest blobs, and a stale object would have them deleted.
     snapshots = repo.reload_snapshots()
@@ -349,16 +382,21 @@ def used_blobs(repo: Repo) -> set[bytes]:
         raise CorruptObject(f"snapshots/{sid}", f"a differential on {broken[sid][:8]}, which is missing: prune "
                             "needs every chain whole (`check` names them); forget such snapshots by id first "
                             "if their parents are gone for good")
-    for snap in snapshots:
-        used.update(bytes.fromhex(h) for h in snap.manifest)
+    add_ids(used, b"".join(bytes.fromhex(h) for snap in snapshots for h in snap.manifest))
     for _, refs in repo.manifest_chunk_refs(snapshots):
-        used.update(refs[i : i + 32] for i in range(0, len(refs), 32))
-    used |= wal_blobs(repo)
+        add_ids(used, refs)
+    add_ids(used, sorted(wal_blobs(repo)))
     return used
 
 
-def add_bases(used: set[bytes], known: dict[bytes, PackEntry]) -> None:
+def add_bases(used: set[bytes], known: Mapping[bytes, PackEntry]) -> None:
     """Add the bases of used deltas, and theirs, down every chain: a live delta needs its whole chain."""
+    used.update(bases_needed(used, known))
+
+
+def bases_needed(used: Collection[bytes], known: Mapping[bytes, PackEntry]) -> set[bytes]:
+    """The bases of used deltas, and theirs, down every chain, that ``used`` lacks: a live delta needs its
+    whole chain.  With ``KeptCopies``, only the deltas kept are looked at, not every used blob."""
 
     def base_of(b: bytes) -> bytes | None:
         e = known[b]
@@ -368,7 +406,11 @@ def add_bases(used: set[bytes], known: dict[bytes, PackEntry]) -> None:
             raise CorruptObject(f"blob {b.hex()}", f"its delta base {e.base_id.hex()} is in no index")
         return e.base_id
 
-    used.update(with_bases(used, base_of))
+    if isinstance(known, KeptCopies):
+        starts = {d for d, _ in known.deltas() if d in used}
+    else:
+        starts = set(used)
+    return {b for b in bases_of(starts, base_of) if b not in used}
 
 
 def indexed_packs(repo: Repo) -> tuple[list[str], dict[bytes, list[PackEntry]], set[bytes]]:
@@ -378,7 +420,7 @@ def indexed_packs(repo: Repo) -> tuple[list[str], dict[bytes, list[PackEntry]], 
     return names, packs_of(live), carried_forward(live.values())
 
 
-def carried_forward(live: Iterable[IndexData]) -> set[bytes]:
+def carried_forward(live: Iterable[IndexData | IndexColumns]) -> set[bytes]:
     """The index objects the live ones supersede: an index that replaces them supersedes these too.  Deleted
     long ago, such an object put back (by whoever holds the storage, or a restore of its old state) would
     otherwise count again, naming packs a prune deleted, and a backup would deduplicate against them."""
@@ -392,6 +434,19 @@ def packs_of(live: dict[str, IndexData]) -> dict[bytes, list[PackEntry]]:
         for pid, entries in d.packs.items():
             packs.setdefault(pid, entries)
     return packs
+
+
+def live_index_columns(repo: Repo) -> tuple[list[str], dict[str, IndexColumns]]:
+    """As ``live_index_objects``, the objects' entries left in their bytes (``IndexColumns``): a prune holds
+    every entry of the index, a PackEntry each took some 250 bytes."""
+    names = repo.index_names()
+    read = repo.read_index_objects(names)
+    datas = {name: got for name, got in read if isinstance(got, IndexColumns)}
+    superseded = superseded_names(datas.values())
+    for name, got in read:
+        if not isinstance(got, IndexColumns) and name not in superseded:
+            raise got
+    return names, {name: d for name, d in datas.items() if name not in superseded}
 
 
 def live_index_objects(repo: Repo) -> tuple[list[str], dict[str, IndexData]]:
@@ -426,7 +481,18 @@ def read_index_data(repo: Repo, names: Iterable[str]) -> tuple[dict[str, IndexDa
     return datas, failed
 
 
-def dead_index_objects(live: dict[str, IndexData], names: Iterable[str],
+def _pack_ids(d: IndexData | IndexColumns) -> Iterable[bytes]:
+    return d.pack_ids if isinstance(d, IndexColumns) else d.packs
+
+
+def _listings(d: IndexData | IndexColumns) -> Iterator[Sequence[PackEntry]]:
+    """Each pack's entries, decoded one pack at a time."""
+    if isinstance(d, IndexColumns):
+        return (decode_entries(d.plain, count, start, "index")[0] for count, start in zip(d.counts, d.starts))
+    return iter(d.packs.values())
+
+
+def dead_index_objects(live: Mapping[str, IndexData | IndexColumns], names: Iterable[str],
                        dead_packs: set[bytes]) -> tuple[list[str], set[bytes]]:
     """Pure: the live index objects that name only packs about to be deleted and supersede no index object
     that still exists, and the packs no other live index object names.
@@ -440,24 +506,22 @@ def dead_index_objects(live: dict[str, IndexData], names: Iterable[str],
     """
     existing = {bytes.fromhex(n) for n in names}
     dead = {name for name, d in live.items()
-            if not existing.intersection(d.supersedes) and all(pid in dead_packs for pid in d.packs)}
+            if not existing.intersection(d.supersedes) and all(pid in dead_packs for pid in _pack_ids(d))}
     while dead:
-        listed, bases = set(), set()
+        listed, bases = blob_set(), set()  # every blob the others list: a blob table, not a set of bytes
         for name, d in live.items():
             if name not in dead:
-                for entries in d.packs.values():
-                    for e in entries:
-                        listed.add(e.blob_id)
-                        if e.base_id is not None:
-                            bases.add(e.base_id)
-        unlisted = bases - listed
+                for entries in _listings(d):
+                    add_ids(listed, [e.blob_id for e in entries])
+                    bases.update(e.base_id for e in entries if e.base_id is not None)
+        unlisted = {b for b in bases if b not in listed}
         holding = {name for name in dead
-                   if any(e.blob_id in unlisted for entries in live[name].packs.values() for e in entries)}
+                   if any(e.blob_id in unlisted for entries in _listings(live[name]) for e in entries)}
         if not holding:
             break
         dead -= holding  # kept until the new index: then they name what it leaves out, and go with it
-    still_named = {pid for name, d in live.items() if name not in dead for pid in d.packs}
-    freed = {pid for name in dead for pid in live[name].packs if pid not in still_named}
+    still_named = {pid for name, d in live.items() if name not in dead for pid in _pack_ids(d)}
+    freed = {pid for name in dead for pid in _pack_ids(live[name]) if pid not in still_named}
     return [name for name in live if name in dead], freed
 
 
@@ -566,34 +630,45 @@ def replace_index(repo: Repo, new_index: IndexData, old_names: list[str],
         pass
 
 
+def _missing(needed: Collection[bytes], known: KeptCopies) -> tuple[int, bytes | None]:
+    """How many of ``needed`` no index lists, and the first of them."""
+    count, first = 0, None
+    for ids in id_chunks(needed):
+        present = known.contains_many(ids)
+        if 0 in present:
+            count += present.count(0)
+            if first is None:
+                at = present.index(0)
+                first = ids[32 * at : 32 * at + 32]
+    return count, first
+
+
 def plan_prune(repo: Repo, max_unused: float = 0.05, max_repack: int | None = None) -> PrunePlan:
-    names, live = live_index_objects(repo)
-    packs = packs_of(live)
+    names, live = live_index_columns(repo)
+    packs = PackTable.from_columns(live.values())
     needed = used_blobs(repo)
     sizes = repo.stored_packs()
     lost = [p for p in packs if p not in sizes]
     spurned: frozenset[tuple[bytes, int]] = frozenset()
     verified: dict[tuple[bytes, int], bool] = {}
-    where = {id(e): pid for pid, entries in packs.items() for e in entries}  # each entry's pack
     while True:  # each round spurns copies that failed to verify; a blob held in n copies takes n rounds
-        known = kept_copies(packs, spurned)
-        missing = [b for b in needed if b not in known]
-        if missing:
-            raise CorruptObject(f"blob {missing[0].hex()}",
-                                f"{len(missing)} blob(s) that snapshots need are in no index; before pruning, "
+        known = KeptCopies(packs, spurned)
+        missing, first = _missing(needed, known)
+        if first is not None:
+            raise CorruptObject(f"blob {first.hex()}",
+                                f"{missing} blob(s) that snapshots need are in no index; before pruning, "
                                 "`repair index` finds those a pack still holds, then `repair snapshots` drops "
                                 "the files that need the others (`check` names them)")
         if lost:
             raise CorruptObject(pack_key(lost[0]), f"{len(lost)} indexed pack(s) are missing; `check` names what "
                                                    "they take down, `repair index` drops them from the index")
-        used = set(needed)
-        add_bases(used, known)
+        used = _Either(needed, blob_set(sorted(bases_needed(needed, known))))
         plan = select_packs(packs, sizes, used, max_unused, known, max_repack)
-        failed = _unverified_keeps(repo, where, plan, used, known, verified) - spurned
+        failed = _unverified_keeps(repo, plan, used, known, verified) - spurned
         if not failed:
             break
         spurned |= failed
-    plan.orphans = _deletable_orphans(repo, {pid: size for pid, size in sizes.items() if pid not in packs}, where,
+    plan.orphans = _deletable_orphans(repo, {pid: size for pid, size in sizes.items() if pid not in packs},
                                       used, known, verified)
     plan.index_names = names
     plan.dead_indexes, plan.freed_early = dead_index_objects(live, names, {p.pack_id for p in plan.delete})

@@ -52,7 +52,7 @@ from .indexfile import (INDEX_SLACK, IndexColumns, IndexData, decode_index, deco
                         pack_index_bytes)
 from .manifest import OP_DELETE, Record, decode_records, iter_records
 from .manifest_seek import ManifestSeeker, Segment, segments
-from .pack import PackBuffers, PackBuilder, PackEntry, fetch_header
+from .pack import EncodedEntries, PackBuffers, PackBuilder, PackEntry, fetch_header
 from .packranges import RecentRanges
 from .chronology import chronological_key
 from .snapshot import Snapshot
@@ -2126,7 +2126,8 @@ class BlobWriter:
                 full = (self.max_object_size is not None and self._unindexed.packs
                         and self._unindexed_bytes + need > self.max_object_size - INDEX_SLACK)
                 before = self._take_index() if full else None
-                self._unindexed.packs[pack_id] = list(builder.entries)
+                # Encoded (45 bytes an entry): a prune repacking most of a million blobs held a PackEntry each.
+                self._unindexed.packs[pack_id] = EncodedEntries.of(builder.entries)
                 self._unindexed_bytes += need
                 due = (len(self._unindexed.packs) >= self.INDEX_EVERY_PACKS
                        or time.monotonic() - self._last_index > self.INDEX_EVERY_SECONDS)

@@ -1,0 +1,228 @@
+"""Prune's compact view of the index (``store/packtable.py``) gives what the PackEntry dicts it replaced gave:
+the same copy kept for each blob, the same plan, the same index written."""
+from __future__ import annotations
+
+from hypothesis import given, settings, strategies as st
+
+from chunkvault.store.blob import KIND_DELTA, KIND_RAW, KIND_ZSTD
+from chunkvault.store.crypto import Sealer
+from chunkvault.store.indexfile import (IndexData, decode_index, decode_index_columns, encode_index,
+                                        pack_index_bytes, split_index)
+from chunkvault.store.pack import EncodedEntries, PackEntry, encode_entries
+from chunkvault.store.packtable import KeptCopies, PackTable, blob_set, id_chunks
+from chunkvault.store.prune import (_missing, add_bases, bases_needed, dead_index_objects, kept_copies,
+                                    select_packs)
+from chunkvault.store.usage import with_bases
+
+SEALER = Sealer(bytes(32))
+
+
+@st.composite
+def repositories(draw, distinct_offsets: bool = True):
+    """Packs of blobs, some stored more than once (whole, or as deltas on different bases), some copies at the
+    same offset of one pack (as only a made-up index has them)."""
+    n = draw(st.integers(1, 10))
+    ids = [bytes([i + 1]) * 32 for i in range(n)]
+    packs: dict[bytes, list[PackEntry]] = {}
+    for i in range(n):
+        for _ in range(draw(st.integers(1, 3))):
+            base = draw(st.sampled_from([None, *ids[:i]]))
+            pid = bytes([draw(st.integers(0, 5))]) * 32
+            entries = packs.setdefault(pid, [])
+            offset = 10 * len(entries) if distinct_offsets else draw(st.integers(0, 1)) * 10
+            kind = draw(st.sampled_from([KIND_ZSTD, KIND_RAW])) if base is None else KIND_DELTA
+            entries.append(PackEntry(ids[i], kind, offset, draw(st.integers(1, 100)), 100, base))
+    return ids, packs
+
+
+def reference_select(packs, used, max_unused, max_repack=None):
+    """The selection as it was, on PackEntry dicts and sets: (delete, repack, keep, held back) pack ids, the
+    live entries of each repacked pack, and the counts."""
+    known = kept_copies(packs)
+    used = set(used)
+    while True:
+        delete, repack, keep = [], [], []
+        for pid in sorted(packs):
+            live = [e for e in packs[pid] if e.blob_id in used and known[e.blob_id] is e]
+            total = sum(e.length for e in packs[pid])
+            use = (pid, live, total, sum(e.length for e in live))
+            if not live:
+                delete.append(use)
+            elif total and (total - use[3]) / total > max_unused:
+                repack.append(use)
+            else:
+                keep.append(use)
+        held = []
+        if max_repack is not None:
+            budget, chosen = max_repack, []
+            for use in sorted(repack, key=lambda u: (-(u[2] - u[3]) / u[2], u[0])):
+                if use[3] <= budget:
+                    budget -= use[3]
+                    chosen.append(use)
+                else:
+                    keep.append(use)
+                    held.append(use)
+            repack = sorted(chosen)
+            keep.sort()
+        needed = {e.base_id for u in keep for e in packs[u[0]] if e.kind == KIND_DELTA and e.base_id} - used
+        grown = with_bases(needed, lambda b: known[b].base_id if b in known and known[b].kind == KIND_DELTA
+                           else None) - used
+        if not grown:
+            live = sum(len(u[1]) for u in delete + repack + keep)
+            return ([u[0] for u in delete], [(u[0], u[1]) for u in repack], [u[0] for u in keep],
+                    [u[0] for u in held], live)
+        used |= grown
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.data())
+def test_the_compact_plan_is_the_plan_the_entry_dicts_gave(data):
+    """Same packs deleted, repacked (with the same live entries), kept and held back, whatever copies there
+    are, at the same offset of a pack or not."""
+    ids, packs = data.draw(repositories(distinct_offsets=data.draw(st.booleans())))
+    used = set(data.draw(st.lists(st.sampled_from(ids), max_size=len(ids))))
+    add_bases(used, kept_copies(packs))
+    max_unused = data.draw(st.sampled_from([0.0, 0.3, 0.9]))
+    max_repack = data.draw(st.sampled_from([None, 0, 50, 200]))
+    table = PackTable.from_entries(packs)
+    compact_used = blob_set(sorted(used))
+    assert bases_needed(compact_used, KeptCopies(table)) == set()
+    plan = select_packs(table, {}, compact_used, max_unused, KeptCopies(table), max_repack)
+    delete, repack, keep, held, live = reference_select(packs, used, max_unused, max_repack)
+    assert [u.pack_id for u in plan.delete] == delete
+    assert [(u.pack_id, u.live) for u in plan.repack] == repack
+    assert [u.pack_id for u in plan.keep] == keep
+    assert [u.pack_id for u in plan.held_back] == held
+    assert plan.live_blobs == live
+    assert all(list(u.entries) == packs[u.pack_id] for u in plan.keep + plan.repack + plan.delete)
+    assert plan.repacked_bytes == sum(e.length for _, entries in repack for e in entries)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.data())
+def test_the_copy_kept_is_the_one_the_reference_keeps(data):
+    """Blob by blob, ``KeptCopies`` names the entry ``kept_copies`` on dicts chooses (the same object there:
+    the same pack and place in it here), copies that failed to verify spurned or not."""
+    ids, packs = data.draw(repositories(distinct_offsets=data.draw(st.booleans())))
+    copies = [(pid, e.offset) for pid, entries in packs.items() for e in entries]
+    spurned = frozenset(data.draw(st.lists(st.sampled_from(copies), max_size=4)))
+    reference = kept_copies(packs, spurned)
+    table = PackTable.from_entries(packs)
+    known = kept_copies(table, spurned)
+    assert isinstance(known, KeptCopies) and len(known) == len(reference) and set(known) == set(reference)
+    for blob_id, e in reference.items():
+        pid = next(p for p, entries in packs.items() if any(x is e for x in entries))
+        at = next(i for i, x in enumerate(packs[pid]) if x is e)
+        assert known.kept_at(blob_id) == (table.pack_ids.index(pid), at)
+        assert known.pack_of(blob_id) == pid and known[blob_id] == e and blob_id in known
+    assert dict(known.deltas()) == {b: e.base_id for b, e in reference.items() if e.kind == KIND_DELTA}
+    assert bytes(32) not in known and b"short" not in known and known.kept_at(bytes(32)) is None
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.data())
+def test_packs_read_from_index_objects_are_the_entries_they_list(data):
+    """Entries left in decoded index objects read back as they were written, deltas' bases included; a pack
+    two objects list is the first one's; written into an index again, they encode as they came."""
+    _, packs = data.draw(repositories())
+    objects = [IndexData(dict(list(packs.items())[i::2])) for i in range(2)]
+    repeated = next(iter(packs), None)
+    if repeated is not None:  # listed again in a third object: the first listing counts
+        objects.append(IndexData({repeated: packs[repeated][:1]}))
+    columns = [decode_index_columns(SEALER, encode_index(SEALER, d), "i") for d in objects]
+    table = PackTable.from_columns(columns)
+    assert list(table) == sorted(packs) and len(table) == len(packs)
+    for pid, entries in packs.items():
+        assert table[pid] == entries and len(table[pid]) == len(entries) and pid in table
+        assert encode_entries(table[pid]) == encode_entries(entries)
+        assert pack_index_bytes(table[pid]) == pack_index_bytes(entries)
+        assert table[pid].has_deltas == any(e.kind == KIND_DELTA for e in entries)
+    again = IndexData({pid: table[pid] for pid in table})
+    parts = split_index(again, 2000)
+    assert {pid: e for p in parts for pid, e in decode_index(SEALER, encode_index(SEALER, p), "i").packs.items()} \
+        == {pid: packs[pid] for pid in packs}
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.data())
+def test_dead_index_objects_are_the_same_from_decoded_objects(data):
+    """``dead_index_objects`` gives the same answer for objects whose entries stay in their bytes."""
+    _, packs = data.draw(repositories())
+    pids = sorted(packs)
+    objects = {}
+    for i in range(data.draw(st.integers(1, 4))):
+        chosen = data.draw(st.lists(st.sampled_from(pids), max_size=3, unique=True))
+        objects[bytes([0xA0 + i]).hex() * 32] = IndexData({p: packs[p] for p in chosen})
+    dead_packs = set(data.draw(st.lists(st.sampled_from(pids), unique=True)))
+    columns = {n: decode_index_columns(SEALER, encode_index(SEALER, d), n) for n, d in objects.items()}
+    assert dead_index_objects(columns, objects, dead_packs) == dead_index_objects(objects, objects, dead_packs)
+
+
+def test_blobs_no_index_lists_are_counted_and_named():
+    a, b, c = (bytes([i]) * 32 for i in (1, 2, 3))
+    table = PackTable.from_entries({bytes(32): [PackEntry(a, KIND_ZSTD, 0, 1, 1)]})
+    known = KeptCopies(table)
+    assert _missing(blob_set([a]), known) == (0, None)
+    assert _missing(blob_set([a, b, c]), known) == (2, b)
+    assert _missing([], known) == (0, None)
+    many = [i.to_bytes(32, "big") for i in range(70_000)]  # more than one step of id_chunks
+    assert b"".join(id_chunks(blob_set(many))) == b"".join(many) == b"".join(id_chunks(many))
+    empty = KeptCopies(PackTable.from_entries({}))
+    assert len(empty) == 0 and list(empty.deltas()) == [] and a not in empty
+
+
+def test_an_encoded_pack_is_a_sequence_of_its_entries():
+    entries = [PackEntry(bytes([1]) * 32, KIND_ZSTD, 0, 5, 9), PackEntry(bytes([2]) * 32, KIND_DELTA, 5, 3, 9,
+                                                                          bytes([1]) * 32)]
+    buf = b"head" + encode_entries(entries)
+    encoded = EncodedEntries(buf, 4, 2, len(buf))
+    assert list(encoded) == entries and encoded[1] == entries[1] and encoded[-1:] == entries[1:]
+    assert encoded == entries and encoded.encoded == buf[4:] and encoded.has_deltas
+    assert repr(encoded).startswith("EncodedEntries([PackEntry(")
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.data())
+def test_the_live_entries_of_each_pack_are_the_reference_s(data):
+    """The blob table's ``kept_in`` (C) gives the entries, lengths and entry sizes its Python reference does,
+    for any used sets (none, one, two) and packs with deltas or not, copies at the same offset or not."""
+    ids, packs = data.draw(repositories(distinct_offsets=data.draw(st.booleans())))
+    used = [blob_set(data.draw(st.lists(st.sampled_from(ids), max_size=len(ids)))) for _ in range(data.draw(
+        st.integers(0, 2)))]
+    table = PackTable.from_entries(packs)
+    known = KeptCopies(table)
+    for no in range(len(table)):
+        got, want = known.live_in(no, used), known.live_in_reference(no, used)
+        assert got[1:] == want[1:] and list(got[0].numbers) == list(want[0].numbers) and got[0] == want[0]
+
+
+def test_kept_in_checks_what_it_is_given():
+    """Entries cut short, of an unknown kind, a negative count or sets that are not tables are refused; no
+    entries, or a pack number no row has, give nothing live."""
+    import pytest
+
+    from chunkvault.store import _blobtable
+
+    a = bytes([1]) * 32
+    entries = [PackEntry(a, KIND_ZSTD, 0, 7, 9), PackEntry(bytes([2]) * 32, KIND_DELTA, 7, 5, 9, a)]
+    buf = encode_entries(entries)
+    known = KeptCopies(PackTable.from_entries({bytes(32): entries}))
+    t, used = known._t._t, blob_set([a, bytes([2]) * 32])._t
+    assert t.kept_in(buf, 0, 2, 0, (used,)) == (bytes(4) + (1).to_bytes(4, "little"), 12, 12, 45 + 77)
+    assert t.kept_in(buf, 0, 2, 0, ()) == (b"", 12, 0, 0)
+    assert t.kept_in(buf, 0, 2, 1, (used,)) == (b"", 12, 0, 0)  # not this pack's copies
+    assert t.kept_in(buf, 0, 2, 2**40, (used,)) == (b"", 12, 0, 0)
+    assert t.kept_in(b"", 0, 0, 0, (used,)) == (b"", 0, 0, 0)
+    assert t.kept_in(buf, 0, 1, 0, (used, used)) == (bytes(4), 7, 7, 45)
+    for bad in (buf[:-1], buf[:44]):
+        with pytest.raises(ValueError, match="truncated"):
+            t.kept_in(bad, 0, 2, 0, (used,))
+    with pytest.raises(ValueError, match="unknown blob kind 9"):
+        t.kept_in(b"\x09" + buf[1:], 0, 2, 0, (used,))
+    with pytest.raises(ValueError, match="negative"):
+        t.kept_in(buf, 0, -1, 0, (used,))
+    with pytest.raises(TypeError, match="tuple of tables"):
+        t.kept_in(buf, 0, 2, 0, ({a},))
+    with pytest.raises(TypeError):
+        t.kept_in(buf, 0, 2, 0, [used])
+    assert isinstance(_blobtable.Table(0).kept_in(buf, 0, 2, 0, (used,))[0], bytes)  # an empty table: nothing
