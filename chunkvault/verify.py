@@ -700,8 +700,8 @@ def noting_data_directories(entries: Iterable[Entry], found: list[bytes]) -> Ite
 def turn_archiving_off(target: str, data_dirs: Iterable[bytes]) -> list[str]:
     """Append ``archive_mode = 'off'`` to each data directory's ``postgresql.auto.conf`` (read last, so it wins
     over postgresql.conf); returns the directories, relative to ``target``.  Only the copy is written: a
-    symbolic link there (to the live server's file, say) becomes a file of the copy's own, holding what the
-    link read; a file made anew is the data directory owner's, as the server must read it."""
+    symbolic link there (to the live server's file, say) becomes a file of the copy's own, holding only that
+    line (``_replace_link``); a file made anew is the data directory owner's, as the server must read it."""
     done = []
     for d in data_dirs:
         directory = os.path.join(os.fsencode(target), d)
@@ -717,16 +717,19 @@ def turn_archiving_off(target: str, data_dirs: Iterable[bytes]) -> list[str]:
 
 
 def _replace_link(path: bytes, directory: bytes) -> None:
-    try:
-        with open(path, "rb") as f:
-            content = f.read()
-    except OSError:  # dangling, or unreadable here: the copy's file starts empty
-        content = b""
+    """Replace the symbolic link at ``path`` by an empty file (the caller appends to it), not read: a snapshot
+    may hold one to any file (/etc/shadow, say), whose content copied into the data directory owner's file
+    was theirs to read, where the run is root's.  As ``--pg-recover`` replaces one (pgrecovery)."""
     tmp = path + b".chunkvault-tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        _owned_as(f.fileno(), directory)
-        f.write(content)
+    try:
+        os.unlink(tmp)  # one the snapshot holds (a link, a hard link to another file of the copy): not written
+    except FileNotFoundError:
+        pass
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    try:
+        _owned_as(fd, directory)
+    finally:
+        os.close(fd)
     os.replace(tmp, path)
 
 
