@@ -27,8 +27,8 @@ from .display import LIST_LETTERS, one_line, shown_name, warn
 from .progress import JsonProgress, Progress
 from .remotes.layer import StopRequest, stop_request
 from .errors import (ChunkvaultError, ChunkvaultWarning, CorruptObject, Locked, OutputClosed, PartialBackup,
-                     RepositoryStateWarning, SnapshotNotFound, TargetNotEmpty, TargetUnwritable, UsageError,
-                     VerificationFailed, output_error, resource_exhausted)
+                     RepositoryStateWarning, SnapshotNotFound, TargetBusy, TargetNotEmpty, TargetUnwritable,
+                     UsageError, VerificationFailed, output_error, resource_exhausted)
 from .store.chain import chain_lengths
 from .store.manifest import (F_CHANGED_DURING_READ, F_UNREADABLE, OP_DELETE, OP_ENTRY, OP_FRESH, T_BLOCKDEV,
                              T_CHARDEV, T_DIR, T_FILE, TYPE_NAMES, Entry, Record, unread, what_changed)
@@ -941,6 +941,17 @@ def target_wait(args: argparse.Namespace) -> float:
     if not getattr(args, "wait_given", False):
         return 0.0
     return max(0.0, args.wait - getattr(args, "waited", 0.0))
+
+
+def _waits_told(args: argparse.Namespace | None, exc: ChunkvaultError) -> ChunkvaultError:
+    """A TargetBusy refused with no wait left, where ``--wait`` was given: the waits before (for the
+    repository's lock, for the target) used all of it.  Its hint says so; "(or use --wait SECONDS)" asked
+    for what was given."""
+    if isinstance(exc, TargetBusy) and exc.cli_hint and getattr(args, "wait_given", False):
+        waited = getattr(args, "waited", 0.0)
+        exc.hinting(f" (--wait {args.wait:g} went on the waits before: {waited:.1f} s for the repository's lock "
+                    "and the target)")
+    return exc
 
 
 def _holds_entries(target: str) -> bool:
@@ -3267,7 +3278,7 @@ def main(argv: list[str] | None = None) -> int:
                 sys.stdout.flush()  # here, where a failure is reported, not at the interpreter's exit
         return code
     except ChunkvaultError as exc:
-        said = one_line(exc.cli_message())
+        said = one_line(_waits_told(args, exc).cli_message())
         _error_line(said)
         code = _fatal_for_postgresql(args, exc) or exc.exit_code
         _emit_error_json(args, argv, type(exc).__name__, code, said)

@@ -360,3 +360,25 @@ def test_the_command_line_waits_for_the_repository_and_the_target_within_one_wai
     waited = [float(w) for w in re.findall(r"(?:waiting up to|waited) ([\d.]+) s", rest)]
     assert "another restore" in rest and all(w < 2.5 for w in waited), rest  # what the prune's wait left of 5 s
     assert os.listdir(held.target) == []
+
+
+def test_a_refusal_after_the_waits_before_used_all_of_wait_says_so(backup, held, monkeypatch, capsys):
+    """Where the wait for the repository's lock took all of --wait, the target's refusal came at once, hinting
+    "(or use --wait SECONDS)": --wait was given, and waited.  It now says what the waits before took."""
+    from chunkvault import cli
+    from chunkvault.repository import Repository as Repo
+
+    _, url, _ = backup
+    reading = Repo.reading
+
+    def slow(self, purpose, wait=0.0):  # a prune held the repository until --wait was up
+        time.sleep(wait)
+        return reading(self, purpose, wait=wait)
+
+    monkeypatch.setattr(Repo, "reading", slow)
+    monkeypatch.setenv("CHUNKVAULT_PASSWORD", PASSWORD)
+    code = cli.main(["restore", "latest", "-r", url, "-t", str(held.target), "--wait", "1"])
+    err = capsys.readouterr().err
+    assert code == 15, err
+    assert "another restore" in err and "SECONDS" not in err, err
+    assert "--wait 1 went on the waits before" in err, err
