@@ -215,14 +215,15 @@ def remove_tree(parent_fd: int, name: bytes | str, *, unlock: bool = False) -> N
     ``mount_points``).  ``unlock``: each directory of this user's that denies its owner (``closed_to_owner``)
     is opened (mode 0700) to be listed and emptied, for a tree restored with the modes it had.  Nor is a
     directory another restore is writing into as its target emptied (OSError, EBUSY, naming it): each is
-    locked as a restore locks its target (store/target_lock.py) while it is emptied, or left as it is; a
-    restore --delete of the directory above it removed it under the other restore's writes."""
+    locked as a restore locks its target (store/target_lock.py) while it is emptied, and again each time
+    the walk comes back up to it (its lock ends with the descriptor closed on the way down), or left as it
+    is; a restore --delete of the directory above it removed it under the other restore's writes."""
     names = [os.fsencode(name)]  # the path from ``name`` down to the directory open at ``fd``
     device = os.fstat(parent_fd).st_dev
     fd, first = _open_to_empty(names[0], parent_fd, unlock, device)
-    _not_a_target(fd, names)
     seen = [first]  # (device, inode) of each directory in ``names``
     try:
+        _not_a_target(fd, names)
         while True:
             deeper = None
             with os.scandir(fd) as entries:
@@ -255,6 +256,7 @@ def remove_tree(parent_fd: int, name: bytes | str, *, unlock: bool = False) -> N
             if _identity(fd) != seen[-1]:
                 raise OSError(errno.ESTALE, "a directory in it was moved while it was removed: left as it is",
                               os.fsdecode(b"/".join(names)))
+            _not_a_target(fd, names)  # locked anew: its lock went with the descriptor closed on the way down
             os.rmdir(emptied, dir_fd=fd)
     finally:
         if fd >= 0:

@@ -382,3 +382,61 @@ def test_a_refusal_after_the_waits_before_used_all_of_wait_says_so(backup, held,
     assert code == 15, err
     assert "another restore" in err and "SECONDS" not in err, err
     assert "--wait 1 went on the waits before" in err, err
+
+
+def test_delete_leaves_a_directory_that_another_restore_took_while_it_emptied_one_below(tmp_path, monkeypatch):
+    """remove_tree locked each directory while its descriptor was open, and it keeps one open: the lock on a
+    directory ended as the walk went down into the one below, and nothing checked it again on the way back
+    up, so a restore that began writing there meanwhile had what it wrote removed, and its target with it."""
+    import errno
+
+    from chunkvault.store import target_dirs
+
+    top = tmp_path / "target" / "junk"
+    (top / "sub").mkdir(parents=True)
+    (top / "sub" / "f").write_bytes(b"the snapshot lacks it")
+    theirs = []
+    real = target_dirs._not_a_target
+
+    def then_another_begins(fd, names):
+        real(fd, names)
+        if names == [b"junk", b"sub"] and not theirs:  # a restore into junk begins while sub is emptied
+            theirs.append(os.open(top, os.O_RDONLY | os.O_DIRECTORY))
+            fcntl.flock(theirs[0], fcntl.LOCK_EX | fcntl.LOCK_NB)
+            (top / "written").write_text("by the other restore")
+
+    monkeypatch.setattr(target_dirs, "_not_a_target", then_another_begins)
+    parent = os.open(tmp_path / "target", os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        with pytest.raises(OSError) as info:
+            target_dirs.remove_tree(parent, "junk")
+    finally:
+        os.close(parent)
+        for fd in theirs:
+            os.close(fd)
+    assert info.value.errno == errno.EBUSY
+    assert (top / "written").read_text() == "by the other restore"
+
+
+def test_a_directory_another_restore_holds_is_left_with_no_descriptor_kept(tmp_path):
+    """The refusal of the directory removed itself came before the descriptor it had opened was in the
+    block that closes it: each refusal left one open in the process (a library user's, a mount's)."""
+    import errno
+
+    from chunkvault.store.target_dirs import remove_tree
+
+    (tmp_path / "target" / "junk").mkdir(parents=True)
+    theirs = os.open(tmp_path / "target" / "junk", os.O_RDONLY | os.O_DIRECTORY)
+    fcntl.flock(theirs, fcntl.LOCK_EX)
+    parent = os.open(tmp_path / "target", os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        before = len(os.listdir("/proc/self/fd"))
+        for _ in range(3):
+            with pytest.raises(OSError) as info:
+                remove_tree(parent, "junk")
+            assert info.value.errno == errno.EBUSY
+        assert len(os.listdir("/proc/self/fd")) == before
+    finally:
+        os.close(parent)
+        os.close(theirs)
+    assert (tmp_path / "target" / "junk").is_dir()
