@@ -947,7 +947,7 @@ def _waits_told(args: argparse.Namespace | None, exc: ChunkvaultError) -> Chunkv
     """A TargetBusy refused with no wait left, where ``--wait`` was given: the waits before (for the
     repository's lock, for the target) used all of it.  Its hint says so; "(or use --wait SECONDS)" asked
     for what was given."""
-    if isinstance(exc, TargetBusy) and exc.cli_hint and getattr(args, "wait_given", False):
+    if isinstance(exc, TargetBusy) and exc.cli_hint and getattr(args, "wait_given", False) and args.wait > 0:
         waited = getattr(args, "waited", 0.0)
         exc.hinting(f" (--wait {args.wait:g} went on the waits before: {waited:.1f} s for the repository's lock "
                     "and the target)")

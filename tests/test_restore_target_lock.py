@@ -382,6 +382,8 @@ def test_a_refusal_after_the_waits_before_used_all_of_wait_says_so(backup, held,
     assert code == 15, err
     assert "another restore" in err and "SECONDS" not in err, err
     assert "--wait 1 went on the waits before" in err, err
+    assert cli.main(["restore", "latest", "-r", url, "-t", str(held.target), "--wait", "0"]) == 15
+    assert "(or use --wait SECONDS)" in capsys.readouterr().err  # none was waited: more may be asked for
 
 
 def test_delete_leaves_a_directory_that_another_restore_took_while_it_emptied_one_below(tmp_path, monkeypatch):
