@@ -1749,15 +1749,7 @@ def test_an_empty_target_others_may_write_in_is_closed_while_a_restore_as_root_f
     target = reachable / "target"
     target.mkdir()
     os.chmod(target, 0o777)
-    planted = []
-
-    def plant(files, nbytes):
-        if planted:
-            return
-        for what in (["mkdir", str(target / "z")], ["ln", "-s", "/etc", str(target / "z")],
-                     ["touch", str(target / "extra")]):
-            planted.append(subprocess.run([*AS_NOBODY, *what], capture_output=True).returncode)
-        planted.append(stat.S_IMODE(target.stat().st_mode))
+    plant, planted = _planter(target)
 
     try:
         result = repo.restore("latest", str(target), progress=plant, processes=1)
@@ -1796,15 +1788,7 @@ def test_a_target_others_may_write_in_is_closed_while_a_restore_as_root_fills_it
     kept = (target if paths == 1 else target / sources[0].relative_to("/")) / "a"
     kept.mkdir(parents=True)  # what --delete leaves: the target is not empty when the restore looks again
     (kept / "f0").write_bytes(b"an older f0")
-    planted = []
-
-    def plant(files, nbytes):
-        if planted:
-            return
-        for what in (["mkdir", str(target / "z")], ["ln", "-s", "/etc", str(target / "z")],
-                     ["touch", str(target / "extra")]):
-            planted.append(subprocess.run([*AS_NOBODY, *what], capture_output=True).returncode)
-        planted.append(stat.S_IMODE(target.stat().st_mode))
+    plant, planted = _planter(target)
 
     try:
         result = repo.restore("latest", str(target), progress=plant, processes=1, force=True, delete=True)
@@ -1816,6 +1800,22 @@ def test_a_target_others_may_write_in_is_closed_while_a_restore_as_root_fills_it
         assert stat.S_IMODE(target.stat().st_mode) == 0o777
     finally:
         shutil.rmtree(reachable)
+
+
+def _planter(target):
+    """A restore's progress callback that, the first time it is called, tries as nobody to plant entries in
+    ``target``, and the list of what came of it: each attempt's exit code, then the target's mode then."""
+    planted = []
+
+    def plant(files, nbytes):
+        if planted:
+            return
+        for what in (["mkdir", str(target / "z")], ["ln", "-s", "/etc", str(target / "z")],
+                     ["touch", str(target / "extra")]):
+            planted.append(subprocess.run([*AS_NOBODY, *what], capture_output=True).returncode)
+        planted.append(stat.S_IMODE(target.stat().st_mode))
+
+    return plant, planted
 
 
 def _check_closed_while_filled(target, sources, planted, result):
