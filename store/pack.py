@@ -121,7 +121,28 @@ def decode_entries(buf: bytes | memoryview, count: int, pos: int, what: str) -> 
     return entries, pos
 
 
-class EncodedEntries(Sequence[PackEntry]):
+class DecodedOnRead(Sequence[PackEntry]):
+    """Pack entries held encoded, decoded (``decode``) each time they are read: read them whole, once."""
+
+    __slots__ = ()
+
+    def decode(self) -> list[PackEntry]:
+        raise NotImplementedError
+
+    def __iter__(self) -> Iterator[PackEntry]:
+        return iter(self.decode())
+
+    def __getitem__(self, i):  # type: ignore[override]
+        return self.decode()[i]
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Sequence) and list(self) == list(other)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.decode()!r})"
+
+
+class EncodedEntries(DecodedOnRead):
     """A pack's entries as an index object encodes them, decoded each time they are read: a prune keeps most
     packs as they are, and writes their entries into the new index as they came (``encoded``)."""
 
@@ -152,18 +173,6 @@ class EncodedEntries(Sequence[PackEntry]):
 
     def decode(self) -> list[PackEntry]:
         return decode_entries(self._buf, self._count, self._start, "index")[0]
-
-    def __iter__(self) -> Iterator[PackEntry]:
-        return iter(self.decode())
-
-    def __getitem__(self, i):  # type: ignore[override]
-        return self.decode()[i]
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, Sequence) and list(self) == list(other)
-
-    def __repr__(self) -> str:
-        return f"EncodedEntries({self.decode()!r})"
 
     @classmethod
     def of(cls, entries: Sequence[PackEntry]) -> EncodedEntries:

@@ -15,14 +15,14 @@ from typing import Collection, Iterable, Iterator, Mapping, Sequence
 from .blob import ID_SIZE, KIND_DELTA
 from .blobindex import BlobIndex
 from .indexfile import IndexColumns
-from .pack import _ENTRY, ENTRY_SIZE, EncodedEntries, PackEntry
+from .pack import _ENTRY, ENTRY_SIZE, DecodedOnRead, EncodedEntries, PackEntry
 
 __all__ = ["KeptCopies", "LiveEntries", "PackTable", "blob_set", "id_chunks"]
 
 _ROWS = 1 << 16  # ids per step of ``id_chunks``
 
 
-class LiveEntries(Sequence[PackEntry]):
+class LiveEntries(DecodedOnRead):
     """Some entries of a pack, by their numbers in it (``array("I")``), decoded when read: the live blobs of a
     pack to repack, which may be most of the repository's."""
 
@@ -37,18 +37,6 @@ class LiveEntries(Sequence[PackEntry]):
     def decode(self) -> list[PackEntry]:
         decoded = self.entries.decode()
         return [decoded[i] for i in self.numbers]
-
-    def __iter__(self) -> Iterator[PackEntry]:
-        return iter(self.decode())
-
-    def __getitem__(self, i):  # type: ignore[override]
-        return self.decode()[i]
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, Sequence) and list(self) == list(other)
-
-    def __repr__(self) -> str:
-        return f"LiveEntries({self.decode()!r})"
 
 
 class PackTable(Mapping[bytes, EncodedEntries]):
