@@ -1731,17 +1731,7 @@ def test_an_empty_target_others_may_write_in_is_closed_while_a_restore_as_root_f
     directory where the snapshot has one (the restore took it, and wrote the snapshot's files into a directory
     that user owned and could rearrange until the end), or put anything else in the tree.  Files and links
     planted were refused already (O_EXCL, O_NOFOLLOW, a link out of the target never followed)."""
-    sources = []
-    for n in range(paths):
-        src = tmp_path / f"src{n}"
-        (src / "a").mkdir(parents=True)
-        for i in range(40):
-            (src / "a" / f"f{i}").write_bytes(os.urandom(2000))
-        (src / "z").mkdir()
-        (src / "z" / "secret").write_bytes(b"secret")
-        os.chmod(src / "z" / "secret", 0o600)
-        os.chmod(src, 0o777)  # a shared directory, backed up as it is
-        sources.append(src)
+    sources = _shared_sources(tmp_path, paths)
     repo = new_repo()
     repo.backup([str(s) for s in sources])
     reachable = Path(tempfile.mkdtemp(prefix="shared-"))  # where that user can reach it (tmp_path is 0700)
@@ -1766,17 +1756,7 @@ def test_a_target_others_may_write_in_is_closed_while_a_restore_as_root_fills_it
     there meanwhile (a directory where the snapshot has one, which the restore took, and the snapshot's files
     in it, that user's to rearrange until the end) came after --delete's walk and stayed, in a tree that was
     all root's at the end.  It is closed as an empty one is; its mode given back at the end."""
-    sources = []
-    for n in range(paths):
-        src = tmp_path / f"src{n}"
-        (src / "a").mkdir(parents=True)
-        for i in range(40):
-            (src / "a" / f"f{i}").write_bytes(os.urandom(2000))
-        (src / "z").mkdir()
-        (src / "z" / "secret").write_bytes(b"secret")
-        os.chmod(src / "z" / "secret", 0o600)
-        os.chmod(src, 0o777)
-        sources.append(src)
+    sources = _shared_sources(tmp_path, paths)
     repo = new_repo()
     repo.backup([str(s) for s in sources])
     reachable = Path(tempfile.mkdtemp(prefix="shared-"))
@@ -1800,6 +1780,23 @@ def test_a_target_others_may_write_in_is_closed_while_a_restore_as_root_fills_it
         assert stat.S_IMODE(target.stat().st_mode) == 0o777
     finally:
         shutil.rmtree(reachable)
+
+
+def _shared_sources(tmp_path, paths):
+    """``paths`` source trees, each a shared directory (0777, backed up as it is) holding files in ``a`` and a
+    private file in ``z``."""
+    sources = []
+    for n in range(paths):
+        src = tmp_path / f"src{n}"
+        (src / "a").mkdir(parents=True)
+        for i in range(40):
+            (src / "a" / f"f{i}").write_bytes(os.urandom(2000))
+        (src / "z").mkdir()
+        (src / "z" / "secret").write_bytes(b"secret")
+        os.chmod(src / "z" / "secret", 0o600)
+        os.chmod(src, 0o777)
+        sources.append(src)
+    return sources
 
 
 def _planter(target):
