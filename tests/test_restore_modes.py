@@ -126,9 +126,8 @@ def test_delete_removes_what_the_snapshot_lacks(snapshot_of_tree):
     assert describe(src) == expected
 
 
-def test_interrupted_restore_resumes_with_delta(snapshot_of_tree, tmp_path, monkeypatch):
-    repo, snap, src, expected = snapshot_of_tree
-    target = tmp_path / "target"
+def _interrupted_at_file(monkeypatch, n: int) -> None:
+    """A restore's ``n``-th file written raises KeyboardInterrupt (as Ctrl-C would, mid-way)."""
     from chunkvault.store import restore as restore_mod
 
     calls = {"n": 0}
@@ -136,11 +135,17 @@ def test_interrupted_restore_resumes_with_delta(snapshot_of_tree, tmp_path, monk
 
     def dying(self, dst, e, chunks):
         calls["n"] += 1
-        if calls["n"] == 4:
+        if calls["n"] == n:
             raise KeyboardInterrupt
         return real(self, dst, e, chunks)
 
     monkeypatch.setattr(restore_mod.Restorer, "_write_file", dying)
+
+
+def test_interrupted_restore_resumes_with_delta(snapshot_of_tree, tmp_path, monkeypatch):
+    repo, snap, src, expected = snapshot_of_tree
+    target = tmp_path / "target"
+    _interrupted_at_file(monkeypatch, 4)
     with pytest.raises(KeyboardInterrupt):
         repo.restore(snap, str(target))
     monkeypatch.undo()
@@ -154,8 +159,6 @@ def test_a_rerun_gives_a_target_an_interrupted_restore_closed_its_mode_back(tmp_
     """A target closed to 0700 while it fills (made, or an empty one others may write in) whose snapshot records
     no root directory (several paths) gets its own mode back once all is in; interrupted, the rerun in place
     found it 0700 and left it so: a shared directory closed to all but its owner."""
-    from chunkvault.store import restore as restore_mod
-
     for name in ("a", "b"):
         (tmp_path / name).mkdir()
         for i in range(4):
@@ -168,16 +171,7 @@ def test_a_rerun_gives_a_target_an_interrupted_restore_closed_its_mode_back(tmp_
         os.chmod(target, given)
     os.umask(umask := os.umask(0o022))
     expected = given if given is not None else 0o777 & ~umask
-    calls = {"n": 0}
-    real = restore_mod.Restorer._write_file
-
-    def dying(self, dst, e, chunks):
-        calls["n"] += 1
-        if calls["n"] == 3:
-            raise KeyboardInterrupt
-        return real(self, dst, e, chunks)
-
-    monkeypatch.setattr(restore_mod.Restorer, "_write_file", dying)
+    _interrupted_at_file(monkeypatch, 3)
     with pytest.raises(KeyboardInterrupt):
         repo.restore(snap, str(target), processes=1)
     monkeypatch.undo()

@@ -55,11 +55,21 @@ def held(tmp_path):
     release()
 
 
-def _cli(*args: str, url: str) -> subprocess.CompletedProcess:
+def _cli_env() -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("CHUNKVAULT_")}
     env["CHUNKVAULT_PASSWORD"] = PASSWORD
-    return subprocess.run([sys.executable, "-m", "chunkvault.cli", *args, "-r", url], env=env, capture_output=True,
-                          text=True, timeout=300)
+    return env
+
+
+def _cli(*args: str, url: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "chunkvault.cli", *args, "-r", url], env=_cli_env(),
+                          capture_output=True, text=True, timeout=300)
+
+
+def _cli_started(*args: str, url: str, **popen: object) -> subprocess.Popen:
+    """The command started, not waited for (stdout discarded)."""
+    return subprocess.Popen([sys.executable, "-m", "chunkvault.cli", *args, "-r", url], env=_cli_env(),
+                            stdout=subprocess.DEVNULL, **popen)
 
 
 @pytest.mark.parametrize("in_place", [[], ["--confirm", "RESTORE", "--delta", "--delete"]])
@@ -80,11 +90,8 @@ def test_a_restore_into_a_target_another_restore_holds_is_refused_at_once(backup
 
 def test_a_restore_given_wait_waits_for_the_other_and_then_restores(backup, held):
     _, url, src = backup
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CHUNKVAULT_")}
-    env["CHUNKVAULT_PASSWORD"] = PASSWORD
-    proc = subprocess.Popen([sys.executable, "-m", "chunkvault.cli", "restore", "latest", "-t", str(held.target),
-                             "--wait", "60", "-r", url], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            text=True)
+    proc = _cli_started("restore", "latest", "-t", str(held.target), "--wait", "60", url=url, stderr=subprocess.PIPE,
+                        text=True)
     try:
         said = proc.stderr.readline()  # told before it waits, not after
         assert re.search(rf"waiting up to \d+ s: another restore \(process {os.getpid()}\) is writing into", said)
@@ -153,10 +160,7 @@ def test_a_killed_restore_leaves_no_lock_and_a_rerun_with_delta_completes(backup
     (src / "big").write_bytes(random.Random(3).randbytes(64 << 20))  # long enough to be killed mid-way
     _cli("backup", str(src), url=url).check_returncode()
     target = tmp_path / "target"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CHUNKVAULT_")}
-    env["CHUNKVAULT_PASSWORD"] = PASSWORD
-    proc = subprocess.Popen([sys.executable, "-m", "chunkvault.cli", "restore", "latest", "-t", str(target), "-r", url,
-                             "--processes", "1"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = _cli_started("restore", "latest", "-t", str(target), "--processes", "1", url=url, stderr=subprocess.DEVNULL)
     try:
         wait_for(lambda: _holds_lock(proc.pid) or proc.poll() is not None, 60)
         proc.kill()  # mid-way: it holds the target's lock, which it takes before it writes anything
@@ -342,11 +346,8 @@ def test_the_command_line_waits_for_the_repository_and_the_target_within_one_wai
     repo, url, _ = backup
     prune = RepoLock(repo._repo.remote, EXCLUSIVE, "prune")
     prune.acquire()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CHUNKVAULT_")}
-    env["CHUNKVAULT_PASSWORD"] = PASSWORD
-    proc = subprocess.Popen([sys.executable, "-m", "chunkvault.cli", "restore", "latest", "-t", str(held.target),
-                             "--wait", "5", "-r", url], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            text=True)
+    proc = _cli_started("restore", "latest", "-t", str(held.target), "--wait", "5", url=url, stderr=subprocess.PIPE,
+                        text=True)
     try:
         said = proc.stderr.readline()
         assert "waiting up to 5 s: repository is locked" in said
