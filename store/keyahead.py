@@ -25,8 +25,6 @@ from chunkvault.localfiles import make_private_dirs, read_regular, remove_if_sta
 from .config import KDF_SECRET, KEY_FILE_LIMIT, KeyFile
 from .crypto import content_name
 
-MAX_KEY_FILE = KEY_FILE_LIMIT  # key files are a few hundred bytes; anything larger is not one
-
 
 class KeyAhead:
     """A derivation started early from the key file remembered at ``path``; see the module docstring."""
@@ -139,7 +137,7 @@ def _sweep_temp(directory: str) -> None:
 
 def _read_small(path: str) -> bytes | None:
     try:
-        raw = read_regular(path, MAX_KEY_FILE + 1)
+        raw = read_regular(path, KEY_FILE_LIMIT + 1)
     except OSError:
         return None
-    return raw if 0 < len(raw) <= MAX_KEY_FILE else None
+    return raw if 0 < len(raw) <= KEY_FILE_LIMIT else None

@@ -9,8 +9,9 @@ import pytest
 from chunkvault import Repository
 from chunkvault.errors import WrongPassword
 from chunkvault.remotes import open_remote
+from chunkvault.store.config import KEY_FILE_LIMIT
 from chunkvault.store.crypto import content_name
-from chunkvault.store.keyahead import MAX_KEY_FILE, KeyAhead, forget
+from chunkvault.store.keyahead import KeyAhead, forget
 from chunkvault.store.unlock import unlock
 from servers_http import FULL_TOKEN, http_server, serve_factory  # noqa: F401
 
@@ -55,7 +56,7 @@ def test_a_wrong_password_is_refused_without_deriving_twice(repo_dir, tmp_path, 
     assert len(derivations) == 1
 
 
-@pytest.mark.parametrize("planted", [b"", b"not a key file", b"{" * (MAX_KEY_FILE + 1), None])
+@pytest.mark.parametrize("planted", [b"", b"not a key file", b"{" * (KEY_FILE_LIMIT + 1), None])
 def test_a_stale_or_planted_cache_costs_a_derivation_never_a_wrong_key(repo_dir, tmp_path, planted, derivations):
     kept = tmp_path / "kept"
     if planted is None:  # another repository's key file, valid but not this one's
