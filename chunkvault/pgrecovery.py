@@ -13,12 +13,13 @@ import errno
 import os
 import re
 import shlex
+import stat
 import struct
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta, timezone
 from typing import TYPE_CHECKING
 
-from .errors import SnapshotNotFound, UsageError
+from .errors import ChunkvaultError, SnapshotNotFound, StorageFull, TargetUnwritable, UsageError
 from .store.walnames import format_lsn, parse_lsn
 from .store.snapshot import parse_time
 
@@ -276,7 +277,9 @@ def write_recovery(datadir: str, target: RecoveryTarget, restore_command: str) -
     the settings into ``postgresql.auto.conf`` (kept its owner and mode, or made as ``global/pg_control``'s
     owner's), after the other recovery settings at their defaults (``DEFAULTS``), any signal file of an
     earlier setup removed, the target's made.  UsageError when ``datadir`` is
-    no data directory of PostgreSQL 12 or newer, or one copied after a time ``target`` (``copied_after``).
+    no data directory of PostgreSQL 12 or newer, or one copied after a time ``target`` (``copied_after``);
+    TargetUnwritable (StorageFull) where it takes no settings: one of those names is no file (a FIFO, a
+    directory: nothing written then), or a write fails.
     Written under the lock a restore holds on its target (store/target_lock.py): TargetBusy while another
     restore writes there; within ``holding``, under the one the restore of ``datadir`` took, kept since."""
     from .store.target_lock import target_held
@@ -301,48 +304,120 @@ def _write_recovery(datadir: str, target: RecoveryTarget, restore_command: str) 
     settings = [("restore_command", restore_command), *target.settings()]
     chosen = {name for name, _ in settings}
     defaults = [(name, value) for name, value in DEFAULTS if name not in chosen]
-    path = os.path.join(datadir, AUTO_CONF)
     try:
-        with open(os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC), encoding="utf-8",
-                  errors="surrogateescape") as f:
-            text = f.read()
-    except FileNotFoundError:
-        text = None
+        dir_fd = os.open(datadir, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
     except OSError as exc:
-        if exc.errno != errno.ELOOP:
-            raise
-        # A symbolic link (restored as the snapshot has it) is replaced by a file, as ALTER SYSTEM's rename
-        # replaces it, and not read: followed, a restore as root rewrote whatever file it named.
-        os.unlink(path)
-        text = None
-    stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
-    new = rewrite_auto_conf(text or "", defaults + settings, stamp)
-    _write_as(path, new.encode("utf-8", "surrogateescape"), owner if text is None else None)
-    for name in SIGNALS:
-        try:
-            os.unlink(os.path.join(datadir, name))
-        except FileNotFoundError:
-            pass
-    _write_as(os.path.join(datadir, target.signal), b"", owner)
+        raise _unwritten(datadir, exc) from None
+    try:
+        for name in (AUTO_CONF, *SIGNALS):  # all looked at before anything is written
+            _refuse_other_kind(datadir, dir_fd, name)
+        text, old = _read_conf(datadir, dir_fd)
+        stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+        new = rewrite_auto_conf(text or "", defaults + settings, stamp)
+        _write_as(dir_fd, AUTO_CONF, new.encode("utf-8", "surrogateescape"), owner if old is None else old,
+                  0o600 if old is None else stat.S_IMODE(old.st_mode))
+        for name in SIGNALS:
+            try:
+                os.unlink(name, dir_fd=dir_fd)
+            except FileNotFoundError:
+                pass
+        _write_as(dir_fd, target.signal, b"", owner, 0o600)
+    except OSError as exc:
+        raise _unwritten(datadir, exc) from None
+    finally:
+        os.close(dir_fd)
     return RecoveryWritten(settings, target.signal, target)
 
 
-def _write_as(path: str, data: bytes, owner: os.stat_result | None) -> None:
-    """``data`` into ``path`` durably: an existing file rewritten in place (its owner and mode stay); a new one
-    made mode 0600 and given ``owner``'s uid and gid where this process may."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, 0o600)
+def _unwritten(datadir: str, exc: OSError) -> ChunkvaultError:
+    """The one-line error for recovery settings the restored ``datadir`` did not take (no space, read-only,
+    permission): exit 14, as a restore's target that takes no writes."""
+    what = f" ({os.fsdecode(exc.filename)})" if isinstance(exc.filename, (str, bytes)) else ""
+    message = (f"cannot write the recovery settings into {datadir}{what}: {exc.strerror or exc}; the restored "
+               "files are left as restored")
+    return StorageFull(message) if exc.errno in (errno.ENOSPC, errno.EDQUOT) else TargetUnwritable(message)
+
+
+def _refuse_other_kind(datadir: str, dir_fd: int, name: str) -> None:
+    """TargetUnwritable where ``name`` in the data directory is neither a file nor a symbolic link (one the
+    snapshot held so: a FIFO, a socket, a device, a directory): it is no file of settings to rewrite, nor one
+    to remove unasked (a FIFO opened blocks; a directory holds what it holds)."""
     try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view):]
-        os.fsync(fd)
-        if owner is not None:
+        st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+    except FileNotFoundError:
+        return
+    if not (stat.S_ISREG(st.st_mode) or stat.S_ISLNK(st.st_mode)):
+        kind = _KINDS.get(stat.S_IFMT(st.st_mode), "something else")
+        raise TargetUnwritable(f"{os.path.join(datadir, name)} is {kind}, not a file: no recovery settings written "
+                               "(the restored files are left as restored; put a file there, or set up the recovery "
+                               "by hand)")
+
+
+_KINDS = {stat.S_IFDIR: "a directory", stat.S_IFIFO: "a FIFO", stat.S_IFSOCK: "a socket",
+          stat.S_IFCHR: "a character device", stat.S_IFBLK: "a block device"}
+
+
+def _read_conf(datadir: str, dir_fd: int) -> tuple[str | None, os.stat_result | None]:
+    """``postgresql.auto.conf``'s text and stat, (None, None) where there is none.  A symbolic link (restored
+    as the snapshot has it) is not read, and is replaced by a file, as ALTER SYSTEM's rename replaces it:
+    followed, a restore as root rewrote whatever file it named.  Opened without waiting: something other than
+    a file put there since it was looked at is refused, never read from."""
+    try:
+        fd = os.open(AUTO_CONF, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=dir_fd)
+    except FileNotFoundError:
+        return None, None
+    except OSError as exc:
+        if exc.errno != errno.ELOOP:
+            raise
+        return None, None
+    with open(fd, "rb") as f:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            _refuse_other_kind(datadir, dir_fd, AUTO_CONF)
+            raise OSError(errno.EINVAL, "not a file", AUTO_CONF)  # no longer what was opened: replaced again
+        return f.read().decode("utf-8", "surrogateescape"), st
+
+
+def _write_as(dir_fd: int, name: str, data: bytes, owner: os.stat_result, mode: int) -> None:
+    """``data`` into ``name`` in the directory open at ``dir_fd``, durably: written whole beside it, given
+    ``mode`` and ``owner``'s uid and gid (where this process may), and renamed over what is there (a file,
+    a symbolic link), as a restore replaces a file.  Never written through: another hard link of the file
+    (to ``postgresql.conf``, say) keeps its content, and a FIFO put in its place is never opened."""
+    from .store.restore import _beside_name
+
+    while True:
+        tmp = os.fsdecode(_beside_name())
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600,
+                         dir_fd=dir_fd)
+            break
+        except FileExistsError:
+            continue
+    try:
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
             try:
                 os.fchown(fd, owner.st_uid, owner.st_gid)
             except PermissionError:  # not root: the file is this user's, as the restored files are
                 pass
+            os.fchmod(fd, mode)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.rename(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+    except BaseException:
+        try:
+            os.unlink(tmp, dir_fd=dir_fd)
+        except OSError:
+            pass
+        raise
+    synced = os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=dir_fd)  # the rename, durably
+    try:
+        os.fsync(synced)
     finally:
-        os.close(fd)
+        os.close(synced)
 
 
 def refuse_running_server(target: str | bytes) -> None:

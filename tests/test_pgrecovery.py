@@ -127,7 +127,7 @@ def test_written_settings_and_signal_replace_an_earlier_setups(tmp_path):
     assert text.startswith("# recovery_target = 'immediate'")
     assert text.endswith("restore_command = 'get %f \"%p\"'\nrecovery_target_xid = '99'\n"
                          "recovery_target_action = 'shutdown'\n")
-    assert (d / "postgresql.auto.conf").stat().st_mode & 0o777 == 0o640  # rewritten in place
+    assert (d / "postgresql.auto.conf").stat().st_mode & 0o777 == 0o640  # its mode kept
     assert written.to_dict() == {"target": "xid", "value": "99", "action": "shutdown", "signal": "recovery.signal",
                                  "settings": {"restore_command": "get %f \"%p\"", "recovery_target_xid": "99",
                                               "recovery_target_action": "shutdown"}}
@@ -153,6 +153,66 @@ def test_a_symbolic_link_in_the_place_of_a_file_written_is_replaced_not_followed
     assert not (d / "postgresql.auto.conf").is_symlink() and not (d / "recovery.signal").is_symlink()
     assert (d / "postgresql.auto.conf").read_text().endswith("restore_command = 'x'\n")
     assert "not the restore's" not in (d / "postgresql.auto.conf").read_text()
+
+
+@pytest.mark.parametrize("name", ["postgresql.auto.conf", "recovery.signal", "standby.signal"])
+@pytest.mark.parametrize("kind", ["FIFO", "directory", "socket"])
+def test_a_special_file_or_directory_in_the_place_of_a_file_written_is_refused_in_one_line(tmp_path, name, kind):
+    """A data directory restored with postgresql.auto.conf a FIFO (or a directory, a socket: as the snapshot held
+    it) failed with the raw OSError of the open (ENXIO: "internal error", exit 1), or of the unlink of a signal
+    file that is a directory.  Now: one line naming it, exit 14, nothing written and nothing removed."""
+    import socket
+
+    from chunkvault.errors import TargetUnwritable
+
+    d = data_dir(tmp_path)
+    (d / "postgresql.auto.conf.chunkvault-tmp").mkdir()  # no name of the restore's own is taken for granted
+    if kind == "FIFO":
+        os.mkfifo(d / name)
+    elif kind == "directory":
+        (d / name).mkdir()
+        (d / name / "kept").write_text("")
+    else:
+        s = socket.socket(socket.AF_UNIX)
+        s.bind(str(d / name))
+        s.close()
+    before = sorted(p.name for p in d.iterdir())
+    with pytest.raises(TargetUnwritable, match=f"{name} is a {kind}, not a file: no recovery settings written"):
+        write_recovery(str(d), RecoveryTarget("end"), "x")
+    assert sorted(p.name for p in d.iterdir()) == before
+
+
+def test_settings_written_where_a_directory_holds_a_name_beside_the_file_and_no_other_link_is_written(tmp_path):
+    """postgresql.auto.conf hard-linked to postgresql.conf (as the snapshot held them) was rewritten in place, and
+    postgresql.conf with it; the new file is written beside and renamed over, with the old one's mode."""
+    d = data_dir(tmp_path)
+    (d / "postgresql.auto.conf.chunkvault-tmp").mkdir()
+    (d / "postgresql.conf").write_text("shared_buffers = 128MB\n")
+    os.link(d / "postgresql.conf", d / "postgresql.auto.conf")
+    os.chmod(d / "postgresql.auto.conf", 0o640)
+    write_recovery(str(d), RecoveryTarget("end"), "x")
+    assert (d / "postgresql.conf").read_text() == "shared_buffers = 128MB\n"
+    text = (d / "postgresql.auto.conf").read_text()
+    assert text.startswith("shared_buffers = 128MB\n") and text.endswith("restore_command = 'x'\n")
+    assert (d / "postgresql.auto.conf").stat().st_mode & 0o777 == 0o640
+    assert sorted(p.name for p in d.iterdir()) == ["PG_VERSION", "global", "postgresql.auto.conf",
+                                                   "postgresql.auto.conf.chunkvault-tmp", "postgresql.conf",
+                                                   "recovery.signal"]
+
+
+def test_the_cli_says_in_one_line_that_a_fifo_restored_as_postgresql_auto_conf_took_no_settings(tmp_path, cli):
+    repo = str(tmp_path / "repo")
+    d = data_dir(tmp_path)
+    os.mkfifo(d / "postgresql.auto.conf")
+    cli("init", "-r", repo, "--kdf-time", "0")
+    cli("backup", "-r", repo, str(d))
+    out = tmp_path / "out"
+    said = cli("restore", "-r", repo, "--target", str(out), "--pg-recover", "end", "--pg-restore-command", "true",
+               check=14).stderr.decode()
+    assert said.splitlines() == [f"chunkvault: {out}/postgresql.auto.conf is a FIFO, not a file: no recovery "
+                                 "settings written (the restored files are left as restored; put a file there, or "
+                                 "set up the recovery by hand)"]
+    assert sorted(p.name for p in out.iterdir()) == ["PG_VERSION", "global", "postgresql.auto.conf"]
 
 
 def test_no_data_directory_and_an_old_postgresql_are_refused_writing_nothing(tmp_path):
