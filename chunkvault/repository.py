@@ -15,7 +15,6 @@ import itertools
 import math
 import os
 import re
-import stat
 import sys
 import threading
 import time
@@ -49,7 +48,7 @@ from .store.confinement import confined
 from .store.subtree import Subtree, in_subtree
 from .store.target_lock import await_target, holding, left_after, target_held
 from .store.restore import (Relocation, Restorer, RestoreOptions, RestoreResult, check_content, check_overwrite,
-                            include_directory, merged_results, refuse_overlap)
+                            include_directory, link_relocated, merged_results, refuse_overlap)
 from .store.owners import OwnerMap, chain_names
 from .store.snapshot import (Snapshot, SnapshotFinder, check_local_zone, find_snapshot, parse_time, parse_until,
                              said_time, select_snapshots)
@@ -1771,20 +1770,14 @@ class Repository:
             results.append(result)
             done[0] += result.files
             done[1] += result.bytes
-        for into, r in zip(intos, relocate):
-            at = os.path.join(target_dir, os.fsdecode(r.link))
-            parent = os.stat(os.path.dirname(at))
-            old = os.lstat(at) if os.path.lexists(at) else None
-            if old is not None and stat.S_ISDIR(old.st_mode):
-                os.rmdir(at)
-            elif old is not None:
-                os.unlink(at)
-            os.symlink(into, at)
-            if old is not None and os.geteuid() == 0:
-                os.lchown(at, old.st_uid, old.st_gid)
-            os.utime(os.path.dirname(at), ns=(parent.st_atime_ns, parent.st_mtime_ns))
         merged = merged_results(results)
         merged.snapshot = snap.id
+        try:
+            for into, r in zip(intos, relocate):
+                link_relocated(target_dir, r, into)
+        except ChunkvaultError as exc:
+            exc.partial = merged  # the files are in: said, as a restore that wrote all else says it
+            raise
         return merged
 
     def owner_names(self, snapshot: str | Snapshot, *, snapshots: list[Snapshot] | None = None

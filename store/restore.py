@@ -125,6 +125,39 @@ class Relocation:
     link: bytes
 
 
+def link_relocated(target: str, r: Relocation, into: str) -> None:
+    """Make ``r.link`` in the restored ``target`` a symbolic link to ``into`` (its entry's owner kept, as root;
+    an empty directory there removed; its directory's times kept), through the descriptor of its directory
+    reached within the target (``TargetDirs``), the link made under a name of its own and renamed into
+    place: made by path, a directory above it swapped for a symbolic link while the restore ran (to /etc) had
+    a restore as root remove what lay at the link's name there and link it.  TargetUnwritable, one line,
+    where it cannot be made so (a link out of the target on the way, something else put in its place)."""
+    rel = safe_relpath(r.link)
+    dirs = TargetDirs(os.fsencode(target))
+    try:
+        pfd, name = dirs.at(rel)
+        parent = os.fstat(pfd)
+        old = _lstat(pfd, name)
+        if old is not None and stat.S_ISDIR(old.st_mode):
+            os.rmdir(name, dir_fd=pfd)
+        beside = _beside_name()
+        os.symlink(into, beside, dir_fd=pfd)
+        try:
+            if old is not None and os.geteuid() == 0:
+                os.chown(beside, old.st_uid, old.st_gid, dir_fd=pfd, follow_symlinks=False)
+            os.rename(beside, name, src_dir_fd=pfd, dst_dir_fd=pfd)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(beside, dir_fd=pfd)
+            raise
+        os.utime(proc_path(pfd), ns=(parent.st_atime_ns, parent.st_mtime_ns))
+    except OSError as exc:
+        raise TargetUnwritable(f"cannot make {os.fsdecode(rel)} in {target} the link to {into}: "
+                               f"{exc.strerror or exc}") from None
+    finally:
+        dirs.close()
+
+
 def merged_results(results: Sequence[RestoreResult]) -> RestoreResult:
     """One result for restores made one after the other into several directories (``Relocation``)."""
     out = RestoreResult(processes=max((r.processes for r in results), default=1))

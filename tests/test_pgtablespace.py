@@ -166,3 +166,37 @@ def test_the_command_line_refuses_a_mapping_it_cannot_make(tmp_path, new_repo, c
                   check=2).stderr.decode()
         assert said in err and len(err.splitlines()) == 1, err
     assert not os.path.exists(target)
+
+
+@pytest.mark.parametrize("swapped", ["parent", "place"])
+def test_a_link_or_directory_swapped_in_while_the_restore_ran_does_not_lead_the_tablespace_link_out(
+        snapshot_with_tablespaces, tmp_path, swapped):
+    """The link to a relocated tablespace was made by path once the files were in: pg_tblspc swapped meanwhile for
+    a symbolic link to /etc, say, had a restore run as root remove /etc/16384 and put its link there.  Now the
+    link is made through the descriptor of its directory, reached within the target, under a name of its own and
+    renamed into place; what cannot be made so is one line (TargetUnwritable), nothing outside touched."""
+    from chunkvault.errors import TargetUnwritable
+
+    repo, _, snap = snapshot_with_tablespaces
+    target, into, outside = tmp_path / "target", tmp_path / "ts", tmp_path / "outside"
+    outside.mkdir()
+    (outside / "16384").write_text("not the restore's")
+    [r] = relocations(repo, snap, [f"ts1={into}"])
+
+    def step(files, nbytes):
+        if files == 2 and not (target / "pg_tblspc.aside").exists():  # the tablespace's own part is in
+            if swapped == "parent":
+                os.rename(target / "pg_tblspc", target / "pg_tblspc.aside")
+                os.symlink(outside, target / "pg_tblspc")
+            else:
+                (target / "pg_tblspc.aside").mkdir()
+                os.unlink(target / "pg_tblspc" / "16384")  # the snapshot's link, restored
+                (target / "pg_tblspc" / "16384").mkdir()
+                (target / "pg_tblspc" / "16384" / "theirs").write_text("")
+
+    said = "leads pg_tblspc out of the target" if swapped == "parent" else "pg_tblspc/16384"
+    with pytest.raises(TargetUnwritable, match=said) as caught:
+        repo.restore(snap.id, str(target), relocate=[r], progress=step, processes=1)
+    assert "\n" not in str(caught.value) and caught.value.partial.files == 2
+    assert sorted(os.listdir(outside)) == ["16384"] and (outside / "16384").read_text() == "not the restore's"
+    assert (into / "PG_15_7" / "5" / "16390").read_bytes() == b"rows" * 1000
