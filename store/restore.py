@@ -46,7 +46,7 @@ from .source import TargetWalk
 from .owners import OwnerMap
 from .repository import Repo
 from .target_dirs import TargetDirs, closed_to_owner, mount_points, proc_path, remove_tree
-from .target_lock import lock_target
+from .target_lock import another_restores, lock_target
 from .posix_acl import ACL_KEYS
 from .xattrs import decode_xattrs, read_xattrs, write_xattrs
 from . import writefiles
@@ -1655,6 +1655,8 @@ class Restorer:
         if st is None or not keeps_existing(self.opt.overwrite, e.type, e.mtime_ns, st.st_mode, st.st_mtime_ns):
             return False
         if e.type == T_DIR and stat.S_ISDIR(st.st_mode):
+            if self._left_to_another(e, pfd, name):
+                return True
             self._kept_dirs[e.path] = st
             if closed_to_owner(st):  # ours, read-only: opened up to be written in, as ``_restore_entry`` does
                 os.chmod(name, stat.S_IMODE(st.st_mode) | 0o700, dir_fd=pfd, follow_symlinks=False)
@@ -1755,6 +1757,8 @@ class Restorer:
                 st = _lstat(pfd, name)
                 if st is None or not stat.S_ISDIR(st.st_mode):
                     raise
+                if self._left_to_another(e, pfd, name):
+                    return
                 if closed_to_owner(st):
                     # ours, read-only (0555, say): opened up to be written in, as a fresh restore makes its
                     # directories; the recorded mode is set once all is in (``_finish_directory``)
@@ -1791,6 +1795,18 @@ class Restorer:
             os.mknod(name, (stat.S_IFCHR if t == T_CHARDEV else stat.S_IFBLK) | 0o600, e.rdev, dir_fd=pfd)
             self._apply_meta(e)
             self.result.specials += 1
+
+    def _left_to_another(self, e: Entry, pfd: int, name: bytes) -> bool:
+        """Whether a directory the target has where the snapshot has one is another restore's target, which it
+        is writing into: then it and all below it are left as they are, and it is named among the entries not
+        written (exit 14), as --delete leaves it (``remove_tree``), rather than written into under the other's
+        writes.  The target itself is this restore's."""
+        busy = another_restores(pfd, name) if e.path else None
+        if busy is None:
+            return False
+        self._not_written(e.path, f"{busy} is writing into it as its target: left as it is, with all below it")
+        self._kept_below = sort_key(e.path) + b"\x00"
+        return True
 
     def _sweep_beside(self, rel: bytes) -> None:
         """Remove from a directory the target had the files an earlier restore killed outright was writing

@@ -143,6 +143,30 @@ def await_target(path: str | bytes, wait: float = 0.0) -> None:
         os.close(fd)
 
 
+def another_restores(dir_fd: int, name: bytes) -> str | None:
+    """Whether another restore holds the directory ``name`` (in the directory open at ``dir_fd``, never
+    through a link) as its target: "another restore (process N)", or None (none does, this thread's
+    ``holding`` holds it, or no lock can be tried there).  A restore in place of a directory above it leaves
+    it as it is, as --delete does (``target_dirs.remove_tree``): it wrote into it under the other's writes."""
+    try:
+        fd = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
+    except OSError:
+        return None
+    try:
+        if _held(fd) is not None:
+            return None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # let go of at once, with the descriptor
+        except BlockingIOError:
+            holder = _holder(fd)
+            return "another restore" + (f" (process {holder})" if holder is not None else "")
+        except OSError:
+            pass
+        return None
+    finally:
+        os.close(fd)
+
+
 def _wait_for(fd: int, shown: str, wait: float) -> bool:
     """Take the lock on ``fd``, waiting up to ``wait`` s: True once held, False where it cannot be taken."""
     deadline = time.monotonic() + wait

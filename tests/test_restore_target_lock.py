@@ -443,3 +443,42 @@ def test_a_directory_another_restore_holds_is_left_with_no_descriptor_kept(tmp_p
         os.close(parent)
         os.close(theirs)
     assert (tmp_path / "target" / "junk").is_dir()
+
+
+@pytest.mark.parametrize("how", [dict(), dict(delta=True), dict(overwrite="if-newer")])
+def test_a_restore_in_place_leaves_a_directory_of_the_snapshot_that_another_restore_writes_into(backup, tmp_path,
+                                                                                                 how):
+    """A directory the snapshot has that another restore holds as its target (at any depth) was written into by
+    a restore in place of the directory above, under the other's writes, as --delete no longer removes one.  Now
+    it is left as it is with all below it, and named (exit 14), as --delete leaves it."""
+    from chunkvault.errors import TargetUnwritable
+
+    repo, _, src = backup
+    target = tmp_path / "target"
+    repo.restore("latest", str(target), processes=1)
+    theirs = [target / "d1", target / "d2"]
+    for d in theirs:
+        for f in d.iterdir():
+            f.write_bytes(b"by the other restore")
+            os.utime(f, (0, 0))  # older than the snapshot's: if-newer would replace it
+    (target / "d3" / "f0").write_bytes(b"changed")
+    os.utime(target / "d3" / "f0", (0, 0))
+    fds = []
+    try:
+        for d in theirs:
+            fds.append(os.open(d, os.O_RDONLY | os.O_DIRECTORY))
+            fcntl.flock(fds[-1], fcntl.LOCK_EX)
+        with pytest.raises(TargetUnwritable) as caught:
+            repo.restore("latest", str(target), force=True, processes=1, **how)
+    finally:
+        for fd in fds:
+            os.close(fd)
+    said = str(caught.value)
+    assert "\n" not in said and f"d1 (another restore (process {os.getpid()}) is writing into it" in said, said
+    assert "d1/f0" not in said  # the directory is named, not each entry below it
+    for d in theirs:
+        assert {f.read_bytes() for f in d.iterdir()} == {b"by the other restore"}
+    assert (target / "d3" / "f0").read_bytes() == (src / "d3" / "f0").read_bytes()  # the rest restored
+    repo.restore("latest", str(target), force=True, processes=1, **how)  # once they are done
+    if not how:
+        assert describe(target) == describe(src)
