@@ -1763,6 +1763,8 @@ class Restorer:
                     # ours, read-only (0555, say): opened up to be written in, as a fresh restore makes its
                     # directories; the recorded mode is set once all is in (``_finish_directory``)
                     os.chmod(name, stat.S_IMODE(st.st_mode) | 0o700, dir_fd=pfd, follow_symlinks=False)
+                elif e.path and self.owners and st.st_uid not in (os.geteuid(), e.uid):  # the target: its own
+                    self._take(pfd, name, st)
                 elif st.st_mode & 0o077 & ~e.mode and os.geteuid() in (0, st.st_uid):
                     # more open than recorded (0755 for 0700): closed now, not once all is in, since what it
                     # holds may be readable by others only for the directory's sake (a 0644 file in ~/.ssh)
@@ -1795,6 +1797,29 @@ class Restorer:
             os.mknod(name, (stat.S_IFCHR if t == T_CHARDEV else stat.S_IFBLK) | 0o600, e.rdev, dir_fd=pfd)
             self._apply_meta(e)
             self.result.specials += 1
+
+    @staticmethod
+    def _take(pfd: int, name: bytes, st: os.stat_result) -> None:
+        """Make the directory ``name`` (``st``), another user's where the snapshot has it another owner's, this
+        one's and 0700 before anything is written into it, as a fresh restore makes its directories: left its
+        owner's until the end (when it gets the snapshot's owner and mode), they could replace what the restore
+        wrote there, or plant files of theirs, that stayed in a tree all root's.  Its mode is closed before it
+        changes hands, and again after (its owner may have opened it meanwhile, as it still could)."""
+        fd = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=pfd)
+        try:
+            now = os.fstat(fd)
+            if (now.st_dev, now.st_ino) != (st.st_dev, st.st_ino):
+                raise TargetUnwritable("another directory was put in its place while the restore ran")
+            where = proc_path(fd)
+            try:
+                os.chmod(where, 0o700)
+                os.chown(where, os.geteuid(), os.getegid())
+            except PermissionError:  # root without CAP_FOWNER or CAP_CHOWN (a container's): as before
+                return
+            if stat.S_IMODE(os.fstat(fd).st_mode) != 0o700:
+                os.chmod(where, 0o700)
+        finally:
+            os.close(fd)
 
     def _left_to_another(self, e: Entry, pfd: int, name: bytes) -> bool:
         """Whether a directory the target has where the snapshot has one is another restore's target, which it

@@ -415,13 +415,15 @@ def test_a_path_longer_than_the_system_takes_is_restored_below_a_deep_target(tmp
 
 
 def test_a_read_only_directory_in_place_is_reported_and_the_rest_restored(tmp_path, unprivileged):
-    """Another user's: one of this user's own is opened up to be written in (the test below)."""
+    """Another user's, theirs in the snapshot too: one of this user's own is opened up to be written in (the test
+    below); one the snapshot gives another owner is taken by a restore as root (``_take``)."""
     repo = str(tmp_path / "repo")
     _cli("init", "-r", repo)
     src = tmp_path / "src"
     (src / "rodir").mkdir(parents=True)
     (src / "rodir" / "f").write_bytes(b"snapshot")
     (src / "zzz_after").write_bytes(b"after")
+    os.chown(src / "rodir", 65534, 65534)
     os.chmod(src / "rodir", 0o555)
     try:
         _cli("backup", "-r", repo, str(src))
@@ -1355,9 +1357,9 @@ def test_the_summary_line_counts_the_links_restored(tmp_path):
     assert ": 1 files, 1 dirs, 2 links, " in proc.stdout
 
 
-def _linked_pair(tmp_path) -> tuple[str, Path, Path]:
+def _linked_pair(tmp_path, a_owner: int | None = None) -> tuple[str, Path, Path]:
     """A repository whose snapshot has a/f and b/g as one file ("good"), and a target restored from it in
-    which a/f is stale and b/g a separate file that holds the right data."""
+    which a/f is stale and b/g a separate file that holds the right data; ``a_owner``: a's owner."""
     repo = str(tmp_path / "repo")
     _cli("init", "-r", repo, "--kdf-time", "0")
     src = tmp_path / "src"
@@ -1365,6 +1367,8 @@ def _linked_pair(tmp_path) -> tuple[str, Path, Path]:
     (src / "b").mkdir()
     (src / "a" / "f").write_bytes(b"good\n")
     os.link(src / "a" / "f", src / "b" / "g")
+    if a_owner is not None:
+        os.chown(src / "a", a_owner, a_owner)
     _cli("backup", "-r", repo, str(src))
     target = tmp_path / "target"
     _cli("restore", "-r", repo, "latest", "--target", str(target))
@@ -1379,7 +1383,7 @@ def _linked_pair(tmp_path) -> tuple[str, Path, Path]:
 def test_a_hard_link_is_not_joined_to_a_file_the_restore_could_not_write(tmp_path, unprivileged, delta):
     """In place, a/f's directory refusing writes left the stale a/f there; b/g was then linked to it and counted
     restored.  It keeps what it held, named among the entries not written."""
-    repo, target, root = _linked_pair(tmp_path)
+    repo, target, root = _linked_pair(tmp_path, a_owner=65534)  # theirs in the snapshot too: not taken
     os.chmod(root / "a" / "f", 0o444)  # nor can --delta write into it
     os.chmod(root / "a", 0o555)
     os.chown(root / "a", 65534, 65534)  # another user's: not opened up to be written in
@@ -1899,3 +1903,48 @@ def test_a_link_put_in_the_place_of_the_target_just_made_is_not_followed(victim_
                                                "while the restore began"):
         repo.restore("latest", str(target))
     assert describe(victim) == before
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or shutil.which("setpriv") is None, reason="needs root and setpriv")
+def test_a_directory_of_another_user_in_place_is_taken_from_them_before_a_restore_as_root_writes_into_it(
+        tmp_path, new_repo):
+    """Root restoring in place into a directory the target had, another user's where the snapshot has root's,
+    left it theirs (and as open as it was to its group) until the end, when it got the snapshot's owner and
+    mode: meanwhile they could replace what the restore wrote there, or plant files, that stayed in a tree all
+    root's.  It is taken (root's, 0700) before anything is written into it, as a fresh restore makes its
+    directories; the snapshot's owner and mode at the end, as before."""
+    src = tmp_path / "src"
+    (src / "sec" / "inner").mkdir(parents=True)
+    for i in range(20):
+        (src / "sec" / f"f{i}").write_text(f"root's {i}")
+    (src / "sec" / "inner" / "g").write_text("root's")
+    os.chmod(src / "sec", 0o750)
+    repo = new_repo()
+    repo.backup([str(src)])
+    reachable = Path(tempfile.mkdtemp(prefix="shared-"))  # where that user can reach it (tmp_path is 0700)
+    os.chmod(reachable, 0o755)
+    target = reachable / "target"
+    (target / "sec" / "inner").mkdir(parents=True)
+    for d, mode in ((target / "sec", 0o777), (target / "sec" / "inner", 0o755)):
+        os.chown(d, 65534, 65534)
+        os.chmod(d, mode)
+    os.chown(target / "sec", 65534, 0)  # its group root's: another user's by its owner alone
+    tried = []
+
+    def plant(files, nbytes):
+        if files == 3 and not tried:
+            for name in ("sec/planted", "sec/inner/planted"):
+                tried.append(subprocess.run([*AS_NOBODY, "touch", str(target / name)], capture_output=True)
+                             .returncode)
+
+    try:
+        repo.restore("latest", str(target), progress=plant, processes=1, force=True)
+        assert tried == [1, 1], "the other user wrote into the directory while the restore wrote there"
+        assert not (target / "sec" / "planted").exists() and not (target / "sec" / "inner" / "planted").exists()
+        for d, mode in ((target / "sec", 0o750), (target / "sec" / "inner", src.joinpath("sec", "inner").stat()
+                                                   .st_mode & 0o7777)):
+            st = d.stat()
+            assert (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)) == (0, 0, mode)
+        assert describe(target) == describe(src)
+    finally:
+        shutil.rmtree(reachable)
