@@ -708,8 +708,14 @@ def turn_archiving_off(target: str, data_dirs: Iterable[bytes]) -> list[str]:
         path = os.path.join(directory, b"postgresql.auto.conf")
         if os.path.islink(path):
             _replace_link(path, directory)
-        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        # never waiting: a FIFO there (as the snapshot held it) held the open, and the verification, for ever
+        if os.path.lexists(path) and not os.path.isfile(path):
+            raise OSError(errno.EINVAL, f"{os.fsdecode(path)} is no file (a FIFO, a socket, a device, a directory)")
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC,
+                     0o600)
         with os.fdopen(fd, "ab") as f:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise OSError(errno.EINVAL, f"{os.fsdecode(path)} is no file (a FIFO, a socket, a device, a directory)")
             _owned_as(f.fileno(), directory)
             f.write(ARCHIVE_OFF)
         done.append(os.fsdecode(d) or ".")

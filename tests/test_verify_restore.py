@@ -1032,6 +1032,37 @@ def test_archiving_is_turned_off_in_each_data_directory_of_the_copy_before_the_c
     assert verify_restore(repo, snap, scratch=str(scratch_dir(tmp_path))).archive_off == []  # no command, no change
 
 
+def test_a_fifo_restored_as_postgresql_auto_conf_fails_the_verification_in_one_line_not_hangs_it(tmp_path, new_repo):
+    """A snapshot whose data directory held a FIFO as postgresql.auto.conf hung verify-restore --then for ever, in
+    the open that appends archive_mode = 'off' to it (no reader).  Now it is one line, before the command."""
+    import threading
+
+    from chunkvault.errors import TargetUnwritable
+
+    src = tmp_path / "src"
+    (src / "global").mkdir(parents=True)
+    (src / "global" / "pg_control").write_bytes(b"\0" * 64)
+    os.mkfifo(src / "postgresql.auto.conf")
+    repo = new_repo(str(tmp_path / "repo"))
+    snap = repo.backup([str(src)]).snapshot
+    ran = tmp_path / "ran"
+    caught = []
+
+    def verify():
+        try:
+            verify_restore(repo, snap, then=f"touch {shlex.quote(str(ran))}", scratch=str(scratch_dir(tmp_path)))
+        except Exception as exc:  # noqa: BLE001 - what it raised, looked at below
+            caught.append(exc)
+
+    worker = threading.Thread(target=verify, daemon=True)
+    worker.start()
+    worker.join(30)
+    assert not worker.is_alive(), "verify-restore hung on the FIFO"
+    assert len(caught) == 1 and isinstance(caught[0], TargetUnwritable), caught
+    assert "postgresql.auto.conf is no file" in str(caught[0]) and "\n" not in str(caught[0])
+    assert not ran.exists()
+
+
 def test_archiving_is_turned_off_in_the_copy_alone_when_its_file_is_a_link_to_the_live_one(tmp_path, new_repo):
     """A copy whose postgresql.auto.conf was a symbolic link to the live server's had the line appended to the
     live file: that server would stop archiving at its next start.  Nor is the file the link names read into
