@@ -1740,6 +1740,8 @@ class Repository:
                 if into == other or _inside_dir(into, other) or _inside_dir(other, into):
                     raise UsageError(f"{r.into} overlaps {other}: each relocated directory is one of its own, "
                                      "outside the target")
+            if os.path.lexists(into) and not os.path.isdir(into):  # refused by its own restore, after the target's
+                raise UsageError(f"{r.into} is not a directory: the tablespace cannot be restored into it")
             if not in_place and _is_nonempty_dir(into):
                 raise UsageError(f"{r.into} is not empty (restoring into it in place takes force)")
             at = os.path.join(target_dir, os.fsdecode(r.link))

@@ -147,7 +147,11 @@ def test_a_relocated_directory_is_restored_into_its_own_directory_and_linked(sna
         repo.restore(snap.id, str(tmp_path / "t4"), relocate=[r], includes=["base"])
     with pytest.raises(UsageError, match="is not a directory of snapshot"):
         repo.restore(snap.id, str(tmp_path / "t5"), relocate=[Relocation(b"base/f", str(tmp_path / "d5"), r.link)])
-    assert not any(os.path.exists(tmp_path / n) for n in ("t2", "t3", "t4", "t5", "d5"))
+    os.mkfifo(tmp_path / "fifo")
+    for other in (tmp_path / "fifo", "/dev/null"):  # refused once the target's own part was restored
+        with pytest.raises(UsageError, match="is not a directory: the tablespace cannot be restored into it"):
+            repo.restore(snap.id, str(tmp_path / "t6"), relocate=[Relocation(r.subtree, str(other), r.link)])
+    assert not any(os.path.exists(tmp_path / n) for n in ("t2", "t3", "t4", "t5", "d5", "t6"))
     result = repo.restore(snap.id, str(target), relocate=[r], force=True, delta=True, verify=True)
     assert result.unchanged_files == 2 and os.readlink(target / "pg_tblspc" / "16384") == str(into)
 
