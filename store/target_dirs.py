@@ -266,20 +266,12 @@ def remove_tree(parent_fd: int, name: bytes | str, *, unlock: bool = False) -> N
 def _not_a_target(fd: int, names: list[bytes]) -> None:
     """Lock the directory open at ``fd`` (``names`` below the tree removed) as a restore locks its target, held
     while it stays open; OSError (EBUSY) where another restore holds it.  One that takes no lock: as before."""
-    import fcntl
+    from .target_lock import locked_or_holder
 
-    from .target_lock import _holder
-
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        holder = _holder(fd)
-        by = f" (process {holder})" if holder is not None else ""
+    holder = locked_or_holder(fd)
+    if holder is not None:
         below = f"{os.fsdecode(b'/'.join(names[1:]))} in it" if len(names) > 1 else "it"
-        raise OSError(errno.EBUSY, f"another restore{by} is writing into {below}", os.fsdecode(b"/".join(names))
-                      ) from None
-    except OSError:
-        pass
+        raise OSError(errno.EBUSY, f"{holder} is writing into {below}", os.fsdecode(b"/".join(names)))
 
 
 def _open_path(parent_fd: int, names: list[bytes]) -> int:

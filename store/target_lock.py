@@ -153,16 +153,7 @@ def another_restores(dir_fd: int, name: bytes) -> str | None:
     except OSError:
         return None
     try:
-        if _held(fd) is not None:
-            return None
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # let go of at once, with the descriptor
-        except BlockingIOError:
-            holder = _holder(fd)
-            return "another restore" + (f" (process {holder})" if holder is not None else "")
-        except OSError:
-            pass
-        return None
+        return None if _held(fd) is not None else locked_or_holder(fd)  # let go of at once, with the descriptor
     finally:
         os.close(fd)
 
@@ -179,15 +170,11 @@ def _wait_for(fd: int, shown: str, wait: float) -> bool:
             if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
                 return False
         if time.monotonic() >= deadline or stop_waiting.is_set():
-            holder = _holder(fd)
-            by = f" (process {holder})" if holder is not None else ""
             waited = f"; waited {_shown(wait)} s" if wait else ""
-            raise TargetBusy(f"another restore{by} is writing into {shown}{waited}: try again once it is "
+            raise TargetBusy(f"{_holder_named(fd)} is writing into {shown}{waited}: try again once it is "
                              "done").hinting(" (or use --wait SECONDS)" if not wait else "")
         if not told:  # no command waits in silence
-            holder = _holder(fd)
-            by = f" (process {holder})" if holder is not None else ""
-            warnings.warn(f"waiting up to {_shown(wait)} s: another restore{by} is writing into {shown}",
+            warnings.warn(f"waiting up to {_shown(wait)} s: {_holder_named(fd)} is writing into {shown}",
                           ChunkvaultWarning, stacklevel=2)
             told = True
         stop_waiting.wait(min(POLL, max(0.0, deadline - time.monotonic())))
@@ -196,6 +183,23 @@ def _wait_for(fd: int, shown: str, wait: float) -> bool:
 def _shown(seconds: float) -> str:
     """A wait as told: what is left of a restore's ``--wait`` is a fraction ("59.3382 s")."""
     return f"{seconds:.0f}" if seconds >= 10 else f"{seconds:.2g}"
+
+
+def locked_or_holder(fd: int) -> str | None:
+    """Take the target lock on the directory open at ``fd`` without waiting, held while ``fd`` stays open:
+    None once held (or where no lock can be taken there), else who holds it ("another restore (process N)")."""
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return _holder_named(fd)
+    except OSError:
+        pass
+    return None
+
+
+def _holder_named(fd: int) -> str:
+    holder = _holder(fd)
+    return "another restore" + (f" (process {holder})" if holder is not None else "")
 
 
 def _holder(fd: int) -> int | None:
