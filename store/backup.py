@@ -74,6 +74,7 @@ WINDOW = 1024  # entries waiting for their place in the manifest behind a file s
 # (a future, a queue round, a wake-up) cost more of the interpreter's time than reading the file.
 READ_RUN_FILES = 64
 READ_RUN_BYTES = 1 << 20
+DELTA_MARGIN = 0.1  # a delta is kept when it is smaller than the chunk stored whole by this share
 
 
 class Listed(NamedTuple):
@@ -162,7 +163,7 @@ class BackupOptions:
     no_delta: list[str] = field(default_factory=list)  # globs of paths never stored as deltas
     fixed_chunks: list[str] = field(default_factory=list)  # globs of paths cut at fixed offsets
     fixed_chunk_size: int = FIXED_CHUNK_SIZE
-    delta_margin: float = 0.1
+    delta_margin: float = DELTA_MARGIN
     compression_level: int | None = None  # zstd's for this backup's data (None: the repository's)
     lock_wait: float = 3600.0  # how long to wait for a running prune
     progress: Callable[[dict], None] | None = None
@@ -475,6 +476,136 @@ def check_stdin_name(name: str) -> bytes:
     return rel
 
 
+def series(snapshots: list[Snapshot], host: str, paths: list[str], stdin_name: str | None,
+           time: datetime | None) -> list[Snapshot]:
+    """The snapshots of a backup's series, oldest first: of its host and paths (or stream name), and at or
+    before ``time`` when given (else not dated ahead of the clock, ``_not_dated_ahead``).  The newest that
+    reads is the parent (``usable_parent``); their count numbers the backup in its series (``DeltaPolicy``)."""
+    same = [s for s in snapshots if s.host == host and sorted(s.paths) == sorted(paths)
+            and s.stdin_name == stdin_name and (time is None or s.datetime <= time)]
+    return _not_dated_ahead(same) if time is None else same
+
+
+def usable_parent(repo: Repo, same: list[Snapshot], snapshots: list[Snapshot], damaged: set[bytes]
+                  ) -> tuple[Snapshot | None, Iterator[Record]]:
+    """The newest of ``same`` whose chain can be read, and its tree: every snapshot of the chain loads,
+    every manifest blob is indexed (`repair index` drops those of a lost pack) and the head of each
+    manifest reads (the tree's first record needs them all: the read the backup makes first anyway).
+    Backups go on from there, or as a full, until the damaged snapshots are forgotten.  A pack the
+    index lists but that is gone stops the backup: until `repair index`, it would deduplicate against
+    blobs that are not there.  The manifest blobs of a chain passed over that do not read are added to
+    ``damaged``."""
+    broken = broken_chains({s.id: s.parent for s in snapshots})
+    index = repo.index
+    for snap in reversed(same):
+        if snap.id in broken or not all(
+                bytes.fromhex(h) in index for m in repo.chain_of(snap, snapshots) for h in m.manifest):
+            continue
+        tree = repo.tree(snap, snapshots)
+        try:
+            head = next(tree, None)
+        except MissingObject:  # an indexed pack is gone: dedup against that index would reference it
+            raise
+        except CorruptObject:
+            damaged |= {b for m in repo.chain_of(snap, snapshots) for b in map(bytes.fromhex, m.manifest)
+                        if not _reads(repo, b)}
+            continue
+        return snap, itertools.chain(() if head is None else (head,), tree)
+    return None, iter(())
+
+
+def _reads(repo: Repo, blob_id: bytes) -> bool:
+    try:
+        repo.read_blob(blob_id, verify=True)
+    except CorruptObject:
+        return False
+    return True
+
+
+@dataclass
+class DeltaPolicy:
+    """Which new chunks are stored as deltas, and against what: one policy for a backup and an import.
+
+    A new chunk of a file the parent has too (same path) is a delta against the parent's chunk that covers
+    its middle byte, or at that chunk's turn to restart (or at the depth bound) the whole blob its chain
+    starts from (``Repo.base_for``, store/deltabase.py); kept when smaller by ``margin`` (``prepare_blob``).
+    ``sequence``: the backup's number in its series (``series``), which sets whose turn it is.
+    """
+
+    repo: Repo
+    sequence: int = 0
+    delta: bool = True
+    no_delta: list[str] = field(default_factory=list)  # globs of paths never stored as deltas
+    fixed_chunks: list[str] = field(default_factory=list)  # globs of paths cut at fixed offsets: deeper chains
+    margin: float = DELTA_MARGIN
+    lost: set[bytes] = field(default_factory=set)  # deltas a lost base left unreadable: stored again whole
+
+    def file_bases(self, rel: bytes, prev: Entry | None) -> list[tuple[int, int, bytes]] | None:
+        """(start, end, base id) of the parent version's chunks of the file at ``rel`` (``prev``, its
+        entry in the parent), or None when none of its new chunks is to be a delta."""
+        if prev is None or not self.delta or prev.type != T_FILE or not prev.chunks:
+            return None
+        if _matches(rel, self.no_delta):
+            return None
+        bound = FIXED_DELTA_DEPTH if _matches(rel, self.fixed_chunks) else CONTENT_DEFINED_DELTA_DEPTH
+        turns = restart_turns(self.sequence, restart_phase(self.repo.blob_id, rel), bound)
+        out = []
+        pos = 0
+        for i, cid in enumerate(prev.chunk_ids()):
+            loc = self.repo.locate(cid)
+            if loc is None:
+                return None
+            out.append((pos, pos + loc.raw_length, self.repo.base_for(cid, bound, i in turns)))
+            pos += loc.raw_length
+        return out
+
+    def base_at(self, bases: list[tuple[int, int, bytes]], bi: int, pos: int, n: int) -> tuple[bytes | None, int]:
+        """(base id or None, cursor) for the new chunk of ``n`` bytes at ``pos`` of a file, from its
+        ``file_bases``: the one that covers the chunk's middle byte.  ``bi``: the cursor from the call for the
+        chunk before (0 for the first), as chunks come in order."""
+        mid = pos + n // 2
+        while bi < len(bases) and bases[bi][1] <= mid:
+            bi += 1
+        if bi < len(bases) and bases[bi][0] <= mid:
+            return bases[bi][2], bi
+        return None, bi
+
+    def usable(self, blob_id: bytes, base_id: bytes | None) -> bytes | None:
+        """``base_id`` for the new chunk ``blob_id``, or None: not itself, nor for a chunk stored again whole
+        because its delta lost its base (``Repo.withhold_unreadable_deltas``)."""
+        if base_id is None or base_id == blob_id or blob_id in self.lost:
+            return None
+        return base_id
+
+    def store(self, writer: BlobWriter | CountingWriter, batch: list[tuple[bytes, bytes, bytes | None]],
+              level: int | None, warnings: list[str]) -> None:
+        """Compress and store a batch of (id, data, base id or None); its delta bases are read together
+        (neighbours in a pack coalesced).  A damaged base's chunks are stored whole, with a warning: the
+        chunk is at hand, and a delta was only to make it smaller.  A base whose pack the index lists but
+        that is gone is MissingObject: `repair index` first, as for a parent."""
+        base_ids = [b for _, _, b in batch if b is not None]
+        try:
+            bases = dict(zip(base_ids, self.repo.read_blobs(base_ids))) if base_ids else {}
+        except MissingObject:
+            raise
+        except CorruptObject:
+            bases = self._readable_bases(base_ids, warnings)
+        writer.store_many(self.repo.prepare_blobs(batch, bases, self.margin, level))
+
+    def _readable_bases(self, base_ids: list[bytes], warnings: list[str]) -> dict[bytes, Plaintext]:
+        bases: dict[bytes, Plaintext] = {}
+        for b in dict.fromkeys(base_ids):
+            try:
+                bases[b] = self.repo.read_blob(b)
+            except MissingObject:
+                raise
+            except CorruptObject as exc:
+                warnings.append(f"delta base {b.hex()} is damaged ({exc.reason}): the chunk that would have "
+                                "been stored against it is stored whole; `chunkvault check --read-data` "
+                                "names what the damage takes down")
+        return bases
+
+
 class Backup:
     def __init__(self, repo: Repo, options: BackupOptions):
         self.repo = repo
@@ -517,39 +648,17 @@ class Backup:
         self._listing = options.listing
         self._uid_ok = os.geteuid() == 0 if hasattr(os, "geteuid") else False
         self._last_progress = float("-inf")
-        self._sequence = 0
+        # which new chunks are deltas: the series' number and the lost deltas are set once known (``_run``)
+        self.deltas = DeltaPolicy(repo, 0, options.delta, list(options.no_delta), list(options.fixed_chunks),
+                                  options.delta_margin)
         self._started = time.monotonic()
         self._owner_names: dict[str, Callable[[int], str | None]] = {}  # names_of's lookups (a tar's own names)
 
     # --- parallel chunk storage ---------------------------------------------------
 
     def _store_chunks(self, batch: list[tuple[bytes, bytes, bytes | None]]) -> None:
-        """Compress and store a batch; its delta bases are read together (neighbours in a pack coalesced)."""
         assert self.writer is not None
-        base_ids = [b for _, _, b in batch if b is not None]
-        try:
-            bases = dict(zip(base_ids, self.repo.read_blobs(base_ids))) if base_ids else {}
-        except MissingObject:  # a pack the index lists is gone: `repair index` first, as for a parent
-            raise
-        except CorruptObject:
-            bases = self._readable_bases(base_ids)
-        self.writer.store_many(self.repo.prepare_blobs(batch, bases, self.opt.delta_margin,
-                                                       self.opt.compression_level))
-
-    def _readable_bases(self, base_ids: list[bytes]) -> dict[bytes, Plaintext]:
-        """The bases that read; a damaged one's chunks are stored whole (``prepare_blobs``), with a warning:
-        the chunk is at hand, and a delta was only to make it smaller."""
-        bases: dict[bytes, Plaintext] = {}
-        for b in dict.fromkeys(base_ids):
-            try:
-                bases[b] = self.repo.read_blob(b)
-            except MissingObject:
-                raise
-            except CorruptObject as exc:
-                self.warnings.append(f"delta base {b.hex()} is damaged ({exc.reason}): the chunk that would have "
-                                     "been stored against it is stored whole; `chunkvault check --read-data` "
-                                     "names what the damage takes down")
-        return bases
+        self.deltas.store(self.writer, batch, self.opt.compression_level, self.warnings)
 
     def _submit(self, blob_id: bytes, data: bytes, base_id: bytes | None) -> None:
         """Queue a new chunk for compression and sealing; small chunks travel in batches."""
@@ -624,28 +733,6 @@ class Backup:
                          for r in batch]
             yield from batch
 
-    def _delta_bases(self, rel: bytes, prev: Entry | None) -> list[tuple[int, int, bytes]] | None:
-        """(start, end, base id) of the parent version's chunks, for delta encoding.
-
-        A base is the parent's chunk itself, or at the chunk's turn to restart (or
-        at the depth bound) the whole blob its chain starts from (``Repo.base_for``).
-        """
-        if prev is None or not self.opt.delta or prev.type != T_FILE or not prev.chunks:
-            return None
-        if _matches(rel, self.opt.no_delta):
-            return None
-        bound = FIXED_DELTA_DEPTH if _matches(rel, self.opt.fixed_chunks) else CONTENT_DEFINED_DELTA_DEPTH
-        turns = restart_turns(self._sequence, restart_phase(self.repo.blob_id, rel), bound)
-        out = []
-        pos = 0
-        for i, cid in enumerate(prev.chunk_ids()):
-            loc = self.repo.locate(cid)
-            if loc is None:
-                return None
-            out.append((pos, pos + loc.raw_length, self.repo.base_for(cid, bound, i in turns)))
-            pos += loc.raw_length
-        return out
-
     def _read_stream(self, f: BinaryIO, rel: bytes, prev: Entry | None, size_hint: int | None = None,
                      report: bool = True) -> tuple[bytes, bytes, int]:
         """(digest, chunk ids, size) of a stream, storing its new chunks; ``report``: progress from this thread."""
@@ -655,7 +742,8 @@ class Backup:
                      ) -> tuple[bytes, bytes, int]:
         """(digest, chunk ids, size) of a file's chunks, storing the new ones."""
         assert self.writer is not None
-        bases = self._delta_bases(rel, prev)
+        deltas = self.deltas
+        bases = deltas.file_bases(rel, prev)
         inspector = self.opt.session.inspector(rel) if self.opt.session is not None else None
         bi = 0
         hasher = blake3.blake3()
@@ -673,12 +761,9 @@ class Backup:
             ids += bid
             if self.writer.claim(bid):
                 base_id = None
-                if bases and bid not in self._lost_deltas:
-                    mid = pos + n // 2
-                    while bi < len(bases) and bases[bi][1] <= mid:
-                        bi += 1
-                    if bi < len(bases) and bases[bi][0] <= mid and bases[bi][2] != bid:
-                        base_id = bases[bi][2]
+                if bases:
+                    base_id, bi = deltas.base_at(bases, bi, pos, n)
+                    base_id = deltas.usable(bid, base_id)
                 self._submit(bid, chunk, base_id)
             pos += n
             with self._count_lock:
@@ -1438,7 +1523,7 @@ class Backup:
         """The writer of this backup's blobs (a dry run's only counts them), guarded by the lock.  Chunks of
         deltas a lost base left unreadable are stored again whole, which readers prefer."""
         self.writer = CountingWriter(self.repo) if self.opt.dry_run else self.repo.writer()
-        self._lost_deltas = self.repo.withhold_unreadable_deltas()
+        self.deltas.lost = self.repo.withhold_unreadable_deltas()
         if self._lock is not None:
             self.writer.guard = self._ensure_lock_held
         return self.writer
@@ -1489,17 +1574,15 @@ class Backup:
         """``snapshots``: the listing made under the lock; ``parent``: the one asked for, found in it."""
         repo = self.repo
         host = self.opt.host or socket.gethostname()
-        same = [s for s in snapshots if s.host == host and sorted(s.paths) == sorted(paths)
-                and s.stdin_name == stdin_name and (self.opt.time is None or s.datetime <= self.opt.time)]
-        same = _not_dated_ahead(same) if self.opt.time is None else same
-        self._sequence = len(same)  # this backup's number in its series: sets whose turn it is to restart
+        same = series(snapshots, host, paths, stdin_name, self.opt.time)
+        self.deltas.sequence = len(same)  # this backup's number in its series: sets whose turn it is to restart
         if parent is not None and self.opt.time is not None and parent.datetime > self.opt.time:
             self.warnings.append(f"the parent snapshot {parent.id[:8]} ({parent.time}) is newer than this "
                                  f"one's time ({iso(self.opt.time)}): a restore --until between the two "
                                  "finds this one")
         parent_tree: Iterator[Record] | None = None
         if parent is None and same:
-            parent, parent_tree = self._usable_parent(same, snapshots)
+            parent, parent_tree = usable_parent(repo, same, snapshots, self._damaged)
             if parent is not same[-1]:
                 self.warnings.append(f"snapshot {same[-1].id[:8]} cannot be read in full (a snapshot or manifest "
                                      f"of its chain is damaged: see `check`): the parent is "
@@ -1606,39 +1689,6 @@ class Backup:
         it saves no snapshot (its packs are left for the next prune)."""
         if self._lock is not None:
             self._lock.confirm()
-
-    def _usable_parent(self, same: list[Snapshot], snapshots: list[Snapshot]
-                       ) -> tuple[Snapshot | None, Iterator[Record]]:
-        """The newest of ``same`` whose chain can be read, and its tree: every snapshot of the chain loads,
-        every manifest blob is indexed (`repair index` drops those of a lost pack) and the head of each
-        manifest reads (the tree's first record needs them all: the read the backup makes first anyway).
-        Backups go on from there, or as a full, until the damaged snapshots are forgotten.  A pack the
-        index lists but that is gone stops the backup: until `repair index`, it would deduplicate against
-        blobs that are not there."""
-        broken = broken_chains({s.id: s.parent for s in snapshots})
-        index = self.repo.index
-        for snap in reversed(same):
-            if snap.id in broken or not all(
-                    bytes.fromhex(h) in index for m in self.repo.chain_of(snap, snapshots) for h in m.manifest):
-                continue
-            tree = self.repo.tree(snap, snapshots)
-            try:
-                head = next(tree, None)
-            except MissingObject:  # an indexed pack is gone: dedup against that index would reference it
-                raise
-            except CorruptObject:
-                self._damaged |= {b for m in self.repo.chain_of(snap, snapshots) for b in map(bytes.fromhex, m.manifest)
-                                  if not self._reads(b)}
-                continue
-            return snap, itertools.chain(() if head is None else (head,), tree)
-        return None, iter(())
-
-    def _reads(self, blob_id: bytes) -> bool:
-        try:
-            self.repo.read_blob(blob_id, verify=True)
-        except CorruptObject:
-            return False
-        return True
 
     def _count(self, records: Iterator[Record], stats: ManifestStats) -> Iterator[Record]:
         for rec in records:
