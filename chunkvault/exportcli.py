@@ -46,7 +46,8 @@ def cmd_import(args: argparse.Namespace) -> int:
 
     repo = cli._open(args)
     password = passwords.EXPORT.get(args)
-    result = repo.import_backup(args.file, password, wait=args.wait)
+    result = repo.import_backup(args.file, password, wait=args.wait, delta=not args.no_delta,
+                                no_delta=args.no_delta_path, fixed_chunks=args.fixed_chunks)
     snap = result.snapshot
     st = snap.stats
     if result.incomplete:
@@ -57,16 +58,20 @@ def cmd_import(args: argparse.Namespace) -> int:
              f" (`latest`, retention); `forget {old}` removes the incomplete {copies}")
     if args.json:
         cli._emit_json({**cli._snapshot_json(snap), "skipped": result.skipped,
-                        "heals": result.heals.id if result.heals is not None else None})
+                        "heals": result.heals.id if result.heals is not None else None,
+                        **cli._names_json("warnings", result.warnings)})
     elif result.skipped:
         exported = result.exported_id
         warn(f"{args.file}: its snapshot {exported[:8]} is in this repository already"
              + (f" (as {snap.short_id})" if exported != snap.id else "") + ": nothing imported")
     elif not args.quiet:
+        for w in result.warnings:
+            warn(w)
         print(f"imported {one_line(args.file)} as full snapshot {snap.short_id} ({said_second(snap.datetime)}, "
               f"exported from {st[IMPORTED_FROM][:8]}): {st['files']} files, {st['dirs']} dirs, {format_size(st['bytes'])}; "
               f"added {format_size(st['added_raw_bytes'])} of new data, stored as "
-              f"{format_size(st['added_stored_bytes'])}")
+              f"{format_size(st['added_stored_bytes'])} ({format_size(st['delta_stored_bytes'])} as deltas, "
+              f"{format_size(st['whole_stored_bytes'])} whole)")
     return 0
 
 
@@ -132,6 +137,12 @@ def add_commands(subparsers: Any, common: argparse.ArgumentParser, reading: argp
     s.add_argument("file", metavar="FILE.backup")
     passwords.EXPORT.add_options(s, "the export password")
     _wait_option(s, 3600.0, "a running prune, forget or repair (as a backup waits)")
+    s.add_argument("--no-delta", action="store_true", help="never store changed chunks as deltas")
+    s.add_argument("--no-delta-path", action="append", default=[], metavar="GLOB",
+                   help="paths whose chunks are never stored as deltas")
+    s.add_argument("--fixed-chunks", action="append", default=[], metavar="GLOB",
+                   help="paths the snapshot's backups cut at fixed offsets (backup --fixed-chunks): their delta "
+                        "chains run as deep as a backup's")
     s.set_defaults(func=cmd_import)
 
     restore = subparsers.choices.get("restore")

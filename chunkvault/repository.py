@@ -2379,16 +2379,22 @@ class Repository:
                           checkpoint=self._checkpoint())
 
     @_stoppable
-    def import_backup(self, path: str, password: str | bytes, *, wait: float = 3600.0) -> ImportResult:
+    def import_backup(self, path: str, password: str | bytes, *, wait: float = 3600.0, delta: bool = True,
+                      no_delta: list[str] | None = None, fixed_chunks: list[str] | None = None) -> ImportResult:
         """Bring a .backup file in as a new full snapshot; chunks already here are not stored again, and
         a snapshot already here whole (the exported one, or one imported or copied from it) is not imported
         again: ``skipped``, and ``snapshot`` is that one.  Waits up to ``wait`` seconds for a prune, forget or
-        repair, as a backup does."""
+        repair, as a backup does.  New chunks are stored as deltas where a backup of the same tree would
+        store them so, against the same parent here (the newest snapshot of its host and paths at its time):
+        ``delta``, ``no_delta`` as ``backup``'s; ``fixed_chunks``: globs of the paths its backups cut at fixed
+        offsets (their delta chains are deeper, as ``backup``'s)."""
         from .store.export import import_backup
 
         _file_path(path, ".backup file")
         self._guard()
-        return import_backup(self._repo, path, _password(password), lock_wait=wait, checkpoint=self._checkpoint())
+        return import_backup(self._repo, path, _password(password), lock_wait=wait, checkpoint=self._checkpoint(),
+                             delta=delta, no_delta=_globs(no_delta, "no_delta"),
+                             fixed_chunks=_globs(fixed_chunks, "fixed_chunks"))
 
     # --- keys ----------------------------------------------------------------------
 

@@ -20,7 +20,9 @@ for a file that does not verify.
 Memory stays bounded for huge snapshots: the writer keeps a compact map of
 chunks already written (~60 bytes per distinct chunk) and a few batches in
 flight; a reader keeps 16 bytes per chunk (where each one is in the file, and
-its length, which every file record's size is checked against).
+its length, which every file record's size is checked against), and an import
+32 more (the chunk's id in the destination) and, where the snapshot has a
+parent there, 33 (its delta base, and whether a file was met that refers to it).
 """
 from __future__ import annotations
 
@@ -48,7 +50,8 @@ from chunkvault.localfiles import abandoned, fsync_directory
 from chunkvault.errors import (ChunkvaultError, CorruptObject, MissingObject, NewerObject, UnsupportedFormat,
                                UsageError, WrongPassword, output_error)
 
-from .backup import FUTURE_SLACK
+from .backup import (BATCH_BYTES, BATCH_CHUNKS, DELTA_BATCH_BYTES, FUTURE_SLACK, DeltaPolicy, series,
+                     usable_parent)
 from .blob import KIND_ZSTD, compress
 from .blobindex import BlobIndex
 from .config import check_kdf_seconds
@@ -823,15 +826,24 @@ class ExportFile:
     def read_blobs(self, blob_ids: list[bytes]) -> list[bytes]:
         return [self.read_blob(b) for b in blob_ids]
 
-    def records(self) -> Iterator[Record]:
-        """The snapshot's tree (ENTRY records whose chunks are refs into this file)."""
+    def records(self, *, checked: bool = True) -> Iterator[Record]:
+        """The snapshot's tree (ENTRY records whose chunks are refs into this file).  ``checked``: False
+        leaves out the checks of each record ``verify`` made (each piece is still authenticated again as it
+        is read), for a reader that only looks the records up.  The checkpoint is called before each piece."""
         if self.info is None:
             raise ValueError("verify() the export file first")
         cursor = _RecordCursor(self.what, self.blob_sizes)
         for i, (offset, length, blobs_before) in enumerate(self._record_sections):
+            self._checkpoint()
             where = f"records section {i} at byte {offset}"
             piece = decode_payload(self._read_sealed(offset, length, S_RECORDS, i), f"{self.what} {where}")
-            yield from cursor.feed(piece, blobs_before, where)
+            if checked:
+                yield from cursor.feed(piece, blobs_before, where)
+                continue
+            buf = cursor.pending + piece if cursor.pending else piece
+            records, used = decode_records(buf, f"{self.what} {where}")
+            cursor.pending = bytes(buf[used:])
+            yield from records
         cursor.finish()
 
     def close(self) -> None:
@@ -865,6 +877,7 @@ class ImportResult:
     exported_id: str  # the snapshot's id in the repository it was exported from
     skipped: bool = False
     incomplete: list[Snapshot] = field(default_factory=list)  # the copies here that no longer held all of it
+    warnings: list[str] = field(default_factory=list)  # delta bases found damaged: those chunks stored whole
 
     @property
     def heals(self) -> Snapshot | None:
@@ -921,14 +934,19 @@ def holds_whole(repo: Repo, snap: Snapshot, exported: Snapshot, snapshots: list[
 
 
 def import_backup(repo: Repo, path: str, password: bytes, *, lock_wait: float = 0.0,
-                  checkpoint: Callable[[], None] = lambda: None) -> ImportResult:
+                  checkpoint: Callable[[], None] = lambda: None, delta: bool = True,
+                  no_delta: list[str] | None = None, fixed_chunks: list[str] | None = None) -> ImportResult:
     """Bring an export into ``repo`` as a new full snapshot; chunks it already has are not stored again,
     and a snapshot it already has whole (``already_here``, ``holds_whole``) is not imported again.
 
     The file is verified whole before anything is stored; then a second pass
     stores its chunks under ids re-derived with this repository's key and
-    writes the manifest and the snapshot, last.  ``checkpoint`` is called before each section of both
-    passes: it may raise to stop, before the snapshot is saved.
+    writes the manifest and the snapshot, last.  A new chunk is stored as a delta where a backup of the
+    same tree would store it so (``backup.DeltaPolicy``): against the parent a backup of the snapshot's
+    host and paths (or stream name) at its time finds here, with the same options (``delta``,
+    ``no_delta``, ``fixed_chunks``: globs of the paths the backups cut at fixed offsets, whose chains are
+    deeper).  ``checkpoint`` is called before each section of both passes (and of the records read again
+    to find the delta bases): it may raise to stop, before the snapshot is saved.
     """
     started = time.monotonic()
     with open_export(path, password, checkpoint) as ef:
@@ -945,40 +963,63 @@ def import_backup(repo: Repo, path: str, password: bytes, *, lock_wait: float = 
             if whole is not None:
                 return ImportResult(whole, info.snapshot.id, skipped=True)
             present = copies[-1] if copies else None  # the newest of those that lost data: this comes after it
+            src = info.snapshot
+            deltas = DeltaPolicy(repo, delta=delta, no_delta=list(no_delta or []),
+                                 fixed_chunks=list(fixed_chunks or []), lost=repo.withhold_unreadable_deltas())
+            damaged: set[bytes] = set()  # manifest blobs of a chain passed over that do not read
+            bases = _blob_bases(ef, deltas, snapshots, src, damaged) if delta else None
             dest = bytearray(32 * info.blobs)
             counts = ManifestStats()
-            added = {"blobs": 0, "raw": 0, "stored": 0}
-            lock = threading.Lock()
+            warnings: list[str] = []
 
-            def store_blob(writer: Any, index: int, pos: int, plain: bytes) -> None:
-                data = decode_payload(plain, f"{ef.what} blob section {index} at byte {pos}")
-                if len(data) != ef.blob_sizes[index]:  # the records were checked against that length
-                    raise CorruptObject(ef.what, f"blob section {index} at byte {pos}: changed since the file "
-                                                 "was verified")
-                did = repo.blob_id(data)
-                dest[32 * index : 32 * index + 32] = did
-                if writer.claim(did):
-                    blob = repo.prepare_blob(did, data)
-                    writer.store(blob)
-                    with lock:
-                        added["blobs"] += 1
-                        added["raw"] += len(data)
-                        added["stored"] += len(blob.envelope)
+            def store_batch(writer: Any, batch: list[tuple[int, int, bytes]]) -> None:
+                new = []
+                for index, pos, plain in batch:
+                    data = decode_payload(plain, f"{ef.what} blob section {index} at byte {pos}")
+                    if len(data) != ef.blob_sizes[index]:  # the records were checked against that length
+                        raise CorruptObject(ef.what, f"blob section {index} at byte {pos}: changed since the file "
+                                                     "was verified")
+                    did = repo.blob_id(data)
+                    dest[32 * index : 32 * index + 32] = did
+                    if writer.claim(did):
+                        base = bytes(bases[32 * index : 32 * index + 32]) if bases is not None else NO_BASE
+                        new.append((did, data, deltas.usable(did, None if base == NO_BASE else base)))
+                if new:
+                    deltas.store(writer, new, None, warnings)
 
             with repo.writer() as writer, ThreadPoolExecutor(WORKERS) as pool:
                 writer.guard = repo_lock.confirm
+                # A manifest the search for a parent found damaged: the same records make the same blob
+                writer.damaged = damaged
+                writer.damaged_packs = {loc.pack_no: b for b in damaged if (loc := repo.locate(b)) is not None}
                 mw = ManifestWriter(repo, writer)
                 cursor = _RecordCursor(ef.what, ef.blob_sizes)
                 inflight: deque[Future[None]] = deque()
                 blobs_seen = 0
+                batch: list[tuple[int, int, bytes]] = []
+                batch_bytes = 0
+                batch_limit = BATCH_BYTES
+
+                def send() -> None:
+                    nonlocal batch, batch_bytes, batch_limit
+                    if batch:
+                        inflight.append(pool.submit(store_batch, writer, batch))
+                        batch, batch_bytes, batch_limit = [], 0, BATCH_BYTES
+                    while len(inflight) > WORKERS + 1:
+                        inflight.popleft().result()
+
                 try:
                     for stype, index, pos, plain in ef.sections():
                         if stype == S_BLOB:
                             blobs_seen += 1
-                            inflight.append(pool.submit(store_blob, writer, index, pos, plain))
-                            while len(inflight) > 2 * WORKERS:
-                                inflight.popleft().result()
+                            batch.append((index, pos, plain))
+                            batch_bytes += ef.blob_sizes[index]
+                            if bases is not None and bases[32 * index : 32 * index + 32] != NO_BASE:
+                                batch_limit = DELTA_BATCH_BYTES  # its bases are read together
+                            if batch_bytes >= batch_limit or len(batch) >= BATCH_CHUNKS:
+                                send()
                         elif stype == S_RECORDS:
+                            send()
                             while inflight:
                                 inflight.popleft().result()
                             where = f"records section {index} at byte {pos}"
@@ -991,6 +1032,7 @@ def import_backup(repo: Repo, path: str, password: bytes, *, lock_wait: float = 
                                     rec = Record(rec.op, rec.path, replace(e, chunks=ids))
                                 counts.count(rec)
                                 mw.add(rec)
+                    send()
                     while inflight:
                         inflight.popleft().result()
                     cursor.finish()
@@ -999,18 +1041,19 @@ def import_backup(repo: Repo, path: str, password: bytes, *, lock_wait: float = 
                         fut.cancel()
                 manifest = mw.finish()
                 writer.flush()  # everything the snapshot references is stored before it
-            src = info.snapshot
             snap = Snapshot(
                 time=src.time, kind=KIND_FULL, parent=None, host=src.host, paths=list(src.paths),
                 tags=list(src.tags), manifest=[i.hex() for i in manifest], manifest_starts=mw.starts,
                 version=mw.version, stdin_name=src.stdin_name,
                 stats={
                     "files": counts.files, "dirs": counts.dirs, "bytes": counts.bytes,
-                    "added_blobs": added["blobs"], "added_raw_bytes": added["raw"],
-                    "added_stored_bytes": added["stored"], "delta_blobs": 0, "delta_stored_bytes": 0,
-                    "whole_stored_bytes": added["stored"], "manifest_bytes": mw.stored_bytes,
-                    "manifest_records": mw.records, "chain_length": 1,
-                    "unreadable": _unreadable(src, counts.unreadable), "warnings": 0,
+                    "added_blobs": writer.new_blobs - mw.new_blobs,
+                    "added_raw_bytes": writer.new_raw_bytes - mw.new_raw_bytes,
+                    "added_stored_bytes": writer.stored_bytes - mw.stored_bytes,
+                    "delta_blobs": writer.delta_blobs, "delta_stored_bytes": writer.delta_bytes,
+                    "whole_stored_bytes": writer.stored_bytes - writer.delta_bytes - mw.stored_bytes,
+                    "manifest_bytes": mw.stored_bytes, "manifest_records": mw.records, "chain_length": 1,
+                    "unreadable": _unreadable(src, counts.unreadable), "warnings": len(warnings),
                     "duration": round(time.monotonic() - started, 3),
                     # the first origin, kept through every hop as copy keeps it: A copied to B, exported and
                     # imported into C, then A copied to C, sent A's snapshot to C again
@@ -1024,7 +1067,55 @@ def import_backup(repo: Repo, path: str, password: bytes, *, lock_wait: float = 
                 },
             )
             # a prune that took its lock for stale may have deleted what this import reuses
-            return ImportResult(repo.save_snapshot_held(snap, repo_lock), src.id, incomplete=copies)
+            return ImportResult(repo.save_snapshot_held(snap, repo_lock), src.id, incomplete=copies,
+                                warnings=warnings)
+
+
+NO_BASE = bytes(32)  # in ``_blob_bases``: the blob has no delta base
+
+
+def _blob_bases(ef: ExportFile, deltas: DeltaPolicy, snapshots: list[Snapshot], src: Snapshot,
+                damaged: set[bytes]) -> bytearray | None:
+    """Each blob's delta base, 32 bytes a blob by number (``NO_BASE`` for none), or None when there is no
+    parent: as a backup of the snapshot's tree would choose it, at the place of the file that first refers
+    to the blob (where a backup first meets the chunk, and so stores it), against the parent a backup of
+    its host and paths at its time finds (``backup.series``, ``usable_parent``).  The records are read
+    again, in step with the parent's tree (both in manifest order); no more than that array and a byte a
+    blob is held.  Whether a blob is new here is known once it is read: its base is only used then."""
+    same = series(snapshots, src.host, list(src.paths), src.stdin_name, src.datetime)
+    deltas.sequence = len(same)  # the import's number in its series: whose turn it is to restart
+    parent, tree = usable_parent(deltas.repo, same, snapshots, damaged) if same else (None, iter(()))
+    if parent is None:
+        return None
+    sizes = ef.blob_sizes
+    bases = bytearray(32 * len(sizes))
+    met = bytearray(len(sizes))
+    prev = next(tree, None)
+    prev_key = prev.key if prev is not None else b""
+    for rec in ef.records(checked=False):  # checked by ``verify``, and each piece authenticated again
+        e = rec.entry
+        if e is None or not e.chunks:
+            continue
+        key = rec.key
+        while prev is not None and prev_key < key:
+            prev = next(tree, None)
+            prev_key = prev.key if prev is not None else b""
+        was = prev.entry if prev is not None and prev_key == key else None
+        # The parent's content (its digest): the chunks are the parent's, cut alike (the same chunker, as
+        # for deduplication at all), so none is new
+        unchanged = was is not None and bool(e.digest) and was.digest == e.digest and was.size == e.size
+        file_bases = None if unchanged else deltas.file_bases(rec.path, was)
+        pos = bi = 0
+        for n, _, _, _ in _REF.iter_unpack(e.chunks):
+            size = sizes[n]
+            if not met[n]:
+                met[n] = 1
+                if file_bases:
+                    base, bi = deltas.base_at(file_bases, bi, pos, size)
+                    if base is not None:
+                        bases[32 * n : 32 * n + 32] = base
+            pos += size
+    return bases
 
 
 def _unreadable(src: Snapshot, flagged: list[bytes]) -> list[str]:

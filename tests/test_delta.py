@@ -785,3 +785,165 @@ def test_a_base_two_chains_share_deep_down_is_decoded_once_per_read(new_repo, tm
     store._cache.items.clear()
     assert store.read_blobs(tops) == whole
     assert decoded.count(a_chain[1]) == 1
+
+
+def _import_series(tmp_path, new_repo, versions, rnd, *, pages=256, share=0.01, fixed=False, **import_options):
+    """A page file backed up through ``versions`` versions in one repository, each exported and imported into
+    another, which each time first backs the same tree up in a dry run (same host and path: the same parent,
+    the import before).  (source, destination, [(dry-run stats, import stats, imported snapshot, tree)])."""
+    source = new_repo(chunker=SMALL)
+    dest = Repository.init(str(tmp_path / "dest"), "pw2", kdf_seconds=0, copy_chunker_from=source)
+    src = tmp_path / "db"
+    src.mkdir()
+    name = "table.db" if fixed else "table"
+    opts = {"fixed_chunks": ["*.db"], "fixed_chunk_size": 16 << 10} if fixed else {}
+    page_file(src / name, pages, rnd)
+    out = []
+    for v in range(versions):
+        if v:
+            touch_pages(src / name, share, rnd)
+        snap = source.backup([str(src)], **opts).snapshot
+        path = str(tmp_path / f"v{v}.backup")
+        source.export(snap, path, "export pw", kdf_seconds=0)
+        dry = dest.backup([str(src)], dry_run=True, **opts).snapshot.stats
+        imported = dest.import_backup(path, "export pw", **import_options).snapshot
+        out.append((dry, imported.stats, imported, describe(src)))
+    return source, dest, out
+
+
+DELTA_STATS = ("added_blobs", "added_raw_bytes", "delta_blobs", "delta_stored_bytes", "whole_stored_bytes")
+
+
+def test_an_import_stores_deltas_where_a_backup_of_the_same_tree_would(tmp_path, new_repo):
+    """Each version imported onto the one imported before stores the chunks a backup of the same tree with the
+    same parent stores, and as the same deltas: the same bases (chains bounded, restarting in turns) and
+    margin, so the same bytes."""
+    _, dest, series = _import_series(tmp_path, new_repo, 16, random.Random(31), pages=64, share=1.0, fixed=True,
+                                     fixed_chunks=["*.db"])
+    for v, (dry, stats, _, _) in enumerate(series):
+        assert {k: stats[k] for k in DELTA_STATS} == {k: dry[k] for k in DELTA_STATS}, v
+    assert all(stats["delta_blobs"] for _, stats, _, _ in series[1:])
+    depths = [max(repo_depths(dest, snap, "table.db")) for _, _, snap, _ in series]
+    from chunkvault.store.blob import CONTENT_DEFINED_DELTA_DEPTH, FIXED_DELTA_DEPTH
+    assert CONTENT_DEFINED_DELTA_DEPTH < max(depths) <= FIXED_DELTA_DEPTH
+    assert_all_restore(dest, [(snap, tree) for _, _, snap, tree in series[-3:]], tmp_path)
+
+
+def test_an_import_of_the_next_version_stores_its_changes_as_deltas(tmp_path, new_repo):
+    """1 % of an 8 MiB page file's pages changed: the import of that version adds a small share of what it
+    adds stored whole (`no_delta`), restores, checks with its data read, and keeps restoring once the
+    version before is forgotten and pruned."""
+    source, dest, series = _import_series(tmp_path, new_repo, 2, random.Random(32), pages=1024)
+    (_, _, first, _), (dry, stats, snap, tree) = series
+    assert stats["delta_blobs"] and stats["delta_stored_bytes"] == stats["added_stored_bytes"] - stats[
+        "whole_stored_bytes"]
+    whole = Repository.init(str(tmp_path / "whole"), "pw2", kdf_seconds=0, copy_chunker_from=source)
+    whole.import_backup(str(tmp_path / "v0.backup"), "export pw")
+    plain = whole.import_backup(str(tmp_path / "v1.backup"), "export pw", delta=False).snapshot.stats
+    assert plain["delta_blobs"] == 0 and plain["added_blobs"] == stats["added_blobs"]
+    assert stats["added_stored_bytes"] * 4 < plain["added_stored_bytes"]
+    dest.forget([first.id])
+    dest.prune(max_unused=0.0)
+    assert_all_restore(dest, [(snap, tree)], tmp_path)
+
+
+def test_cli_import_stores_deltas_unless_told_not_to(tmp_path, new_repo, cli):
+    """`import` says what it stored as deltas; `--no-delta` and `--no-delta-path` store changed chunks whole,
+    as they do for a backup; the repository restores each import and checks clean with its data read."""
+    import json
+
+    source = new_repo(chunker=SMALL)
+    src = tmp_path / "db"
+    src.mkdir()
+    rnd = random.Random(33)
+    page_file(src / "table", 512, rnd)
+    page_file(src / "other", 256, rnd)
+    files = []
+    for v in range(2):
+        if v:
+            touch_pages(src / "table", 0.02, rnd)
+            touch_pages(src / "other", 0.02, rnd)
+        files.append(str(tmp_path / f"v{v}.backup"))
+        source.export(source.backup([str(src)]).snapshot, files[-1], "export pw", kdf_seconds=0)
+    env = {"CHUNKVAULT_EXPORT_PASSWORD": "export pw"}
+    added = {}
+    for options in ((), ("--no-delta",), ("--no-delta-path", "other")):
+        dest = Repository.init(str(tmp_path / f"dest{len(added)}"), "pw2", kdf_seconds=0, copy_chunker_from=source)
+        url = dest.store.remote.display_url
+        cli("import", files[0], "-r", url, env=env, password="pw2")
+        text = cli("import", files[1], "-r", url, *options, env=env, password="pw2").stdout.decode()
+        assert " as deltas, " in text and " whole)" in text
+        dest.close()
+        dest = Repository.open(url, "pw2")
+        stats = dest.snapshots()[-1].stats
+        added[options] = stats
+        assert dest.check(read_data=True).ok
+        out = tmp_path / f"out{len(added)}"
+        dest.restore(dest.snapshots()[-1].id, str(out))
+        assert describe(out) == describe(src)
+        dest.close()
+    deltas, whole, table_only = added.values()
+    assert deltas["delta_blobs"] and not whole["delta_blobs"]
+    assert 0 < table_only["delta_blobs"] < deltas["delta_blobs"]
+    assert deltas["added_stored_bytes"] < table_only["added_stored_bytes"] < whole["added_stored_bytes"]
+    again = json.loads(cli("import", files[1], "-r", str(tmp_path / "dest0"), "--json", env=env,
+                           password="pw2").stdout)
+    assert again["skipped"] and again["warnings"] == []
+
+
+def _onto_imported_version(tmp_path, new_repo, **dest_options):
+    """A page file exported at two versions (a fifth of its pages changed between), the first imported into
+    another repository: (destination, its copy of the first version, second file, second version's tree, the
+    first version's chunks there that the second changed)."""
+    source = new_repo(chunker=SMALL)
+    src = tmp_path / "db"
+    src.mkdir()
+    rnd = random.Random(34)
+    page_file(src / "table", 256, rnd)
+    files, chunks = [], []
+    for v in range(2):
+        if v:
+            touch_pages(src / "table", 0.2, rnd)
+        files.append(str(tmp_path / f"v{v}.backup"))
+        snap = source.backup([str(src)]).snapshot
+        chunks.append(source.find_entry(snap, "table").chunk_ids())
+        source.export(snap, files[-1], "export pw", kdf_seconds=0)
+    dest = Repository.init(str(tmp_path / "dest"), "pw2", kdf_seconds=0, copy_chunker_from=source, **dest_options)
+    first = dest.import_backup(files[0], "export pw").snapshot
+    assert len(chunks[0]) == len(chunks[1])  # changed in place: cut alike
+    changed = [c for c, a, b in zip(dest.find_entry(first, "table").chunk_ids(), *chunks) if a != b]
+    return dest, first, files[1], describe(src), changed
+
+
+def test_an_import_whose_delta_bases_are_damaged_stores_those_chunks_whole(tmp_path, new_repo):
+    """A base that does not read (damaged in the destination) is never built on: the chunk, which the file
+    holds, is stored whole, and the import warns naming the base; the snapshot restores exactly."""
+    dest, first, second, tree, changed = _onto_imported_version(tmp_path, new_repo)
+    store = dest.store
+    for cid in changed:  # a byte of each base the second version's changed chunks would have
+        loc = store.index.get(cid)
+        pack = tmp_path / "dest" / "data" / pack_of(dest, cid)[:2] / pack_of(dest, cid)
+        data = bytearray(pack.read_bytes())
+        data[loc.offset + loc.length // 2] ^= 0x40
+        pack.write_bytes(bytes(data))
+    result = dest.import_backup(second, "export pw")
+    assert result.snapshot.stats["added_blobs"] and result.snapshot.stats["delta_blobs"] == 0
+    assert result.warnings and all("is damaged" in w and "stored whole" in w for w in result.warnings)
+    assert result.snapshot.stats["warnings"] == len(result.warnings)
+    out = tmp_path / "out"
+    dest.restore(result.snapshot.id, str(out))
+    assert describe(out) == tree
+
+
+def test_an_import_whose_delta_base_pack_is_gone_fails_naming_it_and_saves_nothing(tmp_path, new_repo):
+    """A pack the index lists but that is gone holds the bases: the import stops naming the pack (`repair
+    index` first, as for a backup) before it saves a snapshot."""
+    from chunkvault.errors import MissingObject
+
+    dest, first, second, _, changed = _onto_imported_version(tmp_path, new_repo, pack_size=64 << 10)
+    pack = pack_of(dest, changed[len(changed) // 2])
+    os.remove(tmp_path / "dest" / "data" / pack[:2] / pack)
+    with pytest.raises(MissingObject) as info:
+        dest.import_backup(second, "export pw")
+    assert pack in str(info.value)
+    assert [s.id for s in dest.snapshots()] == [first.id]
