@@ -947,3 +947,37 @@ def test_an_import_whose_delta_base_pack_is_gone_fails_naming_it_and_saves_nothi
         dest.import_backup(second, "export pw")
     assert pack in str(info.value)
     assert [s.id for s in dest.snapshots()] == [first.id]
+
+
+def test_an_import_builds_on_a_backup_of_the_same_tree_and_a_stream_on_its_stream(tmp_path, new_repo):
+    """The parent is whatever a backup finds: a backup of the same host and path made in the destination
+    itself, and for a stream's snapshot the last of that stream name."""
+    source = new_repo(chunker=SMALL)
+    dest = Repository.init(str(tmp_path / "dest"), "pw2", kdf_seconds=0, copy_chunker_from=source)
+    src = tmp_path / "db"
+    src.mkdir()
+    rnd = random.Random(35)
+    page_file(src / "table", 512, rnd)
+    dest.backup([str(src)])
+    streams = [(src / "table").read_bytes()]
+    source.backup_stream(io.BytesIO(streams[0]), "table.dump")
+    dest.import_backup(_exported(source, tmp_path / "s0.backup"), "export pw")
+    touch_pages(src / "table", 0.01, rnd)
+    source.backup([str(src)])
+    dry = dest.backup([str(src)], dry_run=True).snapshot.stats
+    stats = dest.import_backup(_exported(source, tmp_path / "t1.backup"), "export pw").snapshot.stats
+    assert stats["delta_blobs"] and {k: stats[k] for k in DELTA_STATS} == {k: dry[k] for k in DELTA_STATS}
+    touch_pages(src / "table", 0.01, rnd)  # chunks of neither import before
+    source.backup_stream(io.BytesIO((src / "table").read_bytes()), "table.dump")
+    streamed = dest.import_backup(_exported(source, tmp_path / "s1.backup"), "export pw").snapshot
+    assert streamed.stdin_name == "table.dump" and streamed.stats["delta_blobs"]
+    assert streamed.stats["added_stored_bytes"] * 4 < stats["added_raw_bytes"]
+    out = tmp_path / "out"
+    dest.restore(streamed.id, str(out))
+    assert (out / "table.dump").read_bytes() == (src / "table").read_bytes()
+
+
+def _exported(repo, path) -> str:
+    """``repo``'s newest snapshot exported to ``path``."""
+    repo.export(repo.snapshots()[-1], str(path), "export pw", kdf_seconds=0)
+    return str(path)
