@@ -905,7 +905,8 @@ def _onto_imported_version(tmp_path, new_repo, **dest_options):
         if v:
             touch_pages(src / "table", 0.2, rnd)
         files.append(str(tmp_path / f"v{v}.backup"))
-        snap = source.backup([str(src)]).snapshot
+        # cut at fixed offsets: by content, a cut point whose bytes changed moves (with the repository's key)
+        snap = source.backup([str(src)], fixed_chunks=["table"], fixed_chunk_size=16 << 10).snapshot
         chunks.append(source.find_entry(snap, "table").chunk_ids())
         source.export(snap, files[-1], "export pw", kdf_seconds=0)
     dest = Repository.init(str(tmp_path / "dest"), "pw2", kdf_seconds=0, copy_chunker_from=source, **dest_options)
