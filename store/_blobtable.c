@@ -14,15 +14,22 @@
  *       copy of a blob lies, in the entry's place (the entries stay as they were: version is unchanged)
  *   t.add_many(ids, packs, offsets, lengths, raws, flags) -> number added; each column a C-contiguous
  *       buffer of integers (any width, signed or not) of one value per id, or of one value for all
- *   t.add_entries(buf, pos, count, pack[, replaced]) -> number added: index-object entries (see
+ *   t.add_entries(buf, pos, count, pack[, replaced[, numbers]]) -> number added: index-object entries (see
  *       scan_entries); an entry stored whole takes the place of a delta of the same id (which a lost base
  *       may have left unreadable), whose row (id, four uint32 fields in native order, flag byte) is appended
- *       to the bytearray ``replaced`` when one is given
+ *       to the bytearray ``replaced`` when one is given (None: not); ``numbers``, a bytearray of one uint32
+ *       (native order) per row, gets the entry's number in its pack at each row added or taken over (rows
+ *       added otherwise get U32_MAX)
+ *   t.row(id) -> the id's row number, or -1
+ *   t.mark(ids, marks) -> the ids absent, packed: marks[row] = 1 at the row of each id present (``marks``: a
+ *       writable buffer of a byte per row at least)
  *   t.contains_many(ids) -> bytes, 1 where present
- *   t.kept_in(buf, pos, count, pack, sets) -> (numbers, total, live, live_entries): of ``count`` index-object
- *       entries of pack number ``pack``, the numbers (uint32, native order) of those whose row here is (pack,
- *       their number in the pack) and whose id one of ``sets`` (a tuple of tables) holds; the sum of all the
- *       entries' lengths, of those entries' lengths, and the bytes those entries take (prune's live blobs)
+ *   t.kept_in(buf, pos, count, pack, numbers, sets[, marks]) -> (numbers, total, live, live_entries): of
+ *       ``count`` index-object entries of pack number ``pack``, the numbers (uint32, native order) of those
+ *       whose row here is that pack's and that entry's (``numbers``, as add_entries fills it) and that are used:
+ *       marked in ``marks`` (a byte per row, as ``mark`` sets them) or held by one of ``sets`` (a tuple of
+ *       tables); the sum of all the entries' lengths, of those entries' lengths, and the bytes those entries
+ *       take (prune's live blobs)
  *   t.remove_packs(packs) -> number removed (packs: sorted, distinct uint32 buffer)
  *   t.rows(a, b) -> (ids, fields, flags) of entries a..b-1 as bytes
  *   t.memory_bytes()
@@ -467,18 +474,38 @@ truncated:
     return -1;
 }
 
+/* ``numbers`` (add_entries, kept_in): a bytearray of one uint32 per row, resized to ``rows`` rows, the new
+ * ones U32_MAX; NULL with an exception set when it is not a bytearray. */
+static uint32_t *number_column(PyObject *numbers, Py_ssize_t rows) {
+    if (!PyByteArray_Check(numbers)) {
+        PyErr_SetString(PyExc_TypeError, "numbers must be a bytearray");
+        return NULL;
+    }
+    Py_ssize_t had = PyByteArray_GET_SIZE(numbers) / (Py_ssize_t)sizeof(uint32_t);
+    if (PyByteArray_Resize(numbers, rows * (Py_ssize_t)sizeof(uint32_t)) < 0) return NULL;
+    uint32_t *col = (uint32_t *)PyByteArray_AS_STRING(numbers);
+    for (Py_ssize_t e = had; e < rows; e++) col[e] = (uint32_t)U32_MAX;
+    return col;
+}
+
 static PyObject *Table_add_entries(Table *t, PyObject *args) {
     Py_buffer buf;
     Py_ssize_t pos, count, deltas, added = 0;
     unsigned long long pack;
-    PyObject *replaced = NULL;
-    if (ready(t) < 0 || !PyArg_ParseTuple(args, "y*nnK|O!", &buf, &pos, &count, &pack, &PyByteArray_Type, &replaced))
+    PyObject *replaced = Py_None, *numbers = Py_None;
+    uint32_t *col = NULL;
+    if (ready(t) < 0 || !PyArg_ParseTuple(args, "y*nnK|OO", &buf, &pos, &count, &pack, &replaced, &numbers))
         return NULL;
+    if (replaced != Py_None && !PyByteArray_Check(replaced)) {
+        PyErr_SetString(PyExc_TypeError, "replaced must be a bytearray or None");
+        goto fail;
+    }
     if (pack > U32_MAX) {
         PyErr_Format(PyExc_ValueError, "pack_no out of range 0..%llu", U32_MAX);
         goto fail;
     }
     if (walk_entries(buf.buf, buf.len, pos, count, &deltas) < 0) goto fail;
+    if (numbers != Py_None && !(col = number_column(numbers, t->n + count))) goto fail;
     for (Py_ssize_t i = 0; i < count; i++) {
         const uint8_t *p = (const uint8_t *)buf.buf + pos;
         Py_ssize_t slot;
@@ -487,7 +514,7 @@ static PyObject *Table_add_entries(Table *t, PyObject *args) {
         Py_ssize_t e = find(t, p + 1, &slot);
         if (e >= 0) {
             if (t->flags[e] == KIND_DELTA && p[0] != KIND_DELTA) { /* a copy stored whole needs no base */
-                if (replaced) {
+                if (replaced != Py_None) {
                     Py_ssize_t at = PyByteArray_GET_SIZE(replaced);
                     if (PyByteArray_Resize(replaced, at + ROW_SIZE) < 0) goto fail;
                     uint8_t *row = (uint8_t *)PyByteArray_AS_STRING(replaced) + at;
@@ -497,30 +524,94 @@ static PyObject *Table_add_entries(Table *t, PyObject *args) {
                 }
                 memcpy(t->fields + (size_t)e * FIELDS, f, sizeof f);
                 t->flags[e] = p[0];
+                if (col) col[e] = (uint32_t)i;
                 t->version++;
             }
             continue;
         }
         if (append(t, p + 1, f, p[0], slot, count - i - 1) < 0) goto fail;
+        if (col) col[t->n - 1] = (uint32_t)i;
         added++;
     }
+    if (col && PyByteArray_Resize(numbers, t->n * (Py_ssize_t)sizeof(uint32_t)) < 0) goto fail;
     PyBuffer_Release(&buf);
     return PyLong_FromSsize_t(added);
 fail:
+    if (col) { /* the rows added so far keep their numbers */
+        PyObject *type, *value, *tb;
+        PyErr_Fetch(&type, &value, &tb);
+        PyByteArray_Resize(numbers, t->n * (Py_ssize_t)sizeof(uint32_t));
+        PyErr_Restore(type, value, tb);
+    }
     PyBuffer_Release(&buf);
     return NULL;
 }
 
+static PyObject *Table_row(Table *t, PyObject *arg) {
+    Py_buffer id;
+    if (ready(t) < 0) return NULL;
+    if (get_id(arg, &id) < 0) return NULL;
+    Py_ssize_t e = find(t, id.buf, NULL);
+    PyBuffer_Release(&id);
+    return PyLong_FromSsize_t(e);
+}
+
+static PyObject *Table_mark(Table *t, PyObject *args) {
+    PyObject *ids_obj, *out = NULL;
+    Py_buffer ids, marks;
+    if (ready(t) < 0 || !PyArg_ParseTuple(args, "Ow*", &ids_obj, &marks)) return NULL;
+    if (marks.len < t->n) {
+        PyErr_SetString(PyExc_ValueError, "marks hold fewer bytes than the table rows");
+        PyBuffer_Release(&marks);
+        return NULL;
+    }
+    if (get_ids(ids_obj, &ids) < 0) {
+        PyBuffer_Release(&marks);
+        return NULL;
+    }
+    Py_ssize_t m = ids.len / ID_SIZE, absent = 0;
+    const uint8_t *q = ids.buf;
+    uint8_t *mk = marks.buf;
+    for (Py_ssize_t i = 0; i < m; i++) {
+        prefetch(t, q, i, m);
+        Py_ssize_t e = find(t, q + (size_t)i * ID_SIZE, NULL);
+        if (e >= 0) mk[e] = 1;
+        else absent++;
+    }
+    out = PyBytes_FromStringAndSize(NULL, absent * ID_SIZE);
+    if (out && absent) {
+        uint8_t *o = (uint8_t *)PyBytes_AS_STRING(out);
+        for (Py_ssize_t i = 0; i < m; i++)
+            if (find(t, q + (size_t)i * ID_SIZE, NULL) < 0) {
+                memcpy(o, q + (size_t)i * ID_SIZE, ID_SIZE);
+                o += ID_SIZE;
+            }
+    }
+    PyBuffer_Release(&ids);
+    PyBuffer_Release(&marks);
+    return out;
+}
+
 /* kept_in: the entries of one pack (index-object entries, as add_entries takes them) that are the copy this
- * table keeps of their blob (its fields: pack number, entry number in the pack) and whose id is in one of
- * ``sets`` (tables); prune's live blobs of a pack, found without an object per entry. */
+ * table keeps of their blob (its row: that pack's, ``numbers`` at the row that entry's number in the pack) and
+ * that are used (marked in ``marks``, or in one of ``sets``, tables); prune's live blobs of a pack, found
+ * without an object per entry. */
 static PyObject *Table_kept_in(Table *t, PyObject *args) {
-    Py_buffer buf;
+    Py_buffer buf, nums, marks = {0};
     Py_ssize_t pos, count, deltas;
     unsigned long long pack;
-    PyObject *sets, *out = NULL;
-    if (ready(t) < 0 || !PyArg_ParseTuple(args, "y*nnKO!", &buf, &pos, &count, &pack, &PyTuple_Type, &sets))
+    PyObject *sets, *marks_obj = Py_None, *out = NULL;
+    if (ready(t) < 0 || !PyArg_ParseTuple(args, "y*nnKy*O!|O", &buf, &pos, &count, &pack, &nums, &PyTuple_Type,
+                                          &sets, &marks_obj))
         return NULL;
+    if (marks_obj != Py_None && PyObject_GetBuffer(marks_obj, &marks, PyBUF_SIMPLE) < 0) {
+        PyBuffer_Release(&buf);
+        PyBuffer_Release(&nums);
+        return NULL;
+    }
+    const uint32_t *num = nums.buf;
+    const uint8_t *mk = marks.buf;
+    Py_ssize_t n_nums = nums.len / (Py_ssize_t)sizeof(uint32_t), n_marks = marks.buf ? marks.len : 0;
     Py_ssize_t n_sets = PyTuple_GET_SIZE(sets);
     for (Py_ssize_t k = 0; k < n_sets; k++) {
         PyObject *u = PyTuple_GET_ITEM(sets, k);
@@ -543,9 +634,8 @@ static PyObject *Table_kept_in(Table *t, PyObject *args) {
         pos += size;
         total += length;
         Py_ssize_t e = find(t, p + 1, NULL);
-        if (e < 0 || t->fields[(size_t)e * FIELDS] != pack || t->fields[(size_t)e * FIELDS + 1] != (uint64_t)i)
-            continue;
-        int used = 0;
+        if (e < 0 || e >= n_nums || t->fields[(size_t)e * FIELDS] != pack || num[e] != (uint64_t)i) continue;
+        int used = e < n_marks && mk[e];
         for (Py_ssize_t k = 0; k < n_sets && !used; k++)
             used = find((Table *)PyTuple_GET_ITEM(sets, k), p + 1, NULL) >= 0;
         if (!used) continue;
@@ -557,6 +647,8 @@ static PyObject *Table_kept_in(Table *t, PyObject *args) {
     out = Py_BuildValue("(NKKK)", ordinals, total, live_bytes, live_entry_bytes);
 done:
     PyBuffer_Release(&buf);
+    PyBuffer_Release(&nums);
+    if (marks.buf) PyBuffer_Release(&marks);
     return out;
 }
 
@@ -702,10 +794,12 @@ static PyMethodDef Table_methods[] = {
     {"add_many", (PyCFunction)Table_add_many, METH_VARARGS,
      "add_many(ids, packs, offsets, lengths, raws, flags) -> number added"},
     {"add_entries", (PyCFunction)Table_add_entries, METH_VARARGS,
-     "add_entries(buf, pos, count, pack) -> number added"},
+     "add_entries(buf, pos, count, pack[, replaced[, numbers]]) -> number added"},
+    {"row", (PyCFunction)Table_row, METH_O, "row(id) -> row number or -1"},
+    {"mark", (PyCFunction)Table_mark, METH_VARARGS, "mark(ids, marks) -> the ids absent, packed"},
     {"contains_many", (PyCFunction)Table_contains_many, METH_O, "contains_many(ids) -> bytes"},
     {"kept_in", (PyCFunction)Table_kept_in, METH_VARARGS,
-     "kept_in(buf, pos, count, pack, sets) -> (entry numbers, total, live bytes, live entry bytes)"},
+     "kept_in(buf, pos, count, pack, numbers, sets[, marks]) -> (entry numbers, total, live bytes, live entry bytes)"},
     {"remove_packs", (PyCFunction)Table_remove_packs, METH_O, "remove_packs(sorted uint32 packs) -> removed"},
     {"rows", (PyCFunction)Table_rows, METH_VARARGS, "rows(a, b) -> (ids, fields, flags)"},
     {"memory_bytes", (PyCFunction)Table_memory_bytes, METH_NOARGS, "bytes held, capacity included"},

@@ -147,19 +147,32 @@ class BlobIndex:
         return self._t.add_many(q, *cols)
 
     def add_entries(self, buf: bytes, pos: int, count: int, pack_no: int,
-                    replaced: list[tuple[bytes, BlobLocation]] | None = None) -> int:
+                    replaced: list[tuple[bytes, BlobLocation]] | None = None, numbers: bytearray | None = None
+                    ) -> int:
         """Record ``count`` entries of an index object (``store/FORMAT.md``) starting at ``pos``, all in pack
         number ``pack_no``, their kind as flags; returns how many were new.  A blob stored whole replaces a
         delta of the same id already recorded, whatever the order the index objects come in: a delta whose
         base was lost, stored again whole by a later backup, is then read from the new copy.  The deltas
-        replaced are appended to ``replaced``, when given, with where they lay."""
+        replaced are appended to ``replaced``, when given, with where they lay.  ``numbers`` (a uint32 a row,
+        native order): each row added or taken over gets its entry's number in the pack (prune tells the copy
+        it keeps by it: two entries of one pack may name one blob at one offset)."""
+        pack_no = _check_u32("pack_no", pack_no)
         if replaced is None:
-            return self._t.add_entries(buf, pos, count, _check_u32("pack_no", pack_no))
+            return self._t.add_entries(buf, pos, count, pack_no, None, numbers)
         rows = bytearray()
-        added = self._t.add_entries(buf, pos, count, _check_u32("pack_no", pack_no), rows)
+        added = self._t.add_entries(buf, pos, count, pack_no, rows, numbers)
         for at in range(0, len(rows), _ROW.size + ID_SIZE):
             replaced.append((bytes(rows[at : at + ID_SIZE]), BlobLocation._make(_ROW.unpack_from(rows, at + ID_SIZE))))
         return added
+
+    def row(self, blob_id: bytes) -> int:
+        """The id's row (its place in insertion order), or -1 when absent."""
+        return self._t.row(_as_id(blob_id))
+
+    def mark(self, ids: bytes | Sequence[bytes], marks: bytearray) -> bytes:
+        """Set ``marks[row]`` to 1 at the row of each of ``ids`` present (a used blob, for prune, without a
+        table of its own); returns those absent, packed."""
+        return self._t.mark(_as_ids(ids), marks)
 
     def contains_many(self, ids: bytes | Sequence[bytes]) -> bytes:
         """One byte per id: 1 where present, 0 where not."""

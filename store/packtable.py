@@ -4,20 +4,22 @@ blob it keeps, in a few dozen bytes per blob.
 A prune held each entry as a ``PackEntry`` (its id a ``bytes``, its numbers ``int`` objects), each used id as
 a ``bytes`` in a set, and dicts keyed by both: some 740 bytes per blob, 37 GB at 50 million.  Here a pack's
 entries stay in the decoded index object they came in (45 bytes each, 77 for a delta), decoded a pack at a
-time while it is looked at; the kept copies and the used ids live in blob tables (``store/_blobtable.c``: 55
-bytes per id), and a pack's live blobs are found there (``kept_in``) and held as entry numbers.
+time while it is looked at; the kept copies are the rows of the repository's own index, made in pack id order
+(``store/_blobtable.c``: 55 bytes per id, and 4 for the entry number of each), the used ids a byte per row of
+it, and a pack's live blobs are found there (``kept_in``) and held as entry numbers.
 """
 from __future__ import annotations
 
+import struct
 from array import array
 from typing import Collection, Iterable, Iterator, Mapping, Sequence
 
 from .blob import ID_SIZE, KIND_DELTA
-from .blobindex import BlobIndex
+from .blobindex import BlobIndex, BlobLocation
 from .indexfile import IndexColumns
 from .pack import _ENTRY, ENTRY_SIZE, DecodedOnRead, EncodedEntries, PackEntry
 
-__all__ = ["KeptCopies", "LiveEntries", "PackTable", "blob_set", "id_chunks"]
+__all__ = ["KeptCopies", "LiveEntries", "PackTable", "UsedIds", "blob_set", "id_chunks"]
 
 _ROWS = 1 << 16  # ids per step of ``id_chunks``
 
@@ -81,53 +83,87 @@ class PackTable(Mapping[bytes, EncodedEntries]):
         return len(self.pack_ids)
 
 
-def _ordinals(count: int) -> array:
-    return array("I", range(count))
+_NUMBER = struct.Struct("=I")
 
 
 class KeptCopies(Mapping[bytes, PackEntry]):
     """For each blob, the copy a prune keeps live (``prune.kept_copies``, whose rule this follows): the first
     stored whole in pack id order, else the first delta; a copy ``spurned`` ((pack id, offset)) only where the
-    blob has no other.  Held as blob id -> (pack number, entry number) in a blob table; ``kept`` tells
-    whether an entry is the one kept."""
+    blob has no other.  Held as a blob table's rows (pack number, offset, lengths, kind: the rows the
+    repository's index holds) and each row's entry number in its pack (``numbers``, a uint32 a row), which
+    tells the entry kept where two of one pack name one blob at one offset.
 
-    def __init__(self, packs: PackTable, spurned: frozenset[tuple[bytes, int]] | set[tuple[bytes, int]] = frozenset()
-                 ) -> None:
+    Unspurned, these are the rows ``BlobIndex.add_entries`` gives the packs in pack id order: the repository's
+    index made so (``Repo.install_packs``) is given as ``table``, with its ``numbers`` and each pack's number in
+    it (``row_packs``), and a prune holds one table of the blobs, not two."""
+
+    def __init__(self, packs: PackTable, spurned: frozenset[tuple[bytes, int]] | set[tuple[bytes, int]] = frozenset(),
+                 *, table: BlobIndex | None = None, numbers: bytearray | None = None,
+                 row_packs: Sequence[int] | None = None) -> None:
         self.packs = packs
-        total = sum(len(e) for e in packs.listed)
-        self._t = BlobIndex(total)
         self._positions: dict[int, array] = {}  # pack number -> where each entry starts (packs holding deltas)
-        spurned_in = {packs.numbers[pid] for pid, _ in spurned if pid in packs.numbers}
-        # In rank order: whole then delta, each unspurned then spurned; within a rank, pack id order.  A blob
-        # table adds only ids it lacks, so each blob keeps the first copy of the best rank.
-        ranks = [(False, False), (False, True)] + ([(True, False), (True, True)] if spurned_in else [])
-        for shunned, delta in ranks:
-            for no, entries in enumerate(packs.listed):
-                if not entries.has_deltas and no not in spurned_in:
-                    if not delta and not shunned:
-                        self._add_plain(no, entries)
-                    continue
-                pid = packs.pack_ids[no]
-                picked = [(i, e) for i, e in enumerate(entries.decode())
-                          if (e.kind == KIND_DELTA) == delta and ((pid, e.offset) in spurned) == shunned]
-                if picked:
-                    self._t.add_many(b"".join(e.blob_id for _, e in picked), no, array("I", [i for i, _ in picked]),
-                                     0, 0, bytes(e.kind for _, e in picked))
+        if table is not None:
+            if spurned or numbers is None or row_packs is None:
+                raise ValueError("a table given needs its numbers and pack numbers, and spurns nothing")
+            self._t, self.numbers = table, numbers
+            self._row_packs = array("I", row_packs)
+        else:
+            self._t, self.numbers = self._build(packs, spurned)
+            self._row_packs = array("I", range(len(packs)))
+        self._pack_at = {r: no for no, r in enumerate(self._row_packs)}
 
-    def _add_plain(self, no: int, entries: EncodedEntries) -> None:
-        """A pack of whole blobs alone: its ids and kinds read at their fixed places."""
-        buf, start, end = entries._buf, entries._start, entries._end
-        ids = b"".join([buf[p:p + ID_SIZE] for p in range(start + 1, end, ENTRY_SIZE)])
-        self._t.add_many(ids, no, _ordinals(len(entries)), 0, 0, bytes(buf[start:end:ENTRY_SIZE]))
+    @staticmethod
+    def _build(packs: PackTable, spurned: frozenset[tuple[bytes, int]] | set[tuple[bytes, int]]
+               ) -> tuple[BlobIndex, bytearray]:
+        """The table and numbers: each pack's entries in pack id order as ``add_entries`` takes them (a whole
+        copy takes a delta's place, else the first stays), the spurned copies left out; then the spurned, of
+        the blobs still absent, whole ones first."""
+        t, numbers = BlobIndex(sum(len(e) for e in packs.listed)), bytearray()
+        spurned_in = sorted({packs.numbers[pid] for pid, _ in spurned if pid in packs.numbers})
+        shunned = set(spurned_in)
+        for no, entries in enumerate(packs.listed):
+            if no not in shunned:
+                t.add_entries(entries._buf, entries._start, len(entries), no, None, numbers)
+                continue
+            pid = packs.pack_ids[no]
+            for i, e in enumerate(entries.decode()):
+                if (pid, e.offset) in spurned:
+                    continue
+                row = t.row(e.blob_id)
+                if row < 0:
+                    t.add(e.blob_id, no, e.offset, e.length, e.raw_length, e.kind)
+                    numbers += _NUMBER.pack(i)
+                elif t.get(e.blob_id).flags == KIND_DELTA and e.kind != KIND_DELTA:  # type: ignore[union-attr]
+                    t.replace(e.blob_id, BlobLocation(no, e.offset, e.length, e.raw_length, e.kind))
+                    _NUMBER.pack_into(numbers, 4 * row, i)
+        for delta in (False, True):
+            for no in spurned_in:
+                pid = packs.pack_ids[no]
+                for i, e in enumerate(packs.listed[no].decode()):
+                    if (pid, e.offset) in spurned and (e.kind == KIND_DELTA) == delta and e.blob_id not in t:
+                        t.add(e.blob_id, no, e.offset, e.length, e.raw_length, e.kind)
+                        numbers += _NUMBER.pack(i)
+        return t, numbers
+
+    @property
+    def table(self) -> BlobIndex:
+        """The blob table holding the copies kept (``UsedIds`` marks its rows)."""
+        return self._t
+
+    def _kept(self, blob_id: bytes) -> tuple[int, int] | None:
+        loc, row = self._t.get(blob_id), self._t.row(blob_id)
+        if loc is None or row < 0 or 4 * row >= len(self.numbers):
+            return None
+        no = self._pack_at.get(loc.pack_no)
+        return None if no is None else (no, _NUMBER.unpack_from(self.numbers, 4 * row)[0])
 
     def kept_at(self, blob_id: bytes) -> tuple[int, int] | None:
         """(pack number, entry number) of the copy kept, or None when no index lists the blob."""
-        loc = self._t.get(blob_id)
-        return None if loc is None else (loc.pack_no, loc.offset)
+        return self._kept(blob_id) if blob_id in self else None
 
     def pack_of(self, blob_id: bytes) -> bytes:
         """The id of the pack holding the copy kept."""
-        return self.packs.pack_ids[self._t.get(blob_id).pack_no]  # type: ignore[union-attr]
+        return self.packs.pack_ids[self._kept(blob_id)[0]]  # type: ignore[index]
 
     def _entry_at(self, no: int, i: int) -> PackEntry:
         entries = self.packs.listed[no]
@@ -147,10 +183,10 @@ class KeptCopies(Mapping[bytes, PackEntry]):
         return PackEntry(blob_id, kind, offset, length, raw_length, base)
 
     def __getitem__(self, blob_id: bytes) -> PackEntry:
-        loc = self._t.get(blob_id)
-        if loc is None:
+        at = self._kept(blob_id) if blob_id in self else None
+        if at is None:
             raise KeyError(blob_id)
-        return self._entry_at(loc.pack_no, loc.offset)
+        return self._entry_at(*at)
 
     def __contains__(self, blob_id: object) -> bool:
         return isinstance(blob_id, (bytes, bytearray, memoryview)) and len(blob_id) == ID_SIZE and blob_id in self._t
@@ -164,12 +200,21 @@ class KeptCopies(Mapping[bytes, PackEntry]):
     def contains_many(self, ids: bytes) -> bytes:
         return self._t.contains_many(ids)
 
-    def live_in(self, no: int, used: Sequence[BlobIndex]) -> tuple[LiveEntries, int, int, int]:
-        """Of pack number ``no``: the entries that are the copy kept of a blob one of ``used`` holds, the sum of
-        all its entries' lengths, of those entries' lengths, and the bytes those entries take in a header."""
+    def live_in(self, no: int, used: Sequence[BlobIndex | UsedIds]) -> tuple[LiveEntries, int, int, int]:
+        """Of pack number ``no``: the entries that are the copy kept of a blob one of ``used`` holds (a
+        ``UsedIds`` over this table, or blob tables), the sum of all its entries' lengths, of those entries'
+        lengths, and the bytes those entries take in a header."""
         entries = self.packs.listed[no]
+        marks, tables = None, []
+        for u in used:
+            if isinstance(u, UsedIds):
+                if u.table is not self._t:
+                    raise ValueError("used ids marked in another table")
+                marks = u.marks
+            else:
+                tables.append(u._t)
         numbers, total, live, live_entry_bytes = self._t._t.kept_in(
-            entries._buf, entries._start, len(entries), no, tuple(u._t for u in used))
+            entries._buf, entries._start, len(entries), self._row_packs[no], self.numbers, tuple(tables), marks)
         return LiveEntries(entries, array("I", numbers)), total, live, live_entry_bytes
 
     def live_in_reference(self, no: int, used: Sequence[BlobIndex]) -> tuple[LiveEntries, int, int, int]:
@@ -191,6 +236,48 @@ class KeptCopies(Mapping[bytes, PackEntry]):
                         yield e.blob_id, e.base_id
 
 
+class UsedIds(Collection[bytes]):
+    """Blob ids marked in the rows of a blob table (``marks``, a byte a row): prune's used blobs, marked in the
+    table of the copies it keeps as the snapshots' manifests give them, where a table of their own took
+    another 55 bytes a blob."""
+
+    def __init__(self, table: BlobIndex) -> None:
+        self.table, self.marks = table, bytearray(len(table))
+
+    def mark(self, ids: bytes) -> bytes:
+        """Mark ``ids`` (packed); returns those the table lacks, packed."""
+        if len(self.marks) < len(self.table):  # rows added since
+            self.marks += bytes(len(self.table) - len(self.marks))
+        return self.table.mark(ids, self.marks)
+
+    def onto(self, table: BlobIndex) -> UsedIds:
+        """The same ids marked in another table holding them (the copies kept once some are spurned)."""
+        out = UsedIds(table)
+        for ids in id_chunks(self):
+            out.mark(ids)
+        return out
+
+    def __contains__(self, blob_id: object) -> bool:
+        if not isinstance(blob_id, (bytes, bytearray, memoryview)) or len(blob_id) != ID_SIZE:
+            return False
+        row = self.table.row(blob_id)  # type: ignore[arg-type]
+        return 0 <= row < len(self.marks) and self.marks[row] == 1
+
+    def packed(self) -> Iterator[bytes]:
+        """The ids marked, packed, some thousands at a time, in row order."""
+        t, marks = self.table._t, self.marks
+        for a in range(0, min(len(t), len(marks)), _ROWS):
+            ids = t.rows(a, min(len(t), len(marks), a + _ROWS))[0]
+            yield b"".join([ids[32 * i:32 * i + 32] for i in range(len(ids) // 32) if marks[a + i]])
+
+    def __iter__(self) -> Iterator[bytes]:
+        for ids in self.packed():
+            yield from (ids[i:i + ID_SIZE] for i in range(0, len(ids), ID_SIZE))
+
+    def __len__(self) -> int:
+        return self.marks.count(1)
+
+
 def blob_set(ids: Iterable[bytes] = ()) -> BlobIndex:
     """A set of blob ids in a blob table (55 bytes each, where a set of ``bytes`` took some 110)."""
     out = BlobIndex()
@@ -207,6 +294,9 @@ def add_ids(table: BlobIndex, ids: Iterable[bytes] | bytes) -> None:
 
 def id_chunks(ids: Collection[bytes]) -> Iterator[bytes]:
     """Every id of ``ids`` (a blob table, or any collection of ids), packed, some thousands at a time."""
+    if isinstance(ids, UsedIds):
+        yield from ids.packed()
+        return
     t = getattr(ids, "_t", None)
     if t is not None:
         for a in range(0, len(t), _ROWS):

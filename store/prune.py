@@ -29,7 +29,7 @@ from .chain import broken_chains
 from .indexfile import INDEX_SLACK, IndexColumns, IndexData, split_index
 from .locks import EXCLUSIVE, RepoLock
 from .pack import ENTRY_SIZE, EncodedEntries, PackEntry, decode_entries
-from .packtable import KeptCopies, PackTable, add_ids, blob_set, id_chunks
+from .packtable import KeptCopies, PackTable, UsedIds, add_ids, blob_set, id_chunks
 from .repository import OBJECT_READERS, PreparedBlob, Repo, pack_key, superseded_names
 from .usage import bases_of, with_bases
 
@@ -108,7 +108,7 @@ class _Either:
     """Membership in any of some blob tables: the used blobs and the bases added to them, without a copy of
     the used (a million ids)."""
 
-    def __init__(self, *sets: BlobIndex | _Either) -> None:
+    def __init__(self, *sets: BlobIndex | UsedIds | _Either) -> None:
         self.sets = tuple(t for s in sets for t in (s.sets if isinstance(s, _Either) else (s,)))
 
     def __contains__(self, blob_id: object) -> bool:
@@ -134,7 +134,7 @@ def select_packs(packs: Mapping[bytes, Sequence[PackEntry]], sizes: dict[bytes, 
     if not isinstance(packs, PackTable):
         packs, known = PackTable.from_entries(packs), None
     known = KeptCopies(packs) if known is None else known
-    in_use = used if isinstance(used, (_Either, BlobIndex)) else blob_set(sorted(used))
+    in_use = used if isinstance(used, (_Either, BlobIndex, UsedIds)) else blob_set(sorted(used))
     while True:
         plan = _select_once(packs, sizes, in_use, max_unused, known, max_repack)
         needed = {b for use in plan.keep for b in _delta_bases(use.entries) if b not in in_use}
@@ -327,7 +327,7 @@ def _verify_copies(repo: Repo, pid: bytes, entries: list[PackEntry], whole: bool
     return out
 
 
-def _select_once(packs: PackTable, sizes: dict[bytes, int], used: BlobIndex | _Either,
+def _select_once(packs: PackTable, sizes: dict[bytes, int], used: BlobIndex | UsedIds | _Either,
                  max_unused: float, known: KeptCopies, max_repack: int | None) -> PrunePlan:
     plan = PrunePlan()
     sets = used.sets if isinstance(used, _Either) else (used,)
@@ -369,9 +369,25 @@ def used_blobs(repo: Repo) -> BlobIndex:
     archived WAL file needs (``wal/``: a push holds the shared lock until its object is written); as a blob
     table, the chunk references going in as the manifests give them (a ``bytes`` each in a set took some
     110 bytes a blob)."""
+    used = blob_set()
+    for ids in _needed_ids(repo):
+        add_ids(used, ids)
+    return used
+
+
+def mark_used(repo: Repo, known: KeptCopies) -> tuple[UsedIds, BlobIndex]:
+    """``used_blobs`` marked in the table of the copies kept (a table of their own took 55 bytes a blob), and
+    those no index lists, in the order they came."""
+    used, missing = UsedIds(known.table), blob_set()
+    for ids in _needed_ids(repo):
+        add_ids(missing, used.mark(ids))
+    return used, missing
+
+
+def _needed_ids(repo: Repo) -> Iterator[bytes]:
+    """The ids ``used_blobs`` holds, packed, some at a time (repeats among them)."""
     from .walarchive import used_blobs as wal_blobs
 
-    used = blob_set()
     # Read again under the lock: a forget's rebase since an earlier listing points a snapshot at new
     # manifest blobs, and a stale object would have them deleted.
     snapshots = repo.reload_snapshots()
@@ -382,11 +398,10 @@ def used_blobs(repo: Repo) -> BlobIndex:
         raise CorruptObject(f"snapshots/{sid}", f"a differential on {broken[sid][:8]}, which is missing: prune "
                             "needs every chain whole (`check` names them); forget such snapshots by id first "
                             "if their parents are gone for good")
-    add_ids(used, b"".join(bytes.fromhex(h) for snap in snapshots for h in snap.manifest))
+    yield b"".join(bytes.fromhex(h) for snap in snapshots for h in snap.manifest)
     for _, refs in repo.manifest_chunk_refs(snapshots):
-        add_ids(used, refs)
-    add_ids(used, sorted(wal_blobs(repo)))
-    return used
+        yield refs
+    yield b"".join(sorted(wal_blobs(repo)))
 
 
 def add_bases(used: set[bytes], known: Mapping[bytes, PackEntry]) -> None:
@@ -492,6 +507,11 @@ def _listings(d: IndexData | IndexColumns) -> Iterator[Sequence[PackEntry]]:
     return iter(d.packs.values())
 
 
+def _may_hold_deltas(d: IndexData | IndexColumns) -> bool:
+    """False where an object holds no delta (its decoding found none)."""
+    return not isinstance(d, IndexColumns) or bool(d.delta_bases)
+
+
 def dead_index_objects(live: Mapping[str, IndexData | IndexColumns], names: Iterable[str],
                        dead_packs: set[bytes]) -> tuple[list[str], set[bytes]]:
     """Pure: the live index objects that name only packs about to be deleted and supersede no index object
@@ -508,13 +528,14 @@ def dead_index_objects(live: Mapping[str, IndexData | IndexColumns], names: Iter
     dead = {name for name, d in live.items()
             if not existing.intersection(d.supersedes) and all(pid in dead_packs for pid in _pack_ids(d))}
     while dead:
-        listed, bases = blob_set(), set()  # every blob the others list: a blob table, not a set of bytes
-        for name, d in live.items():
-            if name not in dead:
-                for entries in _listings(d):
-                    add_ids(listed, [e.blob_id for e in entries])
-                    bases.update(e.base_id for e in entries if e.base_id is not None)
-        unlisted = {b for b in bases if b not in listed}
+        # The bases the others name, then which of those they list: no table of every blob they list, and
+        # objects without deltas (a decoded object knows) are not decoded at all.
+        others = [d for name, d in live.items() if name not in dead]
+        bases = {e.base_id for d in others if _may_hold_deltas(d) for entries in _listings(d) for e in entries
+                 if e.base_id is not None}
+        listed = {e.blob_id for d in others for entries in (_listings(d) if bases else ()) for e in entries
+                  if e.blob_id in bases}
+        unlisted = bases - listed
         holding = {name for name in dead
                    if any(e.blob_id in unlisted for entries in _listings(live[name]) for e in entries)}
         if not holding:
@@ -646,28 +667,33 @@ def _missing(needed: Collection[bytes], known: KeptCopies) -> tuple[int, bytes |
 def plan_prune(repo: Repo, max_unused: float = 0.05, max_repack: int | None = None) -> PrunePlan:
     names, live = live_index_columns(repo)
     packs = PackTable.from_columns(live.values())
-    needed = used_blobs(repo)
+    # The index objects read once: the repository's index is made of them in pack id order, where each blob's
+    # row is the copy kept (``KeptCopies``), and the manifests read through it mark the blobs used in it.
+    index, numbers = repo.install_packs(names, ((pid, packs.listed[no]) for no, pid in enumerate(packs.pack_ids)))
+    known = KeptCopies(packs, table=index, numbers=numbers, row_packs=[repo.pack_no(p) for p in packs.pack_ids])
+    needed, missing = mark_used(repo, known)
+    if len(missing):
+        first = missing._t.rows(0, 1)[0]
+        raise CorruptObject(f"blob {first.hex()}",
+                            f"{len(missing)} blob(s) that snapshots need are in no index; before pruning, "
+                            "`repair index` finds those a pack still holds, then `repair snapshots` drops "
+                            "the files that need the others (`check` names them)")
     sizes = repo.stored_packs()
     lost = [p for p in packs if p not in sizes]
+    if lost:
+        raise CorruptObject(pack_key(lost[0]), f"{len(lost)} indexed pack(s) are missing; `check` names what "
+                                               "they take down, `repair index` drops them from the index")
     spurned: frozenset[tuple[bytes, int]] = frozenset()
     verified: dict[tuple[bytes, int], bool] = {}
     while True:  # each round spurns copies that failed to verify; a blob held in n copies takes n rounds
-        known = KeptCopies(packs, spurned)
-        missing, first = _missing(needed, known)
-        if first is not None:
-            raise CorruptObject(f"blob {first.hex()}",
-                                f"{missing} blob(s) that snapshots need are in no index; before pruning, "
-                                "`repair index` finds those a pack still holds, then `repair snapshots` drops "
-                                "the files that need the others (`check` names them)")
-        if lost:
-            raise CorruptObject(pack_key(lost[0]), f"{len(lost)} indexed pack(s) are missing; `check` names what "
-                                                   "they take down, `repair index` drops them from the index")
         used = _Either(needed, blob_set(sorted(bases_needed(needed, known))))
         plan = select_packs(packs, sizes, used, max_unused, known, max_repack)
         failed = _unverified_keeps(repo, plan, used, known, verified) - spurned
         if not failed:
             break
         spurned |= failed
+        known = KeptCopies(packs, spurned)  # a table of its own: the repository's reads the copies it had
+        needed = needed.onto(known.table)
     plan.orphans = _deletable_orphans(repo, {pid: size for pid, size in sizes.items() if pid not in packs},
                                       used, known, verified)
     plan.index_names = names

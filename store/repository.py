@@ -41,9 +41,9 @@ from chunkvault.errors import (
 from chunkvault.remotes import ObjectInfo, Remote
 from chunkvault.remotes.layer import parallel_map
 
-from . import chain
-from .blob import (KIND_DELTA, MAX_DELTA_DEPTH, Plaintext, compress, compress_many, delta_compress, envelope_base,
-                   open_chain, open_envelope, sampled_size, seal_blob, seal_whole_blobs)
+from . import _blobtable, chain
+from .blob import (ID_SIZE, KIND_DELTA, MAX_DELTA_DEPTH, Plaintext, compress, compress_many, delta_compress,
+                   envelope_base, open_chain, open_envelope, sampled_size, seal_blob, seal_whole_blobs)
 from .blobindex import BlobIndex, BlobLocation
 from .config import (FORMAT_XATTRS, MAX_PACK_SIZE, KeyFile, RepoConfig, Settings, changed_settings, make_key_file,
                      new_config, open_config, settings_differences)
@@ -723,6 +723,53 @@ class Repo:
             self._copies = copies
             self._index_unsettled = False
         return live, index
+
+    def install_packs(self, names: list[str], packs: Iterable[tuple[bytes, EncodedEntries]]
+                      ) -> tuple[BlobIndex, bytearray]:
+        """Make the index from these packs' entries, in the order given (``names``: every index object listed),
+        as ``install_index`` makes it from the objects; returns it, and each row's entry number in its pack
+        (``BlobIndex.add_entries``).  A prune gives every pack the live objects list, in pack id order: of a
+        blob stored twice, the index then reads the copy the prune keeps (``prune.kept_copies``), and the
+        prune's table of those copies is this one, not a second table of every blob."""
+        packs = list(packs)
+        index, numbers = BlobIndex(sum(len(e) for _, e in packs)), bytearray()
+        bases: dict[bytes, bytes] = {}
+        copies: dict[bytes, list[tuple[BlobLocation, bytes | None]]] = {}
+        for pack_id, entries in packs:
+            self._add_pack(pack_id, entries, index, bases, copies, numbers)
+        with self._index_lock:
+            self._index, self._delta_bases, self._index_names, self._withheld = index, bases, set(names), None
+            self._copies = copies
+            self._index_unsettled = False
+        return index, numbers
+
+    def _add_pack(self, pack_id: bytes, entries: EncodedEntries, index: BlobIndex, bases: dict[bytes, bytes],
+                  copies: dict[bytes, list[tuple[BlobLocation, bytes | None]]], numbers: bytearray) -> None:
+        """``_add_object`` for one pack's entries."""
+        replaced: list[tuple[bytes, BlobLocation]] = []
+        pack_no = self.pack_no(pack_id)
+        added = index.add_entries(entries._buf, entries._start, len(entries), pack_no, replaced, numbers)
+        if added == len(entries):  # every blob new, once each: each base is its own
+            if entries.has_deltas:
+                pairs = _blobtable.scan_entries(entries._buf, entries._start, len(entries))[1]
+                bases.update((pairs[i:i + ID_SIZE], pairs[i + ID_SIZE:i + 2 * ID_SIZE])
+                             for i in range(0, len(pairs), 2 * ID_SIZE))
+            return
+        for blob_id, loc in replaced:
+            if blob_id in bases:
+                copies.setdefault(blob_id, []).append((loc, bases[blob_id]))
+        for e in entries.decode():
+            loc = index.get(e.blob_id)
+            if loc is None:
+                continue
+            if (loc.pack_no, loc.offset) != (pack_no, e.offset):
+                copies.setdefault(e.blob_id, []).append(
+                    (BlobLocation(pack_no, e.offset, e.length, e.raw_length, e.kind), e.base_id))
+                continue
+            if e.kind == KIND_DELTA:
+                bases[e.blob_id] = e.base_id  # type: ignore[assignment]
+            else:
+                bases.pop(e.blob_id, None)
 
     def withhold_unreadable_deltas(self) -> set[bytes]:
         """Leave out of the index the deltas whose chain of bases it does not hold (``unreadable_deltas``),

@@ -9,7 +9,7 @@ from chunkvault.store.crypto import Sealer
 from chunkvault.store.indexfile import (IndexData, decode_index, decode_index_columns, encode_index,
                                         pack_index_bytes, split_index)
 from chunkvault.store.pack import EncodedEntries, PackEntry, encode_entries
-from chunkvault.store.packtable import KeptCopies, PackTable, blob_set, id_chunks
+from chunkvault.store.packtable import KeptCopies, PackTable, UsedIds, blob_set, id_chunks
 from chunkvault.store.prune import (_missing, add_bases, bases_needed, dead_index_objects, kept_copies,
                                     select_packs)
 from chunkvault.store.usage import with_bases
@@ -185,12 +185,17 @@ def test_an_encoded_pack_is_a_sequence_of_its_entries():
 @given(st.data())
 def test_the_live_entries_of_each_pack_are_the_reference_s(data):
     """The blob table's ``kept_in`` (C) gives the entries, lengths and entry sizes its Python reference does,
-    for any used sets (none, one, two) and packs with deltas or not, copies at the same offset or not."""
+    for any used sets (none, one, two, marks in the table or not) and packs with deltas or not, copies at the
+    same offset or not."""
     ids, packs = data.draw(repositories(distinct_offsets=data.draw(st.booleans())))
     used = [blob_set(data.draw(st.lists(st.sampled_from(ids), max_size=len(ids)))) for _ in range(data.draw(
         st.integers(0, 2)))]
     table = PackTable.from_entries(packs)
     known = KeptCopies(table)
+    if data.draw(st.booleans()):  # some used ids marked in the table of copies kept, as a prune holds them
+        marked = UsedIds(known.table)
+        marked.mark(b"".join(data.draw(st.lists(st.sampled_from(ids), max_size=len(ids)))))
+        used.append(marked)
     for no in range(len(table)):
         got, want = known.live_in(no, used), known.live_in_reference(no, used)
         assert got[1:] == want[1:] and list(got[0].numbers) == list(want[0].numbers) and got[0] == want[0]
@@ -198,7 +203,8 @@ def test_the_live_entries_of_each_pack_are_the_reference_s(data):
 
 def test_kept_in_checks_what_it_is_given():
     """Entries cut short, of an unknown kind, a negative count or sets that are not tables are refused; no
-    entries, or a pack number no row has, give nothing live."""
+    entries, a pack number no row has, or an entry number the row does not have give nothing live; used
+    blobs come from marks, tables, or both."""
     import pytest
 
     from chunkvault.store import _blobtable
@@ -207,22 +213,80 @@ def test_kept_in_checks_what_it_is_given():
     entries = [PackEntry(a, KIND_ZSTD, 0, 7, 9), PackEntry(bytes([2]) * 32, KIND_DELTA, 7, 5, 9, a)]
     buf = encode_entries(entries)
     known = KeptCopies(PackTable.from_entries({bytes(32): entries}))
-    t, used = known._t._t, blob_set([a, bytes([2]) * 32])._t
-    assert t.kept_in(buf, 0, 2, 0, (used,)) == (bytes(4) + (1).to_bytes(4, "little"), 12, 12, 45 + 77)
-    assert t.kept_in(buf, 0, 2, 0, ()) == (b"", 12, 0, 0)
-    assert t.kept_in(buf, 0, 2, 1, (used,)) == (b"", 12, 0, 0)  # not this pack's copies
-    assert t.kept_in(buf, 0, 2, 2**40, (used,)) == (b"", 12, 0, 0)
-    assert t.kept_in(b"", 0, 0, 0, (used,)) == (b"", 0, 0, 0)
-    assert t.kept_in(buf, 0, 1, 0, (used, used)) == (bytes(4), 7, 7, 45)
+    t, n, used = known._t._t, known.numbers, blob_set([a, bytes([2]) * 32])._t
+    assert t.kept_in(buf, 0, 2, 0, n, (used,)) == (bytes(4) + (1).to_bytes(4, "little"), 12, 12, 45 + 77)
+    assert t.kept_in(buf, 0, 2, 0, n, ()) == (b"", 12, 0, 0)
+    assert t.kept_in(buf, 0, 2, 1, n, (used,)) == (b"", 12, 0, 0)  # not this pack's copies
+    assert t.kept_in(buf, 0, 2, 2**40, n, (used,)) == (b"", 12, 0, 0)
+    assert t.kept_in(b"", 0, 0, 0, n, (used,)) == (b"", 0, 0, 0)
+    assert t.kept_in(buf, 0, 1, 0, n, (used, used)) == (bytes(4), 7, 7, 45)
+    assert t.kept_in(buf, 0, 2, 0, b"", (used,)) == (b"", 12, 0, 0)  # no numbers: no row is an entry's
+    assert t.kept_in(buf, 0, 2, 0, bytes(8), (used,)) == (bytes(4), 12, 7, 45)  # the second's row: entry 0
+    assert t.kept_in(buf, 0, 2, 0, n, (), bytes([0, 1])) == ((1).to_bytes(4, "little"), 12, 5, 77)
+    assert t.kept_in(buf, 0, 2, 0, n, (), b"\x01") == (bytes(4), 12, 7, 45)  # marks short of the rows
+    assert t.kept_in(buf, 0, 2, 0, n, (blob_set([a])._t,), bytes([0, 1])) == (known.numbers, 12, 12, 45 + 77)
     for bad in (buf[:-1], buf[:44]):
         with pytest.raises(ValueError, match="truncated"):
-            t.kept_in(bad, 0, 2, 0, (used,))
+            t.kept_in(bad, 0, 2, 0, n, (used,))
     with pytest.raises(ValueError, match="unknown blob kind 9"):
-        t.kept_in(b"\x09" + buf[1:], 0, 2, 0, (used,))
+        t.kept_in(b"\x09" + buf[1:], 0, 2, 0, n, (used,))
     with pytest.raises(ValueError, match="negative"):
-        t.kept_in(buf, 0, -1, 0, (used,))
+        t.kept_in(buf, 0, -1, 0, n, (used,))
     with pytest.raises(TypeError, match="tuple of tables"):
-        t.kept_in(buf, 0, 2, 0, ({a},))
+        t.kept_in(buf, 0, 2, 0, n, ({a},))
     with pytest.raises(TypeError):
-        t.kept_in(buf, 0, 2, 0, [used])
-    assert isinstance(_blobtable.Table(0).kept_in(buf, 0, 2, 0, (used,))[0], bytes)  # an empty table: nothing
+        t.kept_in(buf, 0, 2, 0, n, [used])
+    assert isinstance(_blobtable.Table(0).kept_in(buf, 0, 2, 0, n, (used,))[0], bytes)  # an empty table: nothing
+
+
+def test_used_ids_are_marks_in_the_table_of_copies_kept():
+    """Marking gives back the ids the table lacks, in order; the ids marked read back as a set would, and
+    marked again in another table holding them, they are the same ids."""
+    import pytest
+
+    ids = [bytes([i]) * 32 for i in range(1, 6)]
+    table = PackTable.from_entries({bytes(32): [PackEntry(b, KIND_ZSTD, 10 * i, 1, 1) for i, b in enumerate(ids)]})
+    known = KeptCopies(table)
+    used = UsedIds(known.table)
+    absent = bytes([9]) * 32
+    assert used.mark(ids[3] + absent + ids[1] + ids[3] + absent) == absent + absent
+    assert set(used) == {ids[1], ids[3]} and len(used) == 2 and ids[1] in used and ids[0] not in used
+    assert absent not in used and b"short" not in used and b"".join(id_chunks(used)) == ids[1] + ids[3]
+    again = used.onto(KeptCopies(table, frozenset({(bytes(32), 0)})).table)
+    assert set(again) == set(used) and again.table is not used.table
+    with pytest.raises(ValueError, match="fewer bytes"):
+        known.table.mark(ids[0], bytearray())
+    with pytest.raises(ValueError, match="another table"):
+        KeptCopies(table).live_in(0, [used])
+
+
+def test_the_repository_index_in_pack_id_order_is_the_copies_kept(tmp_path):
+    """The repository's index made of the packs in pack id order (``install_packs``) holds, for each blob,
+    the copy ``KeptCopies`` keeps, whatever the pack numbers the repository gave the packs before; the prune
+    reads the manifests through it and holds no other table of the blobs."""
+    from chunkvault import Repository
+    from chunkvault.store.prune import live_index_columns
+
+    src = tmp_path / "src"
+    src.mkdir()
+    with Repository.init(str(tmp_path / "repo"), "pw", kdf_seconds=0.01) as repo:
+        for i in range(3):
+            (src / f"f{i}").write_bytes(bytes([i]) * 5000)
+            repo.backup([str(src)])
+        store = repo.store
+        store.index  # loaded in the objects' order: the packs have numbers already
+        names, live = live_index_columns(store)
+        packs = PackTable.from_columns(live.values())
+        index, numbers = store.install_packs(names, ((p, packs[p]) for p in packs))
+        assert store.index is index
+        row_packs = [store.pack_no(p) for p in packs]
+        known = KeptCopies(packs, table=index, numbers=numbers, row_packs=row_packs)
+        reference = KeptCopies(packs)
+        assert len(known) == len(reference) and set(known) == set(reference)
+        for blob_id in reference:
+            assert known.kept_at(blob_id) == reference.kept_at(blob_id) and known[blob_id] == reference[blob_id]
+        used = UsedIds(index)
+        used.mark(b"".join(reference))
+        for no in range(len(packs)):
+            got, want = known.live_in(no, [used]), reference.live_in(no, [blob_set(sorted(reference))])
+            assert got[1:] == want[1:] and list(got[0].numbers) == list(want[0].numbers)
