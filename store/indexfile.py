@@ -59,9 +59,10 @@ def split_index(index: IndexData, max_bytes: int | None = None) -> list[IndexDat
     return parts
 
 
-def encode_index(sealer: Sealer, index: IndexData) -> bytes:
-    # Pieces joined once (a bytearray grown entry list by entry list, then copied, held the plaintext of a
-    # prune's index, a million entries, some three times over); encoded entries go in without a copy.
+def encode_index(sealer: Sealer, index: IndexData) -> bytes | bytearray:
+    # Pieces joined once, each stage let go of once the next holds it, the result sealed into one buffer: the
+    # plaintext (a prune's index, a million entries: 45 MB) stayed while it was compressed, sealed and the
+    # nonce put before it, the index held some four times over at once.  Encoded entries go in without a copy.
     pieces: list[bytes | memoryview] = [struct.pack("<BI", 1, len(index.supersedes)), *index.supersedes,
                                         struct.pack("<I", len(index.packs))]
     for pack_id, entries in index.packs.items():
@@ -69,7 +70,9 @@ def encode_index(sealer: Sealer, index: IndexData) -> bytes:
                    entries.view if isinstance(entries, EncodedEntries) else encode_entries(entries))
     plain = b"".join(pieces)
     del pieces
-    return sealer.seal(zstandard.ZstdCompressor(level=3).compress(plain), INDEX_AD)
+    compressed = zstandard.ZstdCompressor(level=3).compress(plain)
+    del plain
+    return sealer.seal_after(b"", compressed, INDEX_AD)
 
 
 @dataclass

@@ -786,6 +786,7 @@ def execute(repo: Repo, plan: PrunePlan, progress: Callable[[int, int, int], Non
     try:
         if plan.repack:
             new_index.packs.update(store_envelopes(repo, live_envelopes(), writes).packs)
+        repo.drop_index()  # read again below: the new index is sealed without the old beside it
         ensure_held()
         replace_index(repo, new_index, [n for n in plan.index_names if n not in plan.dead_indexes] + marker,
                       ensure_held, plan.superseded | dead_names, writes)

@@ -771,6 +771,14 @@ class Repo:
             else:
                 bases.pop(e.blob_id, None)
 
+    def drop_index(self) -> None:
+        """Let go of the loaded index, read again when next needed; kept while a writer of this object fills
+        it (its blobs not yet in an index object would be lost).  A prune seals its new index without the
+        old one beside it."""
+        with self._index_lock:
+            if not self._writers:
+                self._index, self._delta_bases, self._copies, self._withheld = None, {}, {}, None
+
     def withhold_unreadable_deltas(self) -> set[bytes]:
         """Leave out of the index the deltas whose chain of bases it does not hold (``unreadable_deltas``),
         before anything deduplicates against it: a backup then stores such a chunk again, and reads again a
