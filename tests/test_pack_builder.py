@@ -45,6 +45,32 @@ def test_packs_read_back_exactly_through_reuse_and_growth(packs, capacity, keep)
         assert len(buffers._free) <= keep
 
 
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.tuples(st.integers(1, 300), st.booleans()), max_size=20))
+def test_a_builder_holds_its_entries_as_the_header_encodes_them(specs):
+    """What a builder holds of its entries (encoded, not a PackEntry each: a pack of a hundred thousand small
+    blobs held 20 MB so) reads back as the entries added, and the sealed header lists them."""
+    b = PackBuilder()
+    added = []
+    for i, (n, delta) in enumerate(specs):
+        base = bytes([7]) * 32 if delta else None
+        added.append(PackEntry(i.to_bytes(32, "big"), KIND_DELTA if delta else KIND_ZSTD, len(b), n, 2 * n, base))
+        b.add(added[-1].blob_id, added[-1].kind, os.urandom(n), 2 * n, base)
+    assert list(b.entries) == added and len(b.entries) == len(added) and bool(b.entries) == bool(added)
+    assert b.entries.encoded_size == sum(45 + 32 * (e.kind == KIND_DELTA) for e in added)
+    assert SEALER.open(seal_header(SEALER, b.entries), b"chunkvault pack header v1") == \
+        SEALER.open(seal_header(SEALER, added), b"chunkvault pack header v1")
+    assert read_pack(SEALER, bytes(b.finish(SEALER)), "p") == added
+    b.release()
+
+
+def test_an_entry_past_what_a_header_holds_is_refused():
+    b = PackBuilder()
+    with pytest.raises(ValueError, match="pack too large"):
+        b.add(bytes(32), KIND_ZSTD, b"x", 1 << 32)
+    assert len(b.entries) == 0
+
+
 def test_a_released_buffer_serves_the_next_pack_and_is_page_aligned():
     buffers = PackBuffers(1 << 16, 1)
     first = PackBuilder(buffers)
