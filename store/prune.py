@@ -21,6 +21,7 @@ from typing import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 
 from chunkvault.errors import (NOT_DAMAGE, ChunkvaultError, CorruptObject, ObjectArchived, ObjectNotFound,
                                RemoteError, RepositoryStateWarning, StorageFull)
+from chunkvault.memory import trim_heap
 from chunkvault.remotes.layer import parallel_map
 
 from .blob import KIND_DELTA, Plaintext, envelope_base, open_blob, open_envelope
@@ -666,12 +667,14 @@ def _missing(needed: Collection[bytes], known: KeptCopies) -> tuple[int, bytes |
 
 def plan_prune(repo: Repo, max_unused: float = 0.05, max_repack: int | None = None) -> PrunePlan:
     names, live = live_index_columns(repo)
+    trim_heap()  # what the threads reading the objects let go of, before the index is made
     packs = PackTable.from_columns(live.values())
     # The index objects read once: the repository's index is made of them in pack id order, where each blob's
     # row is the copy kept (``KeptCopies``), and the manifests read through it mark the blobs used in it.
     index, numbers = repo.install_packs(names, ((pid, packs.listed[no]) for no, pid in enumerate(packs.pack_ids)))
     known = KeptCopies(packs, table=index, numbers=numbers, row_packs=[repo.pack_no(p) for p in packs.pack_ids])
     needed, missing = mark_used(repo, known)
+    trim_heap()  # and what the threads reading the manifests let go of
     if len(missing):
         first = missing._t.rows(0, 1)[0]
         raise CorruptObject(f"blob {first.hex()}",

@@ -17,6 +17,17 @@ def test_allocator_settings_are_accepted_by_glibc():
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc_trim")
+def test_the_heap_is_trimmed_where_glibc_has_malloc_trim():
+    """A prune hands back what the threads reading the index and the manifests let go of."""
+    code = ("import platform, sys\n"
+            "from chunkvault.memory import trim_heap\n"
+            "blocks = [bytearray(1000) for _ in range(100000)]\n"
+            "del blocks\n"
+            "sys.exit(0 if trim_heap() or platform.libc_ver()[0] != 'glibc' else 1)\n")
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
 @pytest.mark.parametrize("call, said", [
     ("derive_argon2id(b'password', bytes(16), 1, 64 << 10, 1)", "(Argon2id, 64 MiB)"),
     ("derive_kek(b'password', bytes(16), 16)", "(scrypt, 64 MiB)")])
