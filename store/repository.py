@@ -9,6 +9,7 @@ import contextlib
 import itertools
 import os
 import re
+import struct
 import threading
 import time
 import warnings
@@ -92,6 +93,9 @@ COPY_TRIES = 4  # times one read goes over to another copy of a blob it reads (`
 #: A blob the index does not list: lost, or in a pack whose index object was lost.
 NOT_INDEXED = ("not in the index (`repair index` finds it if a pack still holds it; if none does, `repair "
                "snapshots` drops the files that need it)")
+
+
+_ROW_NUMBER = struct.Struct("=I")  # an entry number ``install_packs`` notes for each row of the index
 
 
 def pack_key(pack_id: bytes) -> str:
@@ -758,11 +762,12 @@ class Repo:
         for blob_id, loc in replaced:
             if blob_id in bases:
                 copies.setdefault(blob_id, []).append((loc, bases[blob_id]))
-        for e in entries.decode():
-            loc = index.get(e.blob_id)
+        for i, e in enumerate(entries.decode()):
+            loc, row = index.get(e.blob_id), index.row(e.blob_id)
             if loc is None:
                 continue
-            if (loc.pack_no, loc.offset) != (pack_no, e.offset):
+            # The copy held is told by its entry number: two entries of one pack may name a blob at one offset.
+            if loc.pack_no != pack_no or _ROW_NUMBER.unpack_from(numbers, 4 * row)[0] != i:
                 copies.setdefault(e.blob_id, []).append(
                     (BlobLocation(pack_no, e.offset, e.length, e.raw_length, e.kind), e.base_id))
                 continue

@@ -260,6 +260,37 @@ def test_used_ids_are_marks_in_the_table_of_copies_kept():
         KeptCopies(table).live_in(0, [used])
 
 
+@settings(max_examples=200, deadline=None)
+@given(st.data())
+def test_an_index_made_in_pack_id_order_keeps_the_copies_the_reference_keeps(data):
+    """``Repo.install_packs`` given the packs in pack id order holds, blob by blob, the copy ``kept_copies``
+    on dicts keeps, with its entry number, whatever the copies (whole or delta, at one offset of a pack or
+    not) and the numbers the repository gave the packs before; a prune reads that table as ``KeptCopies``."""
+    import tempfile
+
+    from chunkvault import Repository
+
+    ids, packs = data.draw(repositories(distinct_offsets=data.draw(st.booleans())))
+    table = PackTable.from_entries(packs)
+    reference = kept_copies(packs)
+    with tempfile.TemporaryDirectory(prefix="kept-") as tmp, \
+            Repository.init(tmp + "/repo", "pw", kdf_seconds=0.01) as repo:
+        store = repo.store
+        for pid in data.draw(st.permutations(list(table))):  # numbered in another order before
+            store.pack_no(pid)
+        index, numbers = store.install_packs([], ((p, table[p]) for p in table))
+        known = KeptCopies(table, table=index, numbers=numbers, row_packs=[store.pack_no(p) for p in table])
+        assert len(known) == len(reference) and set(known) == set(reference)
+        for blob_id, e in reference.items():
+            pid = next(p for p, entries in packs.items() if any(x is e for x in entries))
+            at = next(i for i, x in enumerate(packs[pid]) if x is e)
+            assert known.kept_at(blob_id) == (table.pack_ids.index(pid), at) and known[blob_id] == e
+            loc = index.get(blob_id)
+            assert (store.pack_ids[loc.pack_no], loc.offset, loc.length, loc.flags) == (pid, e.offset, e.length,
+                                                                                         e.kind)
+            assert store.delta_base(blob_id) == e.base_id
+
+
 def test_the_repository_index_in_pack_id_order_is_the_copies_kept(tmp_path):
     """The repository's index made of the packs in pack id order (``install_packs``) holds, for each blob,
     the copy ``KeptCopies`` keeps, whatever the pack numbers the repository gave the packs before; the prune
