@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass, field
+from typing import Iterator
 
 import zstandard
 
@@ -90,6 +91,12 @@ class IndexColumns:
     @property
     def entry_count(self) -> int:
         return sum(self.counts)
+
+    def packs(self) -> Iterator[tuple[bytes, EncodedEntries]]:
+        """Each pack's id and entries, left in ``plain``; a pack's id and count follow its last entry."""
+        ends = [s - 36 for s in self.starts[1:]] + [len(self.plain)]
+        for pid, count, start, end in zip(self.pack_ids, self.counts, self.starts, ends):
+            yield pid, EncodedEntries(self.plain, start, count, end)
 
     def pack_entries(self) -> IndexData:
         """The same index as PackEntry lists (for check, prune and repair)."""

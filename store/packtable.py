@@ -10,6 +10,7 @@ it, and a pack's live blobs are found there (``kept_in``) and held as entry numb
 """
 from __future__ import annotations
 
+import itertools
 import struct
 from array import array
 from typing import Collection, Iterable, Iterator, Mapping, Sequence
@@ -55,12 +56,7 @@ class PackTable(Mapping[bytes, EncodedEntries]):
     @classmethod
     def from_columns(cls, objects: Iterable[IndexColumns]) -> PackTable:
         """The packs decoded index objects list, their entries left in the objects' bytes."""
-        def listings() -> Iterator[tuple[bytes, EncodedEntries]]:
-            for d in objects:
-                ends = [s - 36 for s in d.starts[1:]] + [len(d.plain)]  # each pack's id and count follow the last
-                for pid, count, start, end in zip(d.pack_ids, d.counts, d.starts, ends):
-                    yield pid, EncodedEntries(d.plain, start, count, end)
-        return cls(listings())
+        return cls(itertools.chain.from_iterable(d.packs() for d in objects))
 
     @classmethod
     def from_entries(cls, packs: Mapping[bytes, Sequence[PackEntry]]) -> PackTable:

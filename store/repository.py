@@ -747,35 +747,6 @@ class Repo:
             self._index_unsettled = False
         return index, numbers
 
-    def _add_pack(self, pack_id: bytes, entries: EncodedEntries, index: BlobIndex, bases: dict[bytes, bytes],
-                  copies: dict[bytes, list[tuple[BlobLocation, bytes | None]]], numbers: bytearray) -> None:
-        """``_add_object`` for one pack's entries."""
-        replaced: list[tuple[bytes, BlobLocation]] = []
-        pack_no = self.pack_no(pack_id)
-        added = index.add_entries(entries._buf, entries._start, len(entries), pack_no, replaced, numbers)
-        if added == len(entries):  # every blob new, once each: each base is its own
-            if entries.has_deltas:
-                pairs = _blobtable.scan_entries(entries._buf, entries._start, len(entries))[1]
-                bases.update((pairs[i:i + ID_SIZE], pairs[i + ID_SIZE:i + 2 * ID_SIZE])
-                             for i in range(0, len(pairs), 2 * ID_SIZE))
-            return
-        for blob_id, loc in replaced:
-            if blob_id in bases:
-                copies.setdefault(blob_id, []).append((loc, bases[blob_id]))
-        for i, e in enumerate(entries.decode()):
-            loc, row = index.get(e.blob_id), index.row(e.blob_id)
-            if loc is None:
-                continue
-            # The copy held is told by its entry number: two entries of one pack may name a blob at one offset.
-            if loc.pack_no != pack_no or _ROW_NUMBER.unpack_from(numbers, 4 * row)[0] != i:
-                copies.setdefault(e.blob_id, []).append(
-                    (BlobLocation(pack_no, e.offset, e.length, e.raw_length, e.kind), e.base_id))
-                continue
-            if e.kind == KIND_DELTA:
-                bases[e.blob_id] = e.base_id  # type: ignore[assignment]
-            else:
-                bases.pop(e.blob_id, None)
-
     def drop_index(self) -> None:
         """Let go of the loaded index, read again when next needed; kept while a writer of this object fills
         it (its blobs not yet in an index object would be lost).  A prune seals its new index without the
@@ -812,28 +783,56 @@ class Repo:
     def _add_object(self, d: IndexColumns, index: BlobIndex, bases: dict[bytes, bytes],
                     copies: dict[bytes, list[tuple[BlobLocation, bytes | None]]]) -> None:
         """Add one index object's entries to ``index``, to ``bases`` the delta bases of the copies it holds,
-        and to ``copies`` the other copies of blobs stored more than once.
-
-        Of a blob stored twice (after two backups at once, or a copy) the index keeps one copy: a whole one
-        before a delta, else the first.  Its base, or none, is that copy's: a base of another copy, which
-        may be lost, makes a read call the blob damaged.  The copies may lie in one object (prune's and
-        repair's compact index lists every kept pack), so the base is matched to the held copy's entry."""
+        and to ``copies`` the other copies of blobs stored more than once (``_note_copies``)."""
         replaced: list[tuple[bytes, BlobLocation]] = []  # deltas a copy stored whole took the place of
         added = sum(index.add_entries(d.plain, start, count, self.pack_no(pack_id), replaced)
                     for pack_id, count, start in zip(d.pack_ids, d.counts, d.starts))
         if added == d.entry_count:  # every blob new, once each (the usual case): each base is its own
             bases.update(d.delta_bases)
             return
+        self._note_copies(replaced, [(self.pack_no(pid), entries) for pid, entries in d.packs()], index, bases,
+                          copies)
+
+    def _add_pack(self, pack_id: bytes, entries: EncodedEntries, index: BlobIndex, bases: dict[bytes, bytes],
+                  copies: dict[bytes, list[tuple[BlobLocation, bytes | None]]], numbers: bytearray) -> None:
+        """``_add_object`` for one pack's entries, noting each row's entry number in ``numbers``."""
+        replaced: list[tuple[bytes, BlobLocation]] = []
+        pack_no = self.pack_no(pack_id)
+        added = index.add_entries(entries._buf, entries._start, len(entries), pack_no, replaced, numbers)
+        if added == len(entries):
+            if entries.has_deltas:
+                pairs = _blobtable.scan_entries(entries._buf, entries._start, len(entries))[1]
+                bases.update((pairs[i:i + ID_SIZE], pairs[i + ID_SIZE:i + 2 * ID_SIZE])
+                             for i in range(0, len(pairs), 2 * ID_SIZE))
+            return
+        self._note_copies(replaced, [(pack_no, entries)], index, bases, copies, numbers)
+
+    @staticmethod
+    def _note_copies(replaced: list[tuple[bytes, BlobLocation]], packs: list[tuple[int, EncodedEntries]],
+                     index: BlobIndex, bases: dict[bytes, bytes],
+                     copies: dict[bytes, list[tuple[BlobLocation, bytes | None]]], numbers: bytearray | None = None
+                     ) -> None:
+        """Of packs just added to ``index`` where some blob was there already: the bases of the copies held,
+        and the other copies.
+
+        Of a blob stored twice (after two backups at once, or a copy) the index keeps one copy: a whole one
+        before a delta, else the first.  Its base, or none, is that copy's: a base of another copy, which
+        may be lost, makes a read call the blob damaged.  The copies may lie in one object (prune's and
+        repair's compact index lists every kept pack), even in one pack (as only a made-up index has them),
+        so the base is matched to the held copy's entry: by its number in the pack where ``numbers`` are
+        kept, else by its offset."""
         for blob_id, loc in replaced:
             if blob_id in bases:  # held until now, from an object before: its base is known (else listed below)
                 copies.setdefault(blob_id, []).append((loc, bases[blob_id]))
-        for pack_id, entries in d.pack_entries().packs.items():
-            pack_no = self.pack_no(pack_id)
-            for e in entries:
+        for pack_no, entries in packs:
+            for i, e in enumerate(entries.decode()):
                 loc = index.get(e.blob_id)
                 if loc is None:
                     continue
-                if (loc.pack_no, loc.offset) != (pack_no, e.offset):  # another copy is kept, with its base
+                held = loc.pack_no == pack_no and (
+                    loc.offset == e.offset if numbers is None
+                    else _ROW_NUMBER.unpack_from(numbers, 4 * index.row(e.blob_id))[0] == i)
+                if not held:  # another copy is kept, with its base
                     copies.setdefault(e.blob_id, []).append(
                         (BlobLocation(pack_no, e.offset, e.length, e.raw_length, e.kind), e.base_id))
                     continue
