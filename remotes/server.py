@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import heapq
 import hmac
 import http.client
 import io
@@ -410,7 +411,7 @@ def list_page(root: str, prefix: str, after: str, limit: int) -> tuple[list[List
     start = head.split("/") if head else []
     marker = after.split("/") if after else None
     items: list[Listed] = []
-    for item in _walk(root, start, prefix, marker, frozenset(ancestor_identities(root, start))):
+    for item in _walk(root, start, prefix, marker, frozenset(ancestor_identities(root, start)), limit + 1):
         if not _LAYOUT_KEY.match(item[0]):  # a file beside the objects (a tokens file, a key) is not one
             continue
         items.append(item)
@@ -420,20 +421,40 @@ def list_page(root: str, prefix: str, after: str, limit: int) -> tuple[list[List
 
 
 def _walk(root: str, parts: list[str], prefix: str, marker: list[str] | None,
-          above: frozenset[tuple[int, int]] = frozenset()) -> Iterator[Listed]:
+          above: frozenset[tuple[int, int]] = frozenset(), batch: int = PAGE_SIZE + 1) -> Iterator[Listed]:
     """Directories are followed where they are links, as writes follow them (data/ or data/ab moved to
     another disk: what was stored there was missing from every listing), but never into one of their own
-    ``above`` (a loop); a file that is a link is no object."""
+    ``above`` (a loop); a file that is a link is no object.  A directory is read ``batch`` names at a time
+    (the first ones from the marker on, read again for the next ones): each listing held all of a large
+    directory's entries, and listings of one at once ran the service out of memory."""
+    path = os.path.join(root, *parts)
     try:
-        path = os.path.join(root, *parts)
         st = os.stat(path)
-        if (st.st_dev, st.st_ino) in above:
-            return
-        with os.scandir(path) as it:
-            entries = sorted(it, key=lambda e: e.name)
     except (FileNotFoundError, NotADirectoryError):
         return
+    if (st.st_dev, st.st_ino) in above:
+        return
     above = above | {(st.st_dev, st.st_ino)}
+    within = marker is not None and len(marker) > len(parts) and marker[: len(parts)] == parts
+    first = marker[len(parts)] if within else ""  # the marker's name here: the names before it sort before it
+    last: str | None = None  # the batch's last name: the next one starts after it
+    while True:
+        try:
+            with os.scandir(path) as it:
+                entries = heapq.nsmallest(batch, (e for e in it if (e.name > last if last is not None
+                                                                     else e.name >= first)),
+                                          key=lambda e: e.name)
+        except (FileNotFoundError, NotADirectoryError):
+            return
+        yield from _walk_entries(root, parts, prefix, marker, above, entries, batch)
+        if len(entries) < batch:
+            return
+        last = entries[-1].name
+
+
+def _walk_entries(root: str, parts: list[str], prefix: str, marker: list[str] | None,
+                  above: frozenset[tuple[int, int]], entries: list[os.DirEntry], batch: int) -> Iterator[Listed]:
+    """The objects of one batch of a directory's entries (``_walk``), in name order."""
     for entry in entries:
         name = entry.name
         if name.startswith(TEMP_PREFIX) or not _KEY_SEGMENT.match(name):
@@ -445,7 +466,8 @@ def _walk(root: str, parts: list[str], prefix: str, marker: list[str] | None,
                 continue
             if marker is not None and here < marker[: len(here)]:
                 continue  # the whole subtree sorts before the marker
-            yield from _walk(root, here, prefix, marker if marker and here == marker[: len(here)] else None, above)
+            yield from _walk(root, here, prefix, marker if marker and here == marker[: len(here)] else None, above,
+                             batch)
         elif entry.is_file(follow_symlinks=False) and key.startswith(prefix):
             if marker is not None and here <= marker:
                 continue

@@ -439,3 +439,60 @@ def test_sigterm_among_many_uploads_keeps_those_that_end_and_leaves_nothing_of_t
     assert all(not answers[k].startswith(b"HTTP/1.1 201") for k in range(6, 12))
     assert sorted(_files(server.path)) == [f"data/ef/u{k}" for k in range(6)]
     assert "Traceback" not in server.log()
+
+
+def test_listings_of_a_large_directory_at_once_hold_memory_for_their_page_not_the_directory(
+        serve_factory, tmp_path):
+    """Eight clients ask at once for one short page of a directory of 20,000 objects (snapshots/ of many
+    hosts, or locks/ an append-only client filled): the service holds memory for the pages, not for the
+    whole directory once per request (a read-only token's listings ran it out of memory), and each page
+    still starts where the last ended."""
+    server = serve_factory("--tokens", str(write_tokens(tmp_path)), "--quiet")
+    names = sorted(f"{n * 2654435761 % (1 << 64):064x}" for n in range(20_000))
+    (server.path / "snapshots").mkdir()
+    for name in names:
+        (server.path / "snapshots" / name).touch()
+    hwm0 = int(dict(line.split(":", 1) for line in Path(f"/proc/{server.proc.pid}/status").read_text()
+                    .splitlines())["VmHWM"].split()[0])
+
+    def page(after: str) -> list[str]:
+        answer = _request(server.port, "GET /objects/?prefix=snapshots/&limit=50&after=" + after
+                          + f" HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {READ_TOKEN}\r\nConnection: close")
+        assert _status(answer) == 200, answer[:300]
+        return [key for key, _ in json.loads(answer.partition(b"\r\n\r\n")[2])["objects"]]
+
+    with ThreadPoolExecutor(8) as pool:
+        pages = list(pool.map(page, ["", *(f"snapshots/{names[n]}" for n in (0, 49, 10_000, 19_970, 19_999))]))
+    assert pages[0] == [f"snapshots/{n}" for n in names[:50]]
+    assert pages[2] == [f"snapshots/{n}" for n in names[50:100]]
+    assert pages[3] == [f"snapshots/{n}" for n in names[10_001:10_051]]
+    assert pages[4] == [f"snapshots/{n}" for n in names[19_971:]] and pages[5] == []
+    hwm = int(dict(line.split(":", 1) for line in Path(f"/proc/{server.proc.pid}/status").read_text()
+                   .splitlines())["VmHWM"].split()[0])
+    assert hwm - hwm0 < 16 * 1024, (hwm0, hwm)  # KiB; each listing held the whole directory: 40 MiB in all
+
+
+def test_pages_of_a_few_objects_each_list_every_object_past_empty_directories_and_temp_files(
+        serve_factory, tmp_path):
+    """Pages of two objects, through data/ of 256 directories that mostly hold none (or only an upload under
+    way): each page reads past them to the next objects, and the pages together list each object once."""
+    server = serve_factory("--tokens", str(write_tokens(tmp_path)), "--quiet")
+    stored = []
+    for n in range(256):
+        directory = server.path / "data" / f"{n:02x}"
+        directory.mkdir(parents=True)
+        (directory / ".tmp-upload").touch()
+        if n % 50 == 7:
+            for m in range(3):
+                (directory / f"{n:02x}{m:062x}").touch()
+                stored.append(f"data/{n:02x}/{n:02x}{m:062x}")
+    listed, after = [], ""
+    for _ in range(20):
+        answer = _request(server.port, f"GET /objects/?prefix=data/&limit=2&after={after} HTTP/1.1\r\nHost: x\r\n"
+                                       f"Authorization: Bearer {READ_TOKEN}\r\nConnection: close")
+        page = json.loads(answer.partition(b"\r\n\r\n")[2])
+        listed += [key for key, _ in page["objects"]]
+        if not page["next"]:
+            break
+        after = page["next"]
+    assert listed == stored
