@@ -234,6 +234,10 @@ class RemoteUnavailable(RemoteError):
     #: The remote (its display URL) that stopped answering, where a retry layer gave up on it: a command
     #: holding locks on two repositories (copy) leaves only that one's lock to go stale.
     remote: str | None = None
+    #: The remote itself answered, busy or failing for a moment (a service at its connection limit says 503, try
+    #: again): it is there, so it is waited for as a remote that answered, not given up on as a URL that leads
+    #: nowhere after the few attempts that takes.
+    answered: bool = False
 
     @staticmethod
     def gave_up_on(exc: BaseException | None, display_url: str) -> bool:

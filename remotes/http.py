@@ -403,7 +403,10 @@ class HTTPRemote(Remote):
         if status == 507:
             return StorageFull(f"{self.display_url} is out of space ({op} {what}): {reason}")
         if status in (408, 429) or status >= 500:
-            return RemoteUnavailable(f"{op} {where} failed, try again: HTTP {status}: {reason}")
+            error = RemoteUnavailable(f"{op} {where} failed, try again: HTTP {status}: {reason}")
+            # the service's own answer (its header), not a proxy's whose service is gone
+            error.answered = response.headers.get(LIMIT_HEADER) is not None
+            return error
         if 300 <= status < 400:
             return RemoteError(f"{op} {where}: unexpected redirect (HTTP {status}); use the service's own URL")
         return RemoteError(f"{op} {where} failed: HTTP {status}: {reason}")

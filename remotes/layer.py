@@ -238,6 +238,8 @@ class RetryingRemote(Remote):
                 done = fn(made)
             except TRANSIENT_ERRORS as exc:
                 last = exc
+                if getattr(exc, "answered", False):
+                    self.answered = True  # (the grace of a stop is for answers that serve, not for these)
             except ChunkvaultError:  # an answer all the same (not found, refused)
                 self._answer()
                 raise

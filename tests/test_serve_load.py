@@ -496,3 +496,31 @@ def test_pages_of_a_few_objects_each_list_every_object_past_empty_directories_an
             break
         after = page["next"]
     assert listed == stored
+
+
+def test_a_client_refused_at_the_connection_limit_waits_for_room_instead_of_calling_the_service_unavailable(
+        serve_factory, tmp_path):
+    """Every connection the service takes is held (here its one, by an idle keep-alive client, until the idle
+    timeout closes it 3 s later): a new client's first requests are answered 503, try again.  That is the
+    service answering, so the client waits for room as for a service that answered before (its retry time),
+    instead of giving up after its few attempts as on a URL that leads nowhere: a backup starting while the
+    service was full failed in some 15 s, before the idle timeout of 60 s could make room."""
+    from chunkvault.errors import RemoteRetryWarning
+    from chunkvault.remotes.http import HTTPRemote
+    from chunkvault.remotes.layer import wrap_remote
+
+    server = serve_factory("--tokens", str(write_tokens(tmp_path)), "--quiet", "--max-connections", "1",
+                           "--idle-timeout", "3")
+    for _ in range(50):  # once the connection the start was checked on is let go
+        held = socket.create_connection(("127.0.0.1", server.port), timeout=10)
+        held.sendall(f"HEAD /objects/config HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {READ_TOKEN}\r\n\r\n".encode())
+        if _status(_head(held)) == 404:
+            break
+        held.close()
+        time.sleep(0.1)
+    with held:
+        started = time.monotonic()
+        with wrap_remote(HTTPRemote.from_url(server.url, token=READ_TOKEN), attempts=2, base_delay=0.05,
+                         max_delay=0.2, outage=30) as remote, pytest.warns(RemoteRetryWarning):
+            assert remote.stat("config") is None
+    assert time.monotonic() - started > 2
