@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import fcntl
 import heapq
 import hmac
 import http.client
@@ -26,7 +27,9 @@ import socket
 import socketserver
 import ssl
 import stat
+import struct
 import sys
+import termios
 import threading
 import time
 from dataclasses import dataclass, field
@@ -667,6 +670,9 @@ class BackupServer(ThreadingHTTPServer):
         self._connections_lock = threading.Lock()
         self._connections = 0
         self._per_client: dict[str, int] = {}
+        # Keep-alive connections waiting for their next request, the oldest first: closed to make room for a new
+        # connection at the limits (``_make_room``).
+        self._waiting: dict[Any, str] = {}
         self._last_said: dict[str, float] = {}  # what is logged at most every REPEAT_LOG_EVERY: when it last was
         self._unsaid: dict[str, int] = {}  # and how often it happened since
         super().__init__((settings.host, settings.port), Handler)
@@ -705,20 +711,52 @@ class BackupServer(ThreadingHTTPServer):
         not, at once and cheaply: threads held by idle or slow clients were the service's only limit."""
         client = client_address[0]
         with self._connections_lock:
+            over_client = self._per_client.get(client, 0) >= self.settings.max_connections_per_client
+            full = over_client or self._connections >= self.settings.max_connections
             if self._connections >= self.settings.max_connections:
                 what, why = "refused", f"{self.settings.max_connections} connections at once (--max-connections)"
-            elif self._per_client.get(client, 0) >= self.settings.max_connections_per_client:
+            elif over_client:
                 what, why = "refused-client", f"{self.settings.max_connections_per_client} connections from " \
                                               "one address (--max-connections-per-client)"
-            else:
+            idle = self._make_room(client if over_client else None) if full else None
+            if not full or idle is not None:
                 self._connections += 1
                 self._per_client[client] = self._per_client.get(client, 0) + 1
-                return True
+        if idle is not None:
+            try:  # its thread, waiting for the next request, sees the connection end, and ends (under TLS too)
+                socket.socket.shutdown(idle.connection, socket.SHUT_RDWR)
+            except OSError:
+                pass
+        if not full or idle is not None:
+            return True
         self._refuse(request, f"too many connections: the service serves at most {why}; try again")
         # Each limit logged on its own: under one, a flood from one address hid that the total limit was
         # refusing every other client, and the count of refusals after the line mixed the two.
         self.log_now_and_then(what, f"{client} connection refused: the service serves at most {why}")
         return False
+
+    def _make_room(self, client: str | None) -> Any:
+        """The handler of the keep-alive connection (``client``'s, if given) that has waited longest for its next
+        request, taken off the waiting ones, to be closed for a new connection: at the limits, a client's pool of
+        idle connections, or a flood of them, had every new client refused until the idle timeout closed one.
+        None where none waits.  (The count of connections goes over the limit until its thread ends, by as many
+        as were waiting: each holds no more than its socket.)  Called with ``_connections_lock`` held."""
+        for handler, address in self._waiting.items():
+            if client is None or address == client:
+                if _unread_bytes(handler.connection):  # its next request has arrived, not yet read: not waiting
+                    continue
+                del self._waiting[handler]
+                return handler
+        return None
+
+    def waiting(self, handler: Any, waits: bool) -> bool:
+        """Say that ``handler``'s keep-alive connection waits for its next request, or no longer does; False when
+        it was closed for a new connection meanwhile."""
+        with self._connections_lock:
+            if waits:
+                self._waiting[handler] = handler.client_address[0]
+                return True
+            return self._waiting.pop(handler, None) is not None
 
     def _refuse(self, request: Any, message: str) -> None:
         """One 503 answer saying ``message``, where it fits into the socket's buffer at once (over TLS, none: the
@@ -850,6 +888,16 @@ class BackupServer(ThreadingHTTPServer):
             return self._idle.wait_for(lambda: self._active == 0, timeout)
 
 
+def _unread_bytes(sock: socket.socket) -> int:
+    """The bytes that arrived on ``sock`` and were not read yet (a TLS socket's decrypted ones too); 1 when that
+    cannot be told."""
+    try:
+        pending = sock.pending() if isinstance(sock, ssl.SSLSocket) else 0
+        return pending or struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.FIONREAD, b"\0\0\0\0"))[0]
+    except (OSError, ValueError):
+        return 1
+
+
 class BodyPace:
     """How an upload's body must keep arriving: a byte within ``gap`` seconds of the last one, and each
     ``rate * window`` bytes within ``window`` seconds of the previous ones (a burst earns no credit beyond its own
@@ -922,6 +970,7 @@ class Handler(BaseHTTPRequestHandler):
     _cut: str | None = None  # why the body was cut off, when it did not keep that pace
     _timeout_set: float | None = None
     _expecting = False  # the client waits for "100 Continue" before it sends the body
+    _served = 0  # requests begun on this connection
 
     def setup(self) -> None:
         super().setup()
@@ -956,6 +1005,7 @@ class Handler(BaseHTTPRequestHandler):
         """Bytes arrived: an idle connection's request has begun, and its head now has header_timeout; or a body
         goes on."""
         if self._phase == "idle":
+            self.server.waiting(self, False)
             self._phase = "head"
             self._deadline = time.monotonic() + self.server.settings.header_timeout
         elif self._pace is not None and self._unread > 0:
@@ -976,7 +1026,14 @@ class Handler(BaseHTTPRequestHandler):
         self._what, self._unread = "-", 0
         self._phase, self._expecting, self._pace, self._cut = "idle", False, None, None
         self._deadline = time.monotonic() + self.server.settings.idle_timeout
+        if self._served:  # a keep-alive connection, which may be closed for a new one (BackupServer._make_room)
+            self.server.waiting(self, True)
+        self._served += 1
         super().handle_one_request()
+
+    def finish(self) -> None:
+        self.server.waiting(self, False)
+        super().finish()
 
     def parse_request(self) -> bool:
         rfile, self.rfile = self.rfile, _HeadersReader(self.rfile)

@@ -1128,9 +1128,11 @@ def test_connections_beyond_the_limits_are_refused_and_others_served(serve_facto
 
     held = [connect("127.0.0.2") for _ in range(3)]
     try:
-        for s in held:  # each answered: counted, and served
+        for s in held:  # each answered: counted, and served; then busy with its next request's head (a connection
+            # that waits for its next request makes room for a new one)
             s.sendall(f"HEAD /objects/config HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {FULL_TOKEN}\r\n\r\n".encode())
             assert s.recv(1000).startswith(b"HTTP/1.1 404")
+            s.sendall(b"HEAD /objects/config HTTP/1.1\r\n")
         with connect("127.0.0.2") as fourth:
             assert refused(fourth)  # one address's share
         assert raw_request(server.port, "GET", "/objects/config")[0] == 404  # another address is served
@@ -1138,6 +1140,7 @@ def test_connections_beyond_the_limits_are_refused_and_others_served(serve_facto
             s = connect(source)
             s.sendall(f"HEAD /objects/config HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {FULL_TOKEN}\r\n\r\n".encode())
             if s.recv(1000).startswith(b"HTTP/1.1 404"):
+                s.sendall(b"HEAD /objects/config HTTP/1.1\r\n")
                 held.append(s)
                 return True
             s.close()
@@ -1145,8 +1148,11 @@ def test_connections_beyond_the_limits_are_refused_and_others_served(serve_facto
 
         for _ in range(2):
             assert wait_for(lambda: served("127.0.0.3"))
-        with connect("127.0.0.1") as sixth:
-            assert refused(sixth)  # all of them
+        def refused_now() -> bool:  # a connection closed just before, still waiting for its next request, made room
+            with connect("127.0.0.1") as sixth:
+                return refused(sixth)
+
+        assert wait_for(refused_now)  # all of them
         held.pop(0).close()
         assert wait_for(lambda: raw_request(server.port, "GET", "/objects/config")[0] == 404)
     finally:

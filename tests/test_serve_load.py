@@ -500,8 +500,8 @@ def test_pages_of_a_few_objects_each_list_every_object_past_empty_directories_an
 
 def test_a_client_refused_at_the_connection_limit_waits_for_room_instead_of_calling_the_service_unavailable(
         serve_factory, tmp_path):
-    """Every connection the service takes is held (here its one, by an idle keep-alive client, until the idle
-    timeout closes it 3 s later): a new client's first requests are answered 503, try again.  That is the
+    """Every connection the service takes is held (here its one, by a client that has sent nothing yet, until
+    the idle timeout closes it 3 s later): a new client's first requests are answered 503, try again.  That is the
     service answering, so the client waits for room as for a service that answered before (its retry time),
     instead of giving up after its few attempts as on a URL that leads nowhere: a backup starting while the
     service was full failed in some 15 s, before the idle timeout of 60 s could make room."""
@@ -512,15 +512,57 @@ def test_a_client_refused_at_the_connection_limit_waits_for_room_instead_of_call
     server = serve_factory("--tokens", str(write_tokens(tmp_path)), "--quiet", "--max-connections", "1",
                            "--idle-timeout", "3")
     for _ in range(50):  # once the connection the start was checked on is let go
-        held = socket.create_connection(("127.0.0.1", server.port), timeout=10)
-        held.sendall(f"HEAD /objects/config HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {READ_TOKEN}\r\n\r\n".encode())
-        if _status(_head(held)) == 404:
+        held = socket.create_connection(("127.0.0.1", server.port), timeout=0.3)
+        try:
+            held.recv(1)  # refused: answered 503 and closed
+        except TimeoutError:
             break
         held.close()
-        time.sleep(0.1)
     with held:
         started = time.monotonic()
         with wrap_remote(HTTPRemote.from_url(server.url, token=READ_TOKEN), attempts=2, base_delay=0.05,
                          max_delay=0.2, outage=30) as remote, pytest.warns(RemoteRetryWarning):
             assert remote.stat("config") is None
     assert time.monotonic() - started > 2
+
+
+def test_at_its_connection_limits_the_service_closes_an_idle_keep_alive_connection_for_a_new_client(
+        serve_factory, tmp_path):
+    """Keep-alive connections waiting for their next request (a client's pool between its uploads) fill the
+    service's connections, and then one address's: a new client is served at once, the connection that
+    waited longest closed for it (as nginx reuses idle keep-alive connections), instead of every new client
+    answered 503 until the idle timeout (60 s by default) closed one.  A connection that has sent no request
+    yet is not closed so."""
+    server = serve_factory("--tokens", str(write_tokens(tmp_path)), "--quiet", "--max-connections", "3",
+                           "--max-connections-per-client", "2", "--idle-timeout", "30")
+    ask = f"HEAD /objects/config HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {READ_TOKEN}\r\n\r\n".encode()
+
+    def kept(source: str, tries: int = 50) -> socket.socket:
+        for _ in range(tries):  # once the connection the start was checked on is let go
+            s = socket.socket()
+            s.bind((source, 0))
+            s.settimeout(5)
+            s.connect(("127.0.0.1", server.port))
+            s.sendall(ask)
+            if _status(_head(s)) == 404:
+                return s
+            s.close()
+            time.sleep(0.1)
+        raise AssertionError("no connection taken")
+
+    first, second = kept("127.0.0.1"), kept("127.0.0.1")
+    silent = socket.create_connection(("127.0.0.1", server.port), source_address=("127.0.5.1", 0))
+    held = [first, second, silent]
+    time.sleep(0.3)  # their threads, done answering, wait for their next requests
+    try:
+        for source, closed in (("127.0.0.1", first), ("127.0.5.2", second)):  # one address's limit, then the total
+            held.append(kept(source, 1))  # served at once, not answered 503
+            closed.settimeout(5)
+            assert closed.recv(1) == b""
+        silent.settimeout(0.5)
+        with pytest.raises(TimeoutError):
+            silent.recv(1)
+    finally:
+        for s in held:
+            s.close()
+    assert "Traceback" not in server.log()
