@@ -199,6 +199,15 @@ class BlobIndex:
                 if t.version != version:
                     raise RuntimeError("BlobIndex changed during iteration")
 
+    def copy(self) -> BlobIndex:
+        """Another index of the same rows, in the same order."""
+        out, t = BlobIndex(len(self)), self._t
+        for a in range(0, len(t), _ROWS):
+            ids, fields, flags = t.rows(a, min(len(t), a + _ROWS))
+            f = array("I", fields)
+            out._t.add_many(ids, f[0::4], f[1::4], f[2::4], f[3::4], flags)
+        return out
+
     def remove_packs(self, pack_nos: Iterable[int]) -> int:
         """Drop every entry stored in one of ``pack_nos`` (after prune deleted them); returns how many."""
         packs = sorted({_as_int(p) for p in pack_nos})

@@ -13,6 +13,7 @@ import struct
 import threading
 import time
 import warnings
+import weakref
 from collections import ChainMap, Counter, OrderedDict, deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, NamedTuple, TypeVar
@@ -289,6 +290,9 @@ class Repo:
         # (None for one stored whole): a read falls back on one when the copy it read fails (``_other_copy``).
         self._copies: dict[bytes, list[tuple[BlobLocation, bytes | None]]] = {}
         self._copy_switches = 0  # how many times a read went over to another copy
+        # The index ``install_packs`` returned (a prune's table of the copies it keeps, told by their entry
+        # numbers): a read that goes over to another copy of a blob does so in a copy of it
+        self._lent: weakref.ref[BlobIndex] | None = None
         self._withheld: set[bytes] | None = None  # deltas left out of the index for a writer: not yet known
         self._writers = 0  # BlobWriters filling the index: it is not dropped meanwhile (``refresh_index``)
         # One writer at a time (nested in one thread aside): one that stops short leaves in the index blobs
@@ -734,7 +738,8 @@ class Repo:
         as ``install_index`` makes it from the objects; returns it, and each row's entry number in its pack
         (``BlobIndex.add_entries``).  A prune gives every pack the live objects list, in pack id order: of a
         blob stored twice, the index then reads the copy the prune keeps (``prune.kept_copies``), and the
-        prune's table of those copies is this one, not a second table of every blob."""
+        prune's table of those copies is this one, not a second table of every blob: a read that goes over to
+        another copy of a blob (``_other_copy``) does so in a copy of the index, leaving this one as made."""
         packs = list(packs)
         index, numbers = BlobIndex(sum(len(e) for _, e in packs)), bytearray()
         bases: dict[bytes, bytes] = {}
@@ -745,6 +750,7 @@ class Repo:
             self._index, self._delta_bases, self._index_names, self._withheld = index, bases, set(names), None
             self._copies = copies
             self._index_unsettled = False
+            self._lent = weakref.ref(index)
         return index, numbers
 
     def drop_index(self) -> None:
@@ -1058,6 +1064,8 @@ class Repo:
                     return True  # another thread went over first, or the index was read anew: read again
                 copies.remove(other)
                 copies.append((held, self._delta_bases.get(blob_id)))
+                if self._lent is not None and self._lent() is self._index:
+                    self._index, self._lent = self._index.copy(), None
                 self.index.replace(blob_id, loc)
                 if base is None:
                     self._delta_bases.pop(blob_id, None)

@@ -918,3 +918,56 @@ def test_a_damaged_blob_a_repack_would_move_stops_the_prune_before_it_deletes_an
                                             f"{victim.name[:12]}`"):
         repo.prune(max_unused=0)
     assert victim.exists()
+
+
+def test_a_manifest_read_from_its_other_copy_while_the_prune_plans_keeps_that_copy(tmp_path, new_repo):
+    """A manifest blob stored twice, the copy the index holds (the first in pack id order) damaged: the
+    prune's read of the manifest goes over to the other copy, in the index the prune's table of the copies
+    it keeps shares.  That table then named the other copy's pack with the first copy's entry number: the
+    blob was live in neither pack, the damaged one deleted, the good one repacked without it, and the
+    snapshot lost its manifest."""
+    import random
+
+    from chunkvault.errors import RepositoryStateWarning
+    from chunkvault.store.blob import KIND_RAW, seal_blob
+    from chunkvault.store.crypto import content_name
+    from chunkvault.store.indexfile import IndexData
+    from chunkvault.store.pack import PackBuilder
+    from chunkvault.store.repository import pack_key
+
+    src = tmp_path / "src"
+    src.mkdir()
+    rnd = random.Random(5)
+    for i in range(3):
+        (src / f"f{i}").write_bytes(rnd.randbytes(200_000))
+    repo = new_repo(str(tmp_path / "repo"))
+    snap = repo.backup([str(src)]).snapshot
+    store = repo.store
+    m = bytes.fromhex(snap.manifest[0])
+    loc = store.locate(m)
+    first = store.pack_ids[loc.pack_no]
+    k = next(i for i, e in enumerate(store.read_index_object(store.index_names()[0]).packs[first]) if e.blob_id == m)
+    assert k >= 2  # after the files' chunks: another number than its copy's below
+    envelope = (tmp_path / "repo" / pack_key(first)).read_bytes()[loc.offset:loc.offset + loc.length]
+    while True:  # the second copy in a pack of its own, after an unused blob, in a pack whose id comes first
+        builder = PackBuilder()
+        junk = rnd.randbytes(100)
+        junk_id = store.blob_id(junk)
+        builder.add(junk_id, KIND_RAW, bytes(seal_blob(store.sealer, junk_id, KIND_RAW, junk)), len(junk))
+        builder.add(m, loc.flags, envelope, loc.raw_length)
+        data = bytearray(builder.finish(store.sealer))
+        second = bytes.fromhex(content_name(bytes(data)))
+        if second < first:
+            break
+    at = next(e.offset for e in builder.entries.decode() if e.blob_id == m)
+    data[at + loc.length // 2] ^= 1  # the copy held, first in pack id order, is damaged
+    store.remote.put(pack_key(second), bytes(data), if_absent=True)
+    store.write_index(IndexData(packs={second: builder.entries}, supersedes=[]))
+    repo.close()
+    repo = Repository.open(str(tmp_path / "repo"), PASSWORD)
+    with pytest.warns(RepositoryStateWarning):
+        repo.prune(max_unused=0)
+    repo.restore(snap.id, str(tmp_path / "out"))
+    for i in range(3):
+        assert (tmp_path / "out" / f"f{i}").read_bytes() == (src / f"f{i}").read_bytes()
+    assert Repository.open(str(tmp_path / "repo"), PASSWORD).check(read_data=True).ok
