@@ -329,13 +329,18 @@ static PyObject *Table_new(PyTypeObject *type, PyObject *args, PyObject *kwds) {
 
 static Py_ssize_t Table_len(Table *t) { return t->n; }
 
-static PyObject *Table_find(Table *t, PyObject *arg) {
+/* The row of the id ``arg``: -1 when absent, -2 with an exception set. */
+static Py_ssize_t row_of(Table *t, PyObject *arg) {
     Py_buffer id;
-    if (ready(t) < 0) return NULL;
-    if (get_id(arg, &id) < 0) return NULL;
+    if (ready(t) < 0 || get_id(arg, &id) < 0) return -2;
     Py_ssize_t e = find(t, id.buf, NULL);
     PyBuffer_Release(&id);
-    return PyBool_FromLong(e >= 0);
+    return e;
+}
+
+static PyObject *Table_find(Table *t, PyObject *arg) {
+    Py_ssize_t e = row_of(t, arg);
+    return e == -2 ? NULL : PyBool_FromLong(e >= 0);
 }
 
 static PyObject *Table_get(Table *t, PyObject *arg) {
@@ -548,12 +553,8 @@ fail:
 }
 
 static PyObject *Table_row(Table *t, PyObject *arg) {
-    Py_buffer id;
-    if (ready(t) < 0) return NULL;
-    if (get_id(arg, &id) < 0) return NULL;
-    Py_ssize_t e = find(t, id.buf, NULL);
-    PyBuffer_Release(&id);
-    return PyLong_FromSsize_t(e);
+    Py_ssize_t e = row_of(t, arg);
+    return e == -2 ? NULL : PyLong_FromSsize_t(e);
 }
 
 static PyObject *Table_mark(Table *t, PyObject *args) {

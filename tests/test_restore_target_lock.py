@@ -2,6 +2,7 @@
 (``TargetBusy``), or waits with --wait; a restore killed leaves no lock behind."""
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
 import random
@@ -33,6 +34,20 @@ def _tree(src) -> None:
 def backup(tmp_path, new_repo):
     repo, url, src = backed_up(tmp_path, new_repo, _tree)
     return repo, url, src
+
+
+@contextlib.contextmanager
+def _held_as_targets(dirs):
+    """Each of ``dirs`` locked as another restore locks its target, until the block ends."""
+    fds = []
+    try:
+        for d in dirs:
+            fds.append(os.open(d, os.O_RDONLY | os.O_DIRECTORY))
+            fcntl.flock(fds[-1], fcntl.LOCK_EX)
+        yield
+    finally:
+        for fd in fds:
+            os.close(fd)
 
 
 @pytest.fixture
@@ -317,16 +332,8 @@ def test_delete_leaves_a_directory_inside_the_target_that_another_restore_writes
         (d / "written").write_text("by the other restore")
     (target / "d1" / "extra" / "stray").write_text("the snapshot lacks it")
     (target / "gone").mkdir()
-    fds = []
-    try:
-        for d in theirs:
-            fds.append(os.open(d, os.O_RDONLY | os.O_DIRECTORY))
-            fcntl.flock(fds[-1], fcntl.LOCK_EX)
-        with pytest.raises(TargetUnwritable) as caught:
-            repo.restore("latest", str(target), force=True, delta=True, delete=True, processes=1)
-    finally:
-        for fd in fds:
-            os.close(fd)
+    with _held_as_targets(theirs), pytest.raises(TargetUnwritable) as caught:
+        repo.restore("latest", str(target), force=True, delta=True, delete=True, processes=1)
     said = str(caught.value)
     assert f"other (not deleted: another restore (process {os.getpid()}) is writing into it)" in said
     assert f"d1/extra (not deleted: another restore (process {os.getpid()}) is writing into deeper in it)" in said
@@ -463,16 +470,8 @@ def test_a_restore_in_place_leaves_a_directory_of_the_snapshot_that_another_rest
             os.utime(f, (0, 0))  # older than the snapshot's: if-newer would replace it
     (target / "d3" / "f0").write_bytes(b"changed")
     os.utime(target / "d3" / "f0", (0, 0))
-    fds = []
-    try:
-        for d in theirs:
-            fds.append(os.open(d, os.O_RDONLY | os.O_DIRECTORY))
-            fcntl.flock(fds[-1], fcntl.LOCK_EX)
-        with pytest.raises(TargetUnwritable) as caught:
-            repo.restore("latest", str(target), force=True, processes=1, **how)
-    finally:
-        for fd in fds:
-            os.close(fd)
+    with _held_as_targets(theirs), pytest.raises(TargetUnwritable) as caught:
+        repo.restore("latest", str(target), force=True, processes=1, **how)
     said = str(caught.value)
     assert "\n" not in said and f"d1 (another restore (process {os.getpid()}) is writing into it" in said, said
     assert "d1/f0" not in said  # the directory is named, not each entry below it
