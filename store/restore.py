@@ -51,7 +51,7 @@ from .posix_acl import ACL_KEYS
 from .xattrs import decode_xattrs, read_xattrs, write_xattrs
 from . import writefiles
 from .holes import hash_file, hole_at, may_have_holes
-from .writefiles import NO_SPACE as _FULL, reserve, write_sparse
+from .writefiles import HOLE_MIN, NO_SPACE as _FULL, punch_hole, reserve, write_sparse
 
 ACL_ACCESS = ACL_KEYS[0]
 
@@ -408,6 +408,7 @@ def check_content(e: Entry, size: int, digest: bytes) -> None:
 
 
 MAX_FILE_OFFSET = (1 << 63) - 1
+_ZEROS = bytes(HOLE_MIN)
 
 
 def _shorten(fd: int, st: os.stat_result) -> None:
@@ -417,12 +418,26 @@ def _shorten(fd: int, st: os.stat_result) -> None:
     os.utime(fd, ns=(st.st_atime_ns, st.st_mtime_ns))
 
 
-def _write_ranges(fd: int, ranges: list[tuple[int, Plaintext]], zeros_from: int) -> None:
+def _write_ranges(fd: int, ranges: list[tuple[int, Plaintext]], zeros_from: int,
+                  edge: tuple[int, bool] = (-1, False)) -> tuple[int, bool]:
     """Write chunks at their offsets into a file that reads as zeros, unallocated, from ``zeros_from`` (its
     length, or past what was allocated for it to grow into); their blocks of zeros stay holes (from there
-    on ones already, before it ones punched: ``write_sparse``)."""
+    on ones already, before it ones punched: ``write_sparse``).  A block two chunks written one after the
+    other meet inside, zeros in both, is punched too: ``write_sparse`` writes each part of it (a partial
+    block), and a file grown by a run of zeros cut every 2 MiB kept one block of every 512 allocated.
+    ``edge``: where the chunk written last ended, and whether its part of the block there is zeros; the
+    same for the last of ``ranges`` is returned, for the next call."""
+    end, zero_tail = edge
     for pos, data in ranges:
         write_sparse(fd, data, pos, zeros_from)
+        view = memoryview(data).cast("B")
+        head = -pos % HOLE_MIN  # its part of the block it begins inside
+        if zero_tail and pos == end and 0 < head <= len(view) and _ZEROS.startswith(view[:head]):
+            punch_hole(fd, pos + head - HOLE_MIN, HOLE_MIN)
+        end = pos + len(view)
+        tail = end % HOLE_MIN
+        zero_tail = 0 < tail <= len(view) and _ZEROS.startswith(view[len(view) - tail:])
+    return end, zero_tail
 
 
 def target_error(what: str, exc: OSError) -> ChunkvaultError:
@@ -1459,19 +1474,20 @@ class Restorer:
             hasher = blake3.blake3()
             pos = 0
             zeros_from = e.size if grown else size
+            edge = (-1, False)
             for data, held in self._chunks_held_or_read(fd, e, size):
                 if not held:
                     pending.append((pos, data))
                     held_back += len(data)
                     if held_back > DELTA_HOLD_BYTES:
                         written = True
-                        _write_ranges(fd, pending, zeros_from)
+                        edge = _write_ranges(fd, pending, zeros_from, edge)
                         pending, held_back = [], 0
                 hasher.update(data)
                 pos += len(data)
             check_content(e, pos, hasher.digest())
             written = True
-            _write_ranges(fd, pending, zeros_from)
+            _write_ranges(fd, pending, zeros_from, edge)
             os.ftruncate(fd, pos)
             self._apply_meta(e, fd)
         except BaseException as exc:
