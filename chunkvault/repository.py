@@ -1950,7 +1950,9 @@ class Repository:
         their ids, unread: what ``dump`` leaves out of a tar as a sparse member's holes, and what the mount's
         SEEK_HOLE finds.  No run for a file whose chunks are not all indexed or do not add up to its size: its
         read names the damage."""
-        from .store.archive import SPARSE_LEAST, zero_runs
+        from array import array
+
+        from .store.archive import SPARSE_LEAST, ChunkLengths, zero_runs
 
         if e.type != T_FILE or e.size < SPARSE_LEAST:
             return []
@@ -1959,17 +1961,18 @@ class Repository:
         cut = len(self._repo.chunker.zero_chunk)
         ids = e.chunk_ids()
         zeros = self._zero_ids(cut)
-        if not any(cid == zeros or cid == after for cid, after in zip(ids, ids[1:] + [None])):
+        after = itertools.chain(itertools.islice(ids, 1, None), (None,))
+        if not any(cid == zeros or cid == nxt for cid, nxt in zip(ids, after)):
             return []  # a run starts with a chunk of zeros the chunker cut, or one repeated: none here, unlocated
-        chunks = []
+        lengths = array("Q")
         for cid in ids:
             loc = self._repo.locate(cid)
             if loc is None:
                 return []
-            chunks.append((cid, loc.raw_length))
-        if sum(n for _, n in chunks) != e.size:
+            lengths.append(loc.raw_length)
+        if sum(lengths) != e.size:
             return []
-        return zero_runs(chunks, self._zero_ids, cut)
+        return zero_runs(ChunkLengths(ids, lengths), self._zero_ids, cut)
 
     def diff(self, a: str | Snapshot, b: str | Snapshot, *, subtree_a: str | bytes | None = None,
              subtree_b: str | bytes | None = None) -> Iterator[tuple[str, Entry | None, Entry | None]]:
@@ -2736,7 +2739,7 @@ class _ChunkStream(io.RawIOBase):
     """A file's content, fetched a chunk at a time; seekable (the index knows each chunk's length), so a
     caller can read any part of a large file without the parts before it."""
 
-    def __init__(self, repo: Repo, ids: list[bytes], name: str = "", entry: Entry | None = None,
+    def __init__(self, repo: Repo, ids: Sequence[bytes], name: str = "", entry: Entry | None = None,
                  still_open: Callable[[], None] = lambda: None):
         self.repo = repo
         self.still_open = still_open  # before each chunk is fetched: it may refuse (closed) or stop
@@ -2767,8 +2770,9 @@ class _ChunkStream(io.RawIOBase):
                     check_content(self.entry, self.pos, hasher.digest())
                 return 0
             self.still_open()
-            if self._last[0] != self.ids[self.i]:
-                self._last = (self.ids[self.i], self.repo.read_blob(self.ids[self.i]))
+            cid = self.ids[self.i]
+            if self._last[0] != cid:
+                self._last = (cid, self.repo.read_blob(cid))
             self.buf = memoryview(self._last[1])[self.skip:]
             self.i += 1
             self.skip = 0
