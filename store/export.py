@@ -969,6 +969,7 @@ def import_backup(repo: Repo, path: str, password: bytes, *, lock_wait: float = 
             damaged: set[bytes] = set()  # manifest blobs of a chain passed over that do not read
             bases = _blob_bases(ef, deltas, snapshots, src, damaged) if delta else None
             dest = bytearray(32 * info.blobs)
+            dest_view = memoryview(dest)
             counts = ManifestStats()
             warnings: list[str] = []
 
@@ -1027,9 +1028,11 @@ def import_backup(repo: Repo, path: str, password: bytes, *, lock_wait: float = 
                             for rec in cursor.feed(piece, blobs_seen, where):
                                 e = rec.entry
                                 assert e is not None
-                                if e.chunks:
-                                    ids = b"".join(dest[32 * n : 32 * n + 32] for n, _, _, _ in _REF.iter_unpack(e.chunks))
-                                    rec = Record(rec.op, rec.path, replace(e, chunks=ids))
+                                if e.chunks:  # into one buffer: a list of the ids took 100 bytes a chunk
+                                    ids = bytearray()
+                                    for n, _, _, _ in _REF.iter_unpack(e.chunks):
+                                        ids += dest_view[32 * n : 32 * n + 32]
+                                    rec = Record(rec.op, rec.path, replace(e, chunks=bytes(ids)))
                                 counts.count(rec)
                                 mw.add(rec)
                     send()

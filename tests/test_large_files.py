@@ -674,7 +674,8 @@ def test_a_file_of_many_chunks_is_dumped_and_exported_holding_little_beside_thei
     """A file's chunk ids were taken as a list of bytes objects (73 bytes a chunk beside the 32 of the ids),
     its holes found over a list of (id, length) pairs and its export references gathered in a list: a tar of a
     64 GiB file cut every 64 KiB (a million chunks, 32 MB of ids) peaked at 435 MB (160 MB now), its export at
-    357 MB (215 MB now).  The same arithmetic at 131,072 chunks of 4 KiB."""
+    357 MB (215 MB now); an import mapped the references to ids through a list of them too.  The same
+    arithmetic at 131,072 chunks of 4 KiB."""
     need_holes(tmp_path)
     src = tmp_path / "src"
     src.mkdir()
@@ -686,3 +687,7 @@ def test_a_file_of_many_chunks_is_dumped_and_exported_holding_little_beside_thei
     # the entry's ids, their copy in the manifest's records, the export's references, buffers: no list of them
     assert _peak(lambda: repo.dump(snap, "/", _Discard())) < 6 * ids
     assert _peak(lambda: repo.export(snap, str(tmp_path / "img.backup"), "pw", kdf_seconds=0)) < 7 * ids
+    other = new_repo()
+    assert _peak(lambda: other.import_backup(str(tmp_path / "img.backup"), "pw")) < 6.5 * ids
+    imported, exported = other.find_entry("latest", "img"), repo.find_entry(snap, "img")
+    assert (imported.digest, len(imported.chunks)) == (exported.digest, ids)  # ids are keyed by repository
