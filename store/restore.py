@@ -418,26 +418,40 @@ def _shorten(fd: int, st: os.stat_result) -> None:
     os.utime(fd, ns=(st.st_atime_ns, st.st_mtime_ns))
 
 
-def _write_ranges(fd: int, ranges: list[tuple[int, Plaintext]], zeros_from: int,
-                  edge: tuple[int, bool] = (-1, False)) -> tuple[int, bool]:
+def _write_ranges(fd: int, ranges: list[tuple[int, Plaintext]], zeros_from: int) -> None:
     """Write chunks at their offsets into a file that reads as zeros, unallocated, from ``zeros_from`` (its
     length, or past what was allocated for it to grow into); their blocks of zeros stay holes (from there
-    on ones already, before it ones punched: ``write_sparse``).  A block two chunks written one after the
-    other meet inside, zeros in both, is punched too: ``write_sparse`` writes each part of it (a partial
-    block), and a file grown by a run of zeros cut every 2 MiB kept one block of every 512 allocated.
-    ``edge``: where the chunk written last ended, and whether its part of the block there is zeros; the
-    same for the last of ``ranges`` is returned, for the next call."""
-    end, zero_tail = edge
+    on ones already, before it ones punched: ``write_sparse``)."""
     for pos, data in ranges:
         write_sparse(fd, data, pos, zeros_from)
+
+
+class _MeetingBlocks:
+    """The blocks of zeros two chunks of a file updated in place meet inside, one of them rewritten, to punch
+    once it is written.  ``write_sparse`` leaves a block of zeros a hole only where one chunk holds all of it,
+    and writes each part of one two chunks share: a file grown by a run of zeros (cut every 2 MiB, rarely
+    on a block boundary) kept one block of every 512 allocated, where a restore anew leaves them holes."""
+
+    def __init__(self) -> None:
+        self.end, self.zero_tail, self.rewritten = -1, False, False  # the chunk seen last
+        self.blocks: list[int] = []
+
+    def add(self, pos: int, data: Plaintext, rewritten: bool) -> None:
+        """The next chunk, at ``pos``: rewritten, or kept as the file holds it."""
         view = memoryview(data).cast("B")
         head = -pos % HOLE_MIN  # its part of the block it begins inside
-        if zero_tail and pos == end and 0 < head <= len(view) and _ZEROS.startswith(view[:head]):
-            punch_hole(fd, pos + head - HOLE_MIN, HOLE_MIN)
-        end = pos + len(view)
-        tail = end % HOLE_MIN
-        zero_tail = 0 < tail <= len(view) and _ZEROS.startswith(view[len(view) - tail:])
-    return end, zero_tail
+        if (self.zero_tail and pos == self.end and (rewritten or self.rewritten) and 0 < head <= len(view)
+                and _ZEROS.startswith(view[:head])):
+            self.blocks.append(pos + head - HOLE_MIN)
+        self.end, self.rewritten = pos + len(view), rewritten
+        tail = self.end % HOLE_MIN
+        self.zero_tail = 0 < tail <= len(view) and _ZEROS.startswith(view[len(view) - tail:])
+
+    def punch(self, fd: int) -> None:
+        """Punch the blocks found so far: call once the chunks before them are written."""
+        for at in self.blocks:
+            punch_hole(fd, at, HOLE_MIN)
+        self.blocks = []
 
 
 def target_error(what: str, exc: OSError) -> ChunkvaultError:
@@ -1474,20 +1488,23 @@ class Restorer:
             hasher = blake3.blake3()
             pos = 0
             zeros_from = e.size if grown else size
-            edge = (-1, False)
+            meeting = _MeetingBlocks()
             for data, held in self._chunks_held_or_read(fd, e, size):
+                meeting.add(pos, data, not held)
                 if not held:
                     pending.append((pos, data))
                     held_back += len(data)
                     if held_back > DELTA_HOLD_BYTES:
                         written = True
-                        edge = _write_ranges(fd, pending, zeros_from, edge)
+                        _write_ranges(fd, pending, zeros_from)
                         pending, held_back = [], 0
+                        meeting.punch(fd)
                 hasher.update(data)
                 pos += len(data)
             check_content(e, pos, hasher.digest())
             written = True
-            _write_ranges(fd, pending, zeros_from, edge)
+            _write_ranges(fd, pending, zeros_from)
+            meeting.punch(fd)
             os.ftruncate(fd, pos)
             self._apply_meta(e, fd)
         except BaseException as exc:
