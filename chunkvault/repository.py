@@ -9,12 +9,14 @@ from __future__ import annotations
 import bisect
 import contextlib
 import dataclasses
+import fcntl
 import functools
 import io
 import itertools
 import math
 import os
 import re
+import stat
 import sys
 import threading
 import time
@@ -1927,9 +1929,10 @@ class Repository:
             want = sub.snapshot_path(rel)
             e = self._entry_within(snap, sub, rel)
             if e is not None and e.type != T_DIR:
+                held = self.find_entry(snap, e.target) if e.type == T_HARDLINK else e
+                holes = self.holes(held) if _ends_regular_file(out) else []
                 with self._file_content(snap, e) as f:
-                    while block := f.read(1 << 20):
-                        out.write(block)
+                    _copy_leaving_holes(f, out, holes)
                 return []
             # refused as a restore refuses them: paths out of the archive's root, links out of the tree
             records = confined(sub.records(self._repo.tree(snap) if not want else self._repo.tree_within(snap, want)),
@@ -2658,6 +2661,46 @@ class _BinarySource(io.RawIOBase):
             raise UsageError("backup_stream: the stream's read returned more bytes than asked for")
         b[:n] = data
         return n
+
+
+def _ends_regular_file(out: BinaryIO) -> bool:
+    """Whether ``out`` writes into a regular file at its end, not appending: what it seeks past there reads as
+    zeros and takes no space (a hole).  Anywhere else (a pipe; a file holding bytes past where the dump begins,
+    which a seek would leave as they are) every byte is written."""
+    try:
+        out.flush()
+        fd = out.fileno()
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_APPEND:
+            return False
+        return out.tell() == st.st_size
+    except (OSError, AttributeError, ValueError):  # io.UnsupportedOperation is both of the last two
+        return False
+
+
+def _copy_leaving_holes(f: BinaryIO, out: BinaryIO, holes: list[tuple[int, int]]) -> None:
+    """Copy a file's content to ``out``, seeking past each (offset, length) run of zeros in ``holes`` (read
+    all the same: the reader checks the whole content against the entry's digest at its end); a file ending
+    in one is lengthened to its size.  `dump` of a 20 GiB database file holding a few MiB into a file wrote
+    20 GiB of zeros."""
+    pos = 0
+    for start, n in [*holes, (-1, 0)]:
+        while start < 0 or pos < start:
+            block = f.read(1 << 20 if start < 0 else min(1 << 20, start - pos))
+            if not block:
+                break
+            out.write(block)
+            pos += len(block)
+        if start < 0:
+            break
+        while n:
+            skipped = len(f.read(min(1 << 20, n)))
+            if not skipped:
+                break
+            out.seek(skipped, io.SEEK_CUR)
+            pos, n = pos + skipped, n - skipped
+    if holes and sum(holes[-1]) == pos:
+        out.truncate()
 
 
 class _WholeWrites:

@@ -731,3 +731,42 @@ def test_delta_leaves_no_block_of_zeros_allocated_where_a_kept_chunk_meets_a_rew
     repo.restore(without, str(fresh))
     assert_same_sparse(fresh / "f", target / "f")
     assert _blocks(target / "f") <= _blocks(fresh / "f")
+
+
+# --- dump of a sparse file into a file ------------------------------------------------------------------
+
+
+def test_dump_of_a_sparse_file_into_a_regular_file_leaves_its_runs_of_zeros_holes(tmp_path, new_repo):
+    """`dump SNAPSHOT FILE > copy` wrote every zero of a sparse file: a 20 GiB database file holding a few MiB
+    took 20 GiB of disk and a minute, where its tar is 16 MiB.  Into a regular file it ends, the runs of
+    zeros a tar leaves out are now seeked past (holes), and a file ending in one is lengthened to its size;
+    into a file that holds bytes past where the dump begins, or one opened to append, every byte is written."""
+    need_holes(tmp_path)
+    src = tmp_path / "src"
+    src.mkdir()
+    sparse_file(src / "img", 96 * MiB, [0, 40 * MiB + 12_345, 70 * MiB])
+    with open(src / "tail", "wb") as f:  # ends in a hole
+        f.write(os.urandom(5_000))
+        f.truncate(32 * MiB)
+    repo = new_repo()
+    snap = repo.backup([str(src)]).snapshot
+    for name in ("img", "tail"):
+        out = tmp_path / f"{name}.out"
+        with open(out, "wb") as f:
+            repo.dump(snap, name, f)
+        assert_same_sparse(src / name, out)
+        assert _blocks(out) * 512 <= 3 * 2 * MiB, name  # the chunks holding data, whole, as a tar holds them
+    with open(tmp_path / "img.out", "r+b") as f:  # bytes where the dump goes: written over, holes too
+        f.write(b"x" * (64 * MiB))
+        f.seek(0)
+        repo.dump(snap, "img", f)
+        f.truncate()
+    assert_same_sparse(src / "img", tmp_path / "img.out")
+    with open(tmp_path / "after", "wb") as f:  # after bytes of its own: from where it stands
+        f.write(b"head")
+        repo.dump(snap, "tail", f)
+    with open(tmp_path / "after", "rb") as f:
+        assert f.read(4) == b"head" and f.read() == (src / "tail").read_bytes()
+    with open(tmp_path / "appended", "ab") as f:
+        repo.dump(snap, "tail", f)
+    assert (tmp_path / "appended").read_bytes() == (src / "tail").read_bytes()
