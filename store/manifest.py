@@ -82,6 +82,19 @@ class ChunkIds(Sequence[bytes]):
         raw = self._raw
         return (raw[i : i + 32] for i in range(0, len(raw), 32))
 
+    def __eq__(self, other: object) -> bool:
+        """Equal to the same ids as another ChunkIds, a list or a tuple, as the list it stands for was."""
+        if isinstance(other, ChunkIds):
+            return self._raw == other._raw
+        if isinstance(other, (list, tuple)):
+            return len(other) == len(self) and all(a == b for a, b in zip(self, other))
+        return NotImplemented
+
+    __hash__ = None  # type: ignore[assignment]  # as a list's
+
+    def __repr__(self) -> str:
+        return f"ChunkIds({list(self)!r})"
+
 
 @dataclass(slots=True)
 class Entry:
