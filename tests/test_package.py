@@ -189,7 +189,7 @@ def test_a_build_without_a_c_compiler_says_what_it_needs(tmp_path):
 # The layers of DESIGN.md import downward only: the chunker knows nothing of storage, the remotes nothing of
 # chunks or crypto, the store nothing of the command line; each may use the package's base modules, which
 # import only each other.
-BASE_MODULES = {"errors", "argparsing", "localfiles", "processes", "tomlfile", "units", "interrupts"}
+BASE_MODULES = {"errors", "argparsing", "localfiles", "processes", "tomlfile", "units", "interrupts", "memory"}
 LAYERS = {"chunker": set(), "remotes": set(), "store": {"chunker", "remotes"}}
 
 
