@@ -116,6 +116,15 @@ def _open_plain(sealer: Sealer, data: bytes, what: str) -> bytes:
         raise CorruptObject(what, f"bad compressed data: {exc}") from None
 
 
+def scan_bases(buf: bytes, pos: int, count: int, bases: dict[bytes, bytes]) -> int:
+    """Add to ``bases`` the (delta id, base id) of the ``count`` entries at ``pos`` (deltas carry their base
+    id inline); returns where they end.  ValueError where they do not scan."""
+    end, pairs = _blobtable.scan_entries(buf, pos, count)
+    bases.update((pairs[i : i + ID_SIZE], pairs[i + ID_SIZE : i + 2 * ID_SIZE])
+                 for i in range(0, len(pairs), 2 * ID_SIZE))
+    return end
+
+
 def decode_index_columns(sealer: Sealer, data: bytes, what: str) -> IndexColumns:
     """Decode an index object: its structure and every entry's kind checked, the entries left in place."""
     plain = _open_plain(sealer, data, what)
@@ -144,11 +153,9 @@ def decode_index_columns(sealer: Sealer, data: bytes, what: str) -> IndexColumns
             (count,) = struct.unpack_from("<I", plain, pos + 32)
             pos += 36
             try:
-                end, pairs = _blobtable.scan_entries(plain, pos, count)  # deltas carry their base id inline
+                end = scan_bases(plain, pos, count, bases)
             except ValueError as exc:
                 raise CorruptObject(what, str(exc)) from None
-            bases.update((pairs[i : i + ID_SIZE], pairs[i + ID_SIZE : i + 2 * ID_SIZE])
-                         for i in range(0, len(pairs), 2 * ID_SIZE))
             pack_ids.append(pack_id)
             counts.append(count)
             starts.append(pos)

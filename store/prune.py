@@ -30,7 +30,7 @@ from .chain import broken_chains
 from .indexfile import INDEX_SLACK, IndexColumns, IndexData, split_index
 from .locks import EXCLUSIVE, RepoLock
 from .pack import ENTRY_SIZE, EncodedEntries, PackEntry, decode_entries
-from .packtable import KeptCopies, PackTable, UsedIds, add_ids, blob_set, id_chunks
+from .packtable import KeptCopies, PackTable, UsedIds, add_ids, blob_set
 from .repository import OBJECT_READERS, PreparedBlob, Repo, pack_key, superseded_names
 from .usage import bases_of, with_bases
 
@@ -650,19 +650,6 @@ def replace_index(repo: Repo, new_index: IndexData, old_names: list[str],
     # deletion waited a round trip; a prune replacing a year's index objects waited thousands in a row).
     for _ in parallel_map(delete, old_names, workers=OBJECT_READERS):
         pass
-
-
-def _missing(needed: Collection[bytes], known: KeptCopies) -> tuple[int, bytes | None]:
-    """How many of ``needed`` no index lists, and the first of them."""
-    count, first = 0, None
-    for ids in id_chunks(needed):
-        present = known.contains_many(ids)
-        if 0 in present:
-            count += present.count(0)
-            if first is None:
-                at = present.index(0)
-                first = ids[32 * at : 32 * at + 32]
-    return count, first
 
 
 def plan_prune(repo: Repo, max_unused: float = 0.05, max_repack: int | None = None) -> PrunePlan:

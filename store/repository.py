@@ -43,8 +43,8 @@ from chunkvault.errors import (
 from chunkvault.remotes import ObjectInfo, Remote
 from chunkvault.remotes.layer import parallel_map
 
-from . import _blobtable, chain
-from .blob import (ID_SIZE, KIND_DELTA, MAX_DELTA_DEPTH, Plaintext, compress, compress_many, delta_compress,
+from . import chain
+from .blob import (KIND_DELTA, MAX_DELTA_DEPTH, Plaintext, compress, compress_many, delta_compress,
                    envelope_base, open_chain, open_envelope, sampled_size, seal_blob, seal_whole_blobs)
 from .blobindex import BlobIndex, BlobLocation
 from .config import (FORMAT_XATTRS, MAX_PACK_SIZE, KeyFile, RepoConfig, Settings, changed_settings, make_key_file,
@@ -52,7 +52,7 @@ from .config import (FORMAT_XATTRS, MAX_PACK_SIZE, KeyFile, RepoConfig, Settings
 from .crypto import BlobHasher, KeyMaterial, Sealer, content_name
 from .deltabase import choose_base, unreadable_deltas
 from .indexfile import (INDEX_SLACK, IndexColumns, IndexData, decode_index, decode_index_columns, encode_index,
-                        pack_index_bytes)
+                        pack_index_bytes, scan_bases)
 from .manifest import OP_DELETE, Record, decode_records, iter_records
 from .manifest_seek import ManifestSeeker, Segment, segments
 from .pack import EncodedEntries, PackBuffers, PackBuilder, PackEntry, fetch_header
@@ -807,9 +807,7 @@ class Repo:
         added = index.add_entries(entries._buf, entries._start, len(entries), pack_no, replaced, numbers)
         if added == len(entries):
             if entries.has_deltas:
-                pairs = _blobtable.scan_entries(entries._buf, entries._start, len(entries))[1]
-                bases.update((pairs[i:i + ID_SIZE], pairs[i + ID_SIZE:i + 2 * ID_SIZE])
-                             for i in range(0, len(pairs), 2 * ID_SIZE))
+                scan_bases(entries._buf, entries._start, len(entries), bases)
             return
         self._note_copies(replaced, [(pack_no, entries)], index, bases, copies, numbers)
 

@@ -9,8 +9,8 @@ from chunkvault.store.crypto import Sealer
 from chunkvault.store.indexfile import (IndexData, decode_index, decode_index_columns, encode_index,
                                         pack_index_bytes, split_index)
 from chunkvault.store.pack import EncodedEntries, PackEntry, encode_entries
-from chunkvault.store.packtable import KeptCopies, PackTable, UsedIds, blob_set, id_chunks
-from chunkvault.store.prune import (_missing, add_bases, bases_needed, dead_index_objects, kept_copies,
+from chunkvault.store.packtable import KeptCopies, PackTable, UsedIds, add_ids, blob_set, id_chunks
+from chunkvault.store.prune import (add_bases, bases_needed, dead_index_objects, kept_copies,
                                     select_packs)
 from chunkvault.store.usage import with_bases
 
@@ -162,9 +162,15 @@ def test_blobs_no_index_lists_are_counted_and_named():
     a, b, c = (bytes([i]) * 32 for i in (1, 2, 3))
     table = PackTable.from_entries({bytes(32): [PackEntry(a, KIND_ZSTD, 0, 1, 1)]})
     known = KeptCopies(table)
-    assert _missing(blob_set([a]), known) == (0, None)
-    assert _missing(blob_set([a, b, c]), known) == (2, b)
-    assert _missing([], known) == (0, None)
+
+    def missing(ids):  # as plan_prune counts and names them
+        out = blob_set()
+        add_ids(out, UsedIds(known.table).mark(b"".join(ids)))
+        return len(out), (out._t.rows(0, 1)[0] if len(out) else None)
+
+    assert missing([a]) == (0, None)
+    assert missing([a, b, c, b]) == (2, b)
+    assert missing([]) == (0, None)
     many = [i.to_bytes(32, "big") for i in range(70_000)]  # more than one step of id_chunks
     assert b"".join(id_chunks(blob_set(many))) == b"".join(many) == b"".join(id_chunks(many))
     empty = KeptCopies(PackTable.from_entries({}))
