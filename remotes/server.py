@@ -86,7 +86,7 @@ RATE_WINDOWS = 2  # longer than the gap allowed, so that a stall the gap lets pa
 LINGER_TIMEOUT = 2.0
 DEFAULT_MAX_CONNECTIONS = 256
 DEFAULT_MAX_CONNECTIONS_PER_CLIENT = 64
-DEFAULT_HEADER_TIMEOUT = 30.0
+DEFAULT_HEADER_TIMEOUT = 15.0
 DEFAULT_IDLE_TIMEOUT = 60.0
 DEFAULT_CLEANUP_INTERVAL = 3600.0
 UNFINISHED_AGE = 3600.0  # a temp file this old is an abandoned upload (a body stalls for body_timeout at most)
@@ -231,7 +231,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--max-connections-per-client", metavar="N",
                    help=f"connections from one address at once (default {DEFAULT_MAX_CONNECTIONS_PER_CLIENT})")
     p.add_argument("--header-timeout", metavar="SECONDS",
-                   help=f"time a client has to send a request's line and headers (default {DEFAULT_HEADER_TIMEOUT:g})")
+                   help="time a client has to send a request's line and headers, from a new connection's start or a "
+                        f"keep-alive request's first byte (default {DEFAULT_HEADER_TIMEOUT:g})")
     p.add_argument("--idle-timeout", metavar="SECONDS",
                    help=f"an idle connection is closed after this long (default {DEFAULT_IDLE_TIMEOUT:g})")
     p.add_argument("--cleanup-interval", metavar="SECONDS",
@@ -962,8 +963,9 @@ class Handler(BaseHTTPRequestHandler):
     sys_version = ""
     timeout = READ_TIMEOUT
     server: BackupServer
-    # What the connection waits for: "idle" (a request's first byte, idle_timeout), "head" (the rest of its
-    # line and headers, header_timeout from the first byte), "body" (a body's reads paced by BodyPace), "linger".
+    # What the connection waits for: "idle" (a request's first byte: idle_timeout on a keep-alive connection,
+    # header_timeout from its start on a new one), "head" (the rest of its line and headers, header_timeout from
+    # the first byte, or from a new connection's start), "body" (a body's reads paced by BodyPace), "linger".
     _phase = "head"
     _deadline: float | None = None
     _pace: BodyPace | None = None  # while a body is read: how it must keep arriving
@@ -971,15 +973,17 @@ class Handler(BaseHTTPRequestHandler):
     _timeout_set: float | None = None
     _expecting = False  # the client waits for "100 Continue" before it sends the body
     _served = 0  # requests begun on this connection
+    _opened = 0.0  # when the connection was taken (setup)
 
     def setup(self) -> None:
         super().setup()
         self.rfile.close()
         self.rfile = io.BufferedReader(_DeadlineReader(self.connection, self))
+        self._opened = time.monotonic()
         if isinstance(self.connection, ssl.SSLSocket):
             # The handshake (and a plain request's head) get the time a request's head gets: CPython bounds
             # the whole handshake, not each read in it, by the socket's timeout.
-            self._deadline = time.monotonic() + self.server.settings.header_timeout
+            self._deadline = self._opened + self.server.settings.header_timeout
             self._arm_timeout()
             try:  # a client that sends nothing at all is as late as one that stops half-way
                 self._refuse_plain_http()
@@ -1007,7 +1011,8 @@ class Handler(BaseHTTPRequestHandler):
         if self._phase == "idle":
             self.server.waiting(self, False)
             self._phase = "head"
-            self._deadline = time.monotonic() + self.server.settings.header_timeout
+            if self._served > 1:  # a new connection's first request keeps the deadline it started with
+                self._deadline = time.monotonic() + self.server.settings.header_timeout
         elif self._pace is not None and self._unread > 0:
             self._pace.arrived(n)
 
@@ -1025,9 +1030,15 @@ class Handler(BaseHTTPRequestHandler):
         # logged under the previous request's key.
         self._what, self._unread = "-", 0
         self._phase, self._expecting, self._pace, self._cut = "idle", False, None, None
-        self._deadline = time.monotonic() + self.server.settings.idle_timeout
         if self._served:  # a keep-alive connection, which may be closed for a new one (BackupServer._make_room)
+            self._deadline = time.monotonic() + self.server.settings.idle_timeout
             self.server.waiting(self, True)
+        else:
+            # A new connection's first request, its line and headers all of them, within the header timeout of
+            # the connection's start (the TLS handshake's included), as nginx's client_header_timeout: it waited the
+            # idle timeout for its first byte, and a few hundred sockets that connect and send nothing (slowloris)
+            # held every place at the connection limit for a minute at a time.
+            self._deadline = self._opened + self.server.settings.header_timeout
         self._served += 1
         super().handle_one_request()
 

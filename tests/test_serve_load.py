@@ -501,7 +501,7 @@ def test_pages_of_a_few_objects_each_list_every_object_past_empty_directories_an
 def test_a_client_refused_at_the_connection_limit_waits_for_room_instead_of_calling_the_service_unavailable(
         serve_factory, tmp_path):
     """Every connection the service takes is held (here its one, by a client that has sent nothing yet, until
-    the idle timeout closes it 3 s later): a new client's first requests are answered 503, try again.  That is the
+    the header timeout closes it 3 s later): a new client's first requests are answered 503, try again.  That is the
     service answering, so the client waits for room as for a service that answered before (its retry time),
     instead of giving up after its few attempts as on a URL that leads nowhere: a backup starting while the
     service was full failed in some 15 s, before the idle timeout of 60 s could make room."""
@@ -510,7 +510,7 @@ def test_a_client_refused_at_the_connection_limit_waits_for_room_instead_of_call
     from chunkvault.remotes.layer import wrap_remote
 
     server = serve_factory("--tokens", str(write_tokens(tmp_path)), "--quiet", "--max-connections", "1",
-                           "--idle-timeout", "3")
+                           "--header-timeout", "3")
     for _ in range(50):  # once the connection the start was checked on is let go
         held = socket.create_connection(("127.0.0.1", server.port), timeout=0.3)
         try:
@@ -562,6 +562,54 @@ def test_at_its_connection_limits_the_service_closes_an_idle_keep_alive_connecti
         silent.settimeout(0.5)
         with pytest.raises(TimeoutError):
             silent.recv(1)
+    finally:
+        for s in held:
+            s.close()
+    assert "Traceback" not in server.log()
+
+
+def test_connections_that_send_nothing_hold_their_places_for_the_header_timeout_not_the_idle_one(
+        serve_factory, tmp_path):
+    """A new connection waited the idle timeout (60 s) for its first byte, and then had the header timeout for
+    the rest: a few hundred sockets that connect and send nothing (slowloris) kept every real client answered 503
+    for a minute at a time.  A new connection's first request now has the header timeout from the connection's
+    start, its line and headers all of them, however they trickle in; the idle timeout is for keep-alive
+    connections between requests."""
+    server = serve_factory("--tokens", str(write_tokens(tmp_path)), "--quiet", "--max-connections", "8",
+                           "--max-connections-per-client", "8", "--header-timeout", "2", "--idle-timeout", "30")
+    ask = f"HEAD /objects/config HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {READ_TOKEN}\r\n\r\n".encode()
+
+    def answered() -> int:
+        with socket.create_connection(("127.0.0.1", server.port), timeout=10) as s:
+            try:
+                s.sendall(ask)
+                return _status(_head(s))
+            except OSError:  # refused at once (503 and closed), its answer lost to the reset
+                return 0
+
+    held = [socket.create_connection(("127.0.0.1", server.port), source_address=(f"127.0.6.{n % 3 + 1}", 0))
+            for n in range(30)]
+    try:
+        started = time.monotonic()
+        while answered() != 404:  # 503 while the silent ones hold every place
+            assert time.monotonic() - started < 15, "a real client waited past the header timeout"
+            time.sleep(0.2)
+        late = socket.create_connection(("127.0.0.1", server.port), timeout=10)
+        held.append(late)
+        opened = time.monotonic()
+        time.sleep(1.5)  # silent for most of the header timeout, then a byte every 0.3 s
+        with pytest.raises(OSError):
+            for byte in b"GET /objects/config HTTP/1.1\r\nHost: x\r\nX-Pad: " + b"x" * 40:
+                late.send(bytes([byte]))
+                time.sleep(0.3)
+                assert time.monotonic() - opened < 3.5, "the head's deadline began at its first byte"
+                late.setblocking(False)
+                try:
+                    if late.recv(1) == b"":
+                        raise ConnectionResetError("closed")
+                except BlockingIOError:
+                    pass
+                late.setblocking(True)
     finally:
         for s in held:
             s.close()
