@@ -238,6 +238,8 @@ class RemoteUnavailable(RemoteError):
     #: again): it is there, so it is waited for as a remote that answered, not given up on as a URL that leads
     #: nowhere after the few attempts that takes.
     answered: bool = False
+    #: Seconds the remote asked to be left alone before the next attempt (an HTTP answer's Retry-After), if it did.
+    retry_after: float | None = None
 
     @staticmethod
     def gave_up_on(exc: BaseException | None, display_url: str) -> bool:

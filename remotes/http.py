@@ -47,11 +47,14 @@ sorts failures into permanent and transient (``RemoteUnavailable``) ones.
 """
 from __future__ import annotations
 
+import datetime
+import email.utils
 import json
 import math
 import os
 import re
 import ssl
+import time
 import urllib.request
 import warnings
 from typing import Any, Iterator
@@ -170,6 +173,32 @@ def _pool_classes(send_timeout: float) -> dict[str, type]:
                          {"ConnectionCls": timed_send(urllib3.connection.HTTPConnection)}),
             "https": type("TimedHTTPSPool", (urllib3.HTTPSConnectionPool,),
                           {"ConnectionCls": timed_send(urllib3.connection.HTTPSConnection)})}
+
+
+#: The longest Retry-After taken as it is written (some 30 years); a longer one is taken as this.
+LONGEST_RETRY_AFTER = 1e9
+
+
+def retry_after(value: str | None, date: str | None = None) -> float | None:
+    """Seconds a busy answer's ``Retry-After`` asks to wait (RFC 9110, 10.2.3: whole seconds, or an HTTP date,
+    counted from the answer's own ``Date`` where it has one, so that a clock set apart from ours waits no longer
+    or shorter); None without one that reads."""
+    value = (value or "").strip()
+    if value.isascii() and value.isdigit():
+        return min(float(value[:12]), LONGEST_RETRY_AFTER)
+    when, now = _http_date(value), _http_date(date)
+    if when is None:
+        return None
+    return min(max(0.0, when - (now if now is not None else time.time())), LONGEST_RETRY_AFTER)
+
+
+def _http_date(text: str | None) -> float | None:
+    """An HTTP date (always GMT) as seconds since the epoch, or None."""
+    try:
+        when = email.utils.parsedate_to_datetime(text) if text else None
+        return when.replace(tzinfo=when.tzinfo or datetime.timezone.utc).timestamp() if when else None
+    except (TypeError, ValueError, IndexError, OverflowError):
+        return None
 
 
 def _seconds(rest: list) -> float | None:
@@ -406,6 +435,7 @@ class HTTPRemote(Remote):
             error = RemoteUnavailable(f"{op} {where} failed, try again: HTTP {status}: {reason}")
             # the service's own answer (its header), not a proxy's whose service is gone
             error.answered = response.headers.get(LIMIT_HEADER) is not None
+            error.retry_after = retry_after(response.headers.get("Retry-After"), response.headers.get("Date"))
             return error
         if 300 <= status < 400:
             return RemoteError(f"{op} {where}: unexpected redirect (HTTP {status}); use the service's own URL")

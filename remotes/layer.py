@@ -194,7 +194,8 @@ class RetryingRemote(Remote):
         self.answered = True
         self.stop.answered()
 
-    def _report(self, what: str, made: int, delay: float, error: BaseException, left: float | None) -> None:
+    def _report(self, what: str, made: int, delay: float, error: BaseException, left: float | None,
+                asked: bool = False) -> None:
         """Say that the remote fails and is tried again: a stalled remote otherwise kept a command silent
         for the minutes its retries may take.  Silent once a stop is requested: the command says how it
         ended, and a thread it left retrying would print the warning past it, raw, past its printer."""
@@ -218,6 +219,8 @@ class RetryingRemote(Remote):
             budget = (f"attempt {made + 1}; giving up in {span}" if made >= self.attempts
                       else f"attempt {made + 1}; giving up after at least {span} and {self.attempts} attempts")
         when = f"in {delay:.1f} s" if delay >= 0.05 else "now"  # a first retry's jitter: "in 0.0 s" read oddly
+        if asked:
+            when += " as its Retry-After asks"
         warnings.warn(f"{where}{what} failed ({error}); retrying {when} ({budget}){more}",
                       RemoteRetryWarning, stacklevel=4)
 
@@ -230,6 +233,8 @@ class RetryingRemote(Remote):
         start = self._clock()
         last: BaseException | None = None
         made = 0
+        asked_in_all = 0.0  # the waits a Retry-After asked for, made
+        refused: float | None = None  # a wait a Retry-After asked for past the time left to retry
         while True:
             left = self.stop.left()
             if left is not None and left <= 0:
@@ -250,6 +255,16 @@ class RetryingRemote(Remote):
                 made += 1
             delay = self._delay(min(made - 1, 62))
             now = self._clock()
+            # A remote that says when to come back (HTTP's Retry-After) is left alone that long: trying sooner only
+            # spent the attempts on answers that were sure to be the same.
+            asked = getattr(last, "retry_after", None)
+            if asked is not None and asked > delay:
+                if self._gives_up(made, start, now + asked) and not self._gives_up(made, start, now + delay):
+                    refused = asked  # a wait we will not make: said at once, not tried again sooner than asked
+                    break
+                delay = asked
+            else:
+                asked = None
             if self._gives_up(made, start, now + delay):
                 break
             left = self.stop.left()
@@ -259,15 +274,23 @@ class RetryingRemote(Remote):
                 delay = min(delay, left)
             with self._rng_lock:
                 self.retries += 1
-            self._report(f"{op} {key}" if key else op, made, delay, last, self._outage_left(start, now))
+            self._report(f"{op} {key}" if key else op, made, delay, last, self._outage_left(start, now),
+                         asked is not None)
+            if asked is not None:
+                asked_in_all += delay
             self._sleep(delay)
         what = f"{op} {key}" if key else op
         if self.stop.left() is not None:
             error = RemoteUnavailable(f"{what} on {self.display_url} given up after {made} attempt(s): the command "
                                       f"was told to stop" + (f"; last error: {last}" if last else ""))
         else:
-            error = RemoteUnavailable(
-                f"{self.display_url} is unavailable: {what} failed {made} time(s), giving up; last error: {last}")
+            waits = ""
+            if refused is not None:
+                waits = f": it asked to wait {refused:.0f} s (Retry-After), past the time left to retry"
+            elif asked_in_all:
+                waits = f" (after waiting {asked_in_all:.0f} s in all as its Retry-After asked)"
+            error = RemoteUnavailable(f"{self.display_url} is unavailable: {what} failed {made} time(s), giving up"
+                                      f"{waits}; last error: {last}")
         error.remote = self.display_url
         raise error from last
 

@@ -2005,3 +2005,119 @@ def test_a_connection_whose_thread_cannot_start_is_answered_503_naming_the_limit
     assert answer.status == 503 and "cannot start a thread" in body["error"]
     logged = capsys.readouterr().err
     assert "cannot start a thread" in logged and "internal error" not in logged
+
+
+# --- Retry-After -------------------------------------------------------------------------------------------
+
+
+class _BusyFront:
+    """A front (a proxy, or the service itself) on a free port that answers each of ``answers`` (status line's
+    code, headers, or a function that makes them when it answers) in turn, one request a connection, then
+    forwards connections to ``port``; ``asked`` holds when each request came."""
+
+    def __init__(self, port: int, answers: list[tuple[int, dict[str, str] | Callable[[], dict[str, str]]]]):
+        self.port, self._answers, self.asked = port, list(answers), []
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self._listener.getsockname()[1]}/"
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                client, _ = self._listener.accept()
+            except OSError:
+                return
+            if not self._answers:
+                server = socket.create_connection(("127.0.0.1", self.port))
+                for a, b in ((client, server), (server, client)):
+                    threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
+                continue
+            with client:
+                head = b""
+                while b"\r\n\r\n" not in head and (piece := client.recv(65536)):
+                    head += piece
+                self.asked.append(time.monotonic())
+                status, headers = self._answers.pop(0)
+                headers = headers() if callable(headers) else headers
+                body = b"busy, try later"
+                lines = "".join(f"{k}: {v}\r\n" for k, v in headers.items())
+                client.sendall(f"HTTP/1.1 {status} Busy\r\nContent-Length: {len(body)}\r\n{lines}Connection: close"
+                               f"\r\n\r\n".encode() + body)
+
+    @staticmethod
+    def _pipe(src: socket.socket, dst: socket.socket) -> None:
+        try:
+            while data := src.recv(65536):
+                dst.sendall(data)
+            dst.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
+
+    def close(self) -> None:
+        self._listener.close()
+
+
+@pytest.mark.parametrize("status, service", [(503, True), (503, False), (429, False)])
+def test_a_busy_answer_is_retried_after_the_wait_its_retry_after_asks_in_seconds_or_as_a_date(
+        http_server, status, service):
+    """Retry-After (seconds, or an HTTP date) was ignored: the client tried again at once, a 0.2 s backoff, and
+    spent its attempts on a front that had said when to come back.  It now waits what each answer asks; a date
+    counted from the answer's own Date, whose clock here is an hour behind the client's."""
+    import email.utils
+
+    from chunkvault.remotes.layer import wrap_remote
+
+    own = {LIMIT_HEADER: "268435456"} if service else {}
+
+    def dated() -> dict[str, str]:
+        now = time.time() - 3600
+        return {"Date": email.utils.formatdate(now, usegmt=True),
+                "Retry-After": email.utils.formatdate(now + 3, usegmt=True), **own}
+
+    front = _BusyFront(http_server.port, [(status, {"Retry-After": "2", **own}), (status, dated)])
+    try:
+        with wrap_remote(HTTPRemote.from_url(front.url, token=READ_TOKEN), attempts=8, base_delay=0.01,
+                         max_delay=0.05, outage=60) as remote, pytest.warns(Warning, match="Retry-After"):
+            assert remote.stat("config") is None
+    finally:
+        front.close()
+    first, second = front.asked
+    assert second - first >= 1.9
+    assert time.monotonic() - second >= 2.9
+
+
+def test_a_retry_after_beyond_the_retry_budget_gives_up_at_once_saying_what_it_was_asked_to_wait(http_server):
+    """A wait the client will not make (an hour, its retry budget a few seconds) is no reason to hammer the
+    front eight times in a second either: it gives up at once, in one line that says what was asked."""
+    from chunkvault.remotes.layer import wrap_remote
+
+    front = _BusyFront(http_server.port, [(429, {"Retry-After": "3600"})] * 8)
+    started = time.monotonic()
+    try:
+        with wrap_remote(HTTPRemote.from_url(front.url, token=READ_TOKEN), attempts=8, base_delay=0.01,
+                         max_delay=0.05, timeout=5) as remote:
+            with pytest.raises(RemoteUnavailable) as info:
+                remote.stat("config")
+    finally:
+        front.close()
+    assert time.monotonic() - started < 3 and len(front.asked) == 1
+    message = str(info.value)
+    assert "\n" not in message
+    assert "asked to wait 3600 s (Retry-After)" in message and "HTTP 429" in message, message
+
+
+@pytest.mark.parametrize("status", [502, 504])
+def test_a_proxy_gateway_error_without_retry_after_is_retried_with_backoff_as_before(http_server, status):
+    """A proxy's 502 or 504 (no service header, no Retry-After) is retried on the backoff, and gives up after its
+    attempts as a service gone does, not waited for as one that answered."""
+    from chunkvault.remotes.layer import wrap_remote
+
+    front = _BusyFront(http_server.port, [(status, {})] * 3)
+    try:
+        with wrap_remote(HTTPRemote.from_url(front.url, token=READ_TOKEN), attempts=3, base_delay=0.01,
+                         max_delay=0.05, outage=60) as remote, pytest.warns(Warning):
+            with pytest.raises(RemoteUnavailable, match=f"failed 3 time.*HTTP {status}"):
+                remote.stat("config")
+    finally:
+        front.close()
+    assert front.asked[-1] - front.asked[0] < 1
