@@ -490,7 +490,22 @@ class HTTPRemote(Remote):
         if ranged and (response.status == 200 or served is not None):  # answered whole (something in between
             # dropped the Range header), or as Content-Range says (cut short?); a 206 without it is taken as is
             data = served_range(f"{self.display_url}{key}", lo, length, data, served if response.status == 206 else None)
+        chunked = "chunked" in response.headers.get("Transfer-Encoding", "").lower()  # a cut one fails to read
+        if expected is None and served is None and not chunked:
+            self._check_length(key, lo, length, data)
         return data
+
+    def _check_length(self, key: str, start: int, length: int | None, data: bytes) -> None:
+        """RemoteUnavailable where ``data`` is short of what the object holds from ``start``: an answer that said
+        not how long it is (a proxy passing the body on until the connection ends) was taken whole, however short
+        a connection cut left it."""
+        info = self.stat(key)
+        if info is None:
+            raise ObjectNotFound(key)
+        want = max(0, info.size - start) if length is None else max(0, min(length, info.size - start))
+        if len(data) != want:
+            raise RemoteUnavailable(f"reading {self.display_url}{key}: got {len(data)} of {want} bytes (the answer "
+                                    "gave no length)")
 
     def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
         validate_prefix(prefix)
