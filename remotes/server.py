@@ -761,12 +761,14 @@ class BackupServer(ThreadingHTTPServer):
 
     def _refuse(self, request: Any, message: str) -> None:
         """One 503 answer saying ``message``, where it fits into the socket's buffer at once (over TLS, none: the
-        handshake is not made for it); the caller closes the connection."""
+        handshake is not made for it); the caller closes the connection.  Its Retry-After is a second, which clients
+        wait: a place is free once any request ends, and 5 s had a pool of connections larger than the limit per
+        client take ten times as long as its retries on the backoff did."""
         if isinstance(request, ssl.SSLSocket):
             return
         body = json.dumps({"error": message}).encode()
         head = (f"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nContent-Length: {len(body)}"
-                f"\r\n{LIMIT_HEADER}: {self.settings.max_object_size}\r\nRetry-After: 5\r\nConnection: close\r\n\r\n")
+                f"\r\n{LIMIT_HEADER}: {self.settings.max_object_size}\r\nRetry-After: 1\r\nConnection: close\r\n\r\n")
         try:
             request.send(head.encode() + body, socket.MSG_DONTWAIT)
         except OSError:

@@ -335,7 +335,9 @@ def test_each_connection_limit_is_logged_on_its_own(serve_factory, tmp_path):
         with socket.create_connection(("127.0.0.1", server.port), timeout=10) as s:
             # refused as it is taken, before the service reads a byte: a request sent meanwhile may meet the
             # close as a reset and lose the answer with it
-            assert _status(s.recv(65536)) == 503
+            answer = s.recv(65536)
+            assert _status(answer) == 503
+            assert b"\r\nRetry-After: 1\r\n" in answer  # clients wait what it says: a place frees as a request ends
         assert _wait_for(lambda: "6 connections at once (--max-connections)" in server.log()), server.log()
     finally:
         for s in held:
