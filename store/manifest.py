@@ -325,13 +325,28 @@ def locate_record_reference(buf: bytes | memoryview, path: bytes, what: str) -> 
 
 
 def iter_records(pieces: Iterable[bytes], what: str) -> Iterator[Record]:
-    """Records from a manifest's byte stream delivered in pieces (blobs)."""
-    pending = b""
+    """Records from a manifest's byte stream delivered in pieces (blobs).
+
+    A record spanning many pieces (a file of a million chunks: 32 MB of ids) grows one buffer: joined anew to
+    each piece, it was copied once a piece, the old and the new buffer held together beside the decoded record.
+    The buffer is let go once decoded, and each record once handed on, so a caller that replaces one (a copy's
+    mapped ids) does not hold both."""
+    pending = bytearray()
     for piece in pieces:
-        buf = pending + piece if pending else piece
+        if pending:
+            pending += piece
+            buf: bytes | memoryview | bytearray = pending
+        else:
+            buf = piece
         records, used = decode_records(buf, what)
-        yield from records
-        pending = bytes(buf[used:])
+        if buf is pending:
+            del pending[:used]
+        elif used < len(piece):
+            pending = bytearray(memoryview(piece)[used:])
+        del buf
+        records.reverse()
+        while records:
+            yield records.pop()
     if pending:
         raise CorruptObject(what, "manifest ends inside a record")
 
