@@ -174,19 +174,25 @@ def held_ns(ns: int) -> int:
 
 
 def encode_record(rec: Record) -> bytes:
+    return b"".join(record_parts(rec))
+
+
+def record_parts(rec: Record) -> tuple[bytes, ...]:
+    """``encode_record``'s bytes in parts, to append to a buffer without joining them first (a file's chunk ids
+    are most of a record: 32 MB for a million chunks)."""
     out = _HEAD.pack(rec.op, len(rec.path)) + rec.path
     if rec.op == OP_DELETE:
-        return out
+        return (out,)
     e = rec.entry
     assert e is not None
     flags = e.flags | F_XATTRS if e.xattrs else e.flags
-    return b"".join((
+    return (
         out,
         _FIXED.pack(e.type, flags, e.mode, e.uid, e.gid, e.mtime_ns, e.size, e.ctime_ns, e.ino, e.dev, e.rdev),
         struct.pack("<IB", len(e.target), len(e.digest)), e.target, e.digest,
         struct.pack("<I", len(e.chunks) // 32), e.chunks,
         struct.pack("<I", len(e.xattrs)) + e.xattrs if e.xattrs else b"",
-    ))
+    )
 
 
 def record_path(buf: bytes | bytearray, offset: int) -> bytes:

@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections import deque
 from typing import TYPE_CHECKING, Callable, Iterable
 
-from .manifest import Record, encode_record
+from .manifest import Record, record_parts
 from .snapshot import SNAPSHOT_VERSION
 
 if TYPE_CHECKING:
@@ -34,7 +34,8 @@ class ManifestWriter:
 
     def add(self, rec: Record) -> None:
         self._record_starts.append(self._buf_offset + len(self.buf))
-        self.buf += encode_record(rec)
+        for part in record_parts(rec):
+            self.buf += part
         self.records += 1
         if rec.entry is not None and rec.entry.xattrs:
             self.version = SNAPSHOT_VERSION
