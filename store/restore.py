@@ -596,8 +596,11 @@ class _Prefetcher:
         self.prefetch = prefetch
         self.records = records
         self.ahead: deque[tuple[Record, bool]] = deque()  # and whether its chunks were queued
-        self.ids: deque[tuple[bytes, int]] = deque()  # (chunk id, its expected size)
-        self.queued = 0  # bytes expected of self.ids
+        # [a file's chunk ids, how many of them are taken, their expected size]: the ids are taken as batches
+        # are made, not queued one by one (a tuple each: a file of a million chunks queued 130 MB of them)
+        self.ids: deque[list] = deque()
+        self.queued_ids = 0  # chunk ids in self.ids not taken yet
+        self.queued = 0  # bytes expected of them
         self.batches: deque[tuple[Future[list[Plaintext]], int]] = deque()
         self.in_flight = 0  # bytes expected of self.batches
         self.current: deque[Plaintext] = deque()
@@ -622,22 +625,27 @@ class _Prefetcher:
             assert e is not None
             ids = e.chunk_ids()
             each = -(-e.size // len(ids))
-            self.ids.extend((c, each) for c in ids)
+            self.ids.append([ids, 0, each])
+            self.queued_ids += len(ids)
             self.queued += each * len(ids)
         return True
 
     def _fill(self) -> None:
         while len(self.batches) < 2 or self.in_flight < self.window:
-            while len(self.ids) < self.batch_blobs and self.queued < self.batch_bytes and self._pull():
+            while self.queued_ids < self.batch_blobs and self.queued < self.batch_bytes and self._pull():
                 pass
-            if not self.ids:
+            if not self.queued_ids:
                 return
             take: list[bytes] = []
             size = 0
-            while self.ids and len(take) < self.batch_blobs and (not take or size + self.ids[0][1] <= self.batch_bytes):
-                cid, n = self.ids.popleft()
-                take.append(cid)
-                size += n
+            while self.ids and len(take) < self.batch_blobs and (not take or size + self.ids[0][2] <= self.batch_bytes):
+                run = self.ids[0]
+                take.append(run[0][run[1]])
+                run[1] += 1
+                size += run[2]
+                if run[1] == len(run[0]):
+                    self.ids.popleft()
+            self.queued_ids -= len(take)
             self.queued -= size
             self.in_flight += size
             self.batches.append((self.pool.submit(self._read_batch, take), size))

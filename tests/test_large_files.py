@@ -806,3 +806,13 @@ def test_a_file_of_many_chunks_is_copied_holding_little_beside_their_ids(tmp_pat
     assert _peak(lambda: repo.copy_to(other)) < 5 * ids
     assert other.find_entry("latest", "img").digest == repo.find_entry(snap, "img").digest
     assert other.check(read_data=True).ok
+
+
+@pytest.mark.slow
+def test_a_file_of_many_chunks_is_restored_holding_little_beside_their_ids(tmp_path, new_repo):
+    """A restore queued each of a file's chunk ids, with its expected size, in a tuple of its own to fetch
+    ahead (130 bytes a chunk: a file of a million chunks queued 130 MB); it takes them from the entry's ids as
+    it makes its batches now.  The same arithmetic at 131,072 chunks of 4 KiB."""
+    repo, snap, ids = _many_chunks(tmp_path, new_repo)
+    assert _peak(lambda: repo.restore(snap.id, str(tmp_path / "out"), processes=1)) < 3 * ids
+    assert_same_sparse(tmp_path / "src" / "img", tmp_path / "out" / "img")
