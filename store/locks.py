@@ -144,7 +144,9 @@ class LockInfo:
         if self.judged_by_age_only() or self.pid == os.getpid():
             return False
         if self.boot is not None and self.start is not None:
-            return process_start(self.pid) != self.start  # gone, or its pid now names another process
+            # gone, or its pid now names another process; or killed and not yet reaped by its parent (a zombie
+            # holds nothing, however long a job runner or a container's init leaves it unreaped)
+            return process_start(self.pid, running=True) != self.start
         try:
             os.kill(self.pid, 0)
         except ProcessLookupError:

@@ -77,6 +77,27 @@ def test_a_reused_pid_does_not_revive_a_dead_holders_lock(remote, sleeper):
     assert remote.stat(key) is None  # removed, not just ignored
 
 
+@needs_proc
+def test_a_lock_of_a_killed_process_its_parent_has_yet_to_reap_is_stale(remote):
+    """A killed command is a zombie until its parent waits for it (a job runner busy with another command, a
+    container's init that reaps nothing): its pid and start time are still there, but it holds nothing.
+    Taken for live, its lock refused a prune ("locked by backup ... try again later") and held a backup off
+    until it went stale by age, five minutes later."""
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        start = process_start(holder.pid)
+        key = plant(remote, "9" * 32, holder.pid, boot=boot_id(), start=start)
+        holder.kill()
+        deadline = time.monotonic() + 10
+        while process_start(holder.pid, running=True) is not None and time.monotonic() < deadline:
+            time.sleep(0.01)  # killed, not reaped: a zombie
+        assert process_start(holder.pid) == start
+        with RepoLock(remote, EXCLUSIVE, "prune"):
+            assert remote.stat(key) is None
+    finally:
+        holder.wait()
+
+
 def test_a_lock_of_a_process_that_is_gone_is_removed(remote):
     key = plant(remote, "c" * 32, dead_pid(), boot=boot_id(), start=12345)
     old = plant(remote, "d" * 32, dead_pid())  # written before locks carried boot and start
