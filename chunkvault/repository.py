@@ -311,9 +311,11 @@ def split_subtree(spec: str) -> tuple[str, bytes | None]:
 
 
 def _announce_wait(holder: LockInfo, wait: float, label: str = "repository") -> None:
-    """What a command says once, before it waits for another's lock."""
-    warnings.warn(f"waiting up to {wait:g} s: {label} is locked by {holder.describe()}", RepositoryStateWarning,
-                  stacklevel=4)
+    """What a command says once, before it waits for another's lock: for one it can judge by age only (another
+    host's), also how long until it goes stale and how to remove it, as a refusal says."""
+    note = holder.stale_note(waiting=True) if holder.judged_by_age_only() else ""
+    warnings.warn(f"waiting up to {wait:g} s: {label} is locked by {holder.describe()}{note}",
+                  RepositoryStateWarning, stacklevel=4)
 
 
 locks.announce_wait = _announce_wait

@@ -162,13 +162,15 @@ class LockInfo:
         return (self.host != socket.gethostname() or (self.boot is not None and self.boot != boot_id())
                 or (self.pidns is not None and self.pidns != pid_namespace()))
 
-    def stale_note(self) -> str:
-        """What a command refused by this lock is told of it: a lock whose command was killed elsewhere stays
-        until it goes stale, and the refusal alone ("try again later") left the user to guess for how long."""
+    def stale_note(self, *, waiting: bool = False) -> str:
+        """What a command refused by this lock (or, ``waiting``, one that waits for it) is told of it: a lock
+        whose command was killed elsewhere stays until it goes stale, and the refusal alone ("try again later")
+        left the user to guess for how long, as "waiting up to 3600 s" alone did."""
         left = max(0.0, STALE_AFTER - self.age())
+        then = "this command goes on" if waiting else "the next command removes it"
         return (f"; if that command is dead (killed, or its host down), its lock goes stale "
-                f"{STALE_AFTER / 60:g} minutes after its last refresh (in {left:.0f} s) and the next command "
-                "removes it, or `chunkvault unlock --remove-all` (API: `unlock(remove_all=True)`) removes it now")
+                f"{STALE_AFTER / 60:g} minutes after its last refresh (in {left:.0f} s) and {then}, "
+                "or `chunkvault unlock --remove-all` (API: `unlock(remove_all=True)`) removes it now")
 
     def describe(self) -> str:
         ahead = self.time - time.time()

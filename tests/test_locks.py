@@ -384,6 +384,22 @@ def test_a_command_waiting_for_a_lock_says_whom_it_waits_for(tmp_path, new_repo,
         proc.wait()
 
 
+def test_a_command_waiting_for_another_hosts_lock_says_when_it_goes_stale_and_how_to_remove_it(tmp_path, new_repo):
+    """A prune killed on another host holds a backup here off until its lock goes stale: "waiting up to 3600 s"
+    alone left the user to guess whether it would ever end, and how to end it, as a refusal tells."""
+    repo = new_repo()
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "f").write_bytes(b"data")
+    key = plant(repo.store.remote, "a" * 32, 4242, host="another-host", boot="another-boot", start=1,
+                time=time.time() - 296)
+    with pytest.warns(Warning, match=r"waiting up to 60 s: repository is locked by prune on another-host \(pid 4242.*"
+                                     r"goes stale 5 minutes after its last refresh \(in \d+ s\) and this command goes "
+                                     r"on, or `chunkvault unlock --remove-all`"):
+        repo.backup([str(src)], wait=60)
+    assert repo.store.remote.stat(key) is None
+
+
 def test_a_forget_whose_lock_was_taken_for_stale_deletes_no_snapshot(tmp_path, new_repo, monkeypatch):
     """Meanwhile a backup may have started on the snapshot about to go: its differential would lose its parent."""
     from chunkvault.errors import LockLost
