@@ -6,7 +6,17 @@
  * + 1 (0 = empty), linear probing, load at most MAX_LOAD; a slot's home is the first 8 bytes of the id
  * (little-endian) mixed by a multiplicative hash, and every hit is confirmed on the full id.
  *
- * Table(capacity_hint)
+ * Table(capacity_hint, by_ref=False)
+ *   by_ref: a row is the entry itself where it lies (a pointer to its kind byte; the id, offset, length and raw
+ *       length follow it as an index object encodes them) and its pack number, 12 bytes where a copy took
+ *       49: add_entries points at the entries of the bytes object given (kept alive: immutable, it is never
+ *       moved nor resized; any other buffer is copied into one first), and rows added or replaced by value
+ *       get a record of that layout in an arena of blocks that never move.
+ *   t.entry_pos(id, buf) -> (by_ref) where in ``buf`` the row's entry lies, -1 when absent or elsewhere
+ *   t.elsewhere(buf, pos, count) -> (by_ref) the positions (int64, native order) of those of ``count``
+ *       index-object entries at ``pos`` that no row points at (other copies of their blobs, or absent)
+ *   t.point(buf, pos, pack) -> (by_ref) the row of the id of the entry at ``pos`` of bytes ``buf`` points at
+ *       that entry, in pack ``pack`` (another copy of the blob); False when absent
  *   len(t); t.version (changes with every change); t.slots (table size)
  *   t.find(id) -> bool; t.get(id) -> (pack, offset, length, raw, flags) or None
  *   t.add(id, pack, offset, length, raw, flags) -> bool (False: present, nothing changed)
@@ -26,10 +36,13 @@
  *   t.contains_many(ids) -> bytes, 1 where present
  *   t.kept_in(buf, pos, count, pack, numbers, sets[, marks]) -> (numbers, total, live, live_entries): of
  *       ``count`` index-object entries of pack number ``pack``, the numbers (uint32, native order) of those
- *       whose row here is that pack's and that entry's (``numbers``, as add_entries fills it) and that are used:
+ *       whose row here is that pack's and that entry's (``numbers``, as add_entries fills it; None in a by_ref
+ *       table: the row is that very entry) and that are used:
  *       marked in ``marks`` (a byte per row, as ``mark`` sets them) or held by one of ``sets`` (a tuple of
  *       tables); the sum of all the entries' lengths, of those entries' lengths, and the bytes those entries
  *       take (prune's live blobs)
+ *   t.among(buf, pos, count) -> the numbers (uint32, native order) of those of ``count`` index-object entries
+ *       whose id the table holds
  *   t.remove_packs(packs) -> number removed (packs: sorted, distinct uint32 buffer)
  *   t.rows(a, b) -> (ids, fields, flags) of entries a..b-1 as bytes
  *   t.memory_bytes()
@@ -62,10 +75,33 @@ typedef struct {
     uint8_t *ids;
     uint32_t *fields;
     uint8_t *flags;
+    /* by_ref: rows are entries where they lie (refs: each at its kind byte, the id following) and their pack
+     * numbers; the entries lie in the bytes objects ``held`` keeps alive (immutable, never resized), or in
+     * the arena's records (an entry of the same layout) for rows added or moved by value. */
+    const uint8_t **refs;
+    uint32_t *packs;
+    PyObject *held;
+    uint8_t **arena;
+    Py_ssize_t arena_blocks, arena_used;
+    int by_ref;
     uint32_t *table;
     Py_ssize_t n, cap, slots, max_fill;
     unsigned long long version;
 } Table;
+
+#define ARENA_RECORDS 4096 /* records per arena block; a block never moves */
+
+static inline const uint8_t *id_at(const Table *t, Py_ssize_t e) {
+    return t->by_ref ? t->refs[e] + 1 : t->ids + (size_t)e * ID_SIZE;
+}
+
+static inline uint32_t pack_at(const Table *t, Py_ssize_t e) {
+    return t->by_ref ? t->packs[e] : t->fields[(size_t)e * FIELDS];
+}
+
+static inline uint8_t flag_at(const Table *t, Py_ssize_t e) {
+    return t->by_ref ? t->refs[e][0] : t->flags[e];
+}
 
 static inline uint64_t le64(const uint8_t *p) {
     uint64_t v = 0;
@@ -75,6 +111,50 @@ static inline uint64_t le64(const uint8_t *p) {
 
 static inline uint32_t le32(const uint8_t *p) {
     return (uint32_t)p[0] | (uint32_t)p[1] << 8 | (uint32_t)p[2] << 16 | (uint32_t)p[3] << 24;
+}
+
+static inline void fields_at(const Table *t, Py_ssize_t e, uint32_t f[FIELDS]) {
+    if (!t->by_ref) {
+        memcpy(f, t->fields + (size_t)e * FIELDS, FIELDS * sizeof(uint32_t));
+        return;
+    }
+    const uint8_t *p = t->refs[e];
+    f[0] = t->packs[e];
+    f[1] = le32(p + 1 + ID_SIZE);
+    f[2] = le32(p + 5 + ID_SIZE);
+    f[3] = le32(p + 9 + ID_SIZE);
+}
+
+static inline void put_le32(uint8_t *p, uint32_t v) {
+    p[0] = (uint8_t)v;
+    p[1] = (uint8_t)(v >> 8);
+    p[2] = (uint8_t)(v >> 16);
+    p[3] = (uint8_t)(v >> 24);
+}
+
+/* A record of the arena (an entry: flag, id, offset, length, raw length), NULL with an exception set. */
+static uint8_t *arena_record(Table *t, const uint8_t *id, const uint32_t f[FIELDS], uint8_t flag) {
+    if (!t->arena_blocks || t->arena_used == ARENA_RECORDS) {
+        uint8_t **blocks = realloc(t->arena, (size_t)(t->arena_blocks + 1) * sizeof(uint8_t *));
+        if (!blocks) {
+            PyErr_NoMemory();
+            return NULL;
+        }
+        t->arena = blocks;
+        if (!(blocks[t->arena_blocks] = malloc((size_t)ARENA_RECORDS * ENTRY_SIZE))) {
+            PyErr_NoMemory();
+            return NULL;
+        }
+        t->arena_blocks++;
+        t->arena_used = 0;
+    }
+    uint8_t *r = t->arena[t->arena_blocks - 1] + (size_t)t->arena_used++ * ENTRY_SIZE;
+    r[0] = flag;
+    memcpy(r + 1, id, ID_SIZE);
+    put_le32(r + 1 + ID_SIZE, f[1]);
+    put_le32(r + 5 + ID_SIZE, f[2]);
+    put_le32(r + 9 + ID_SIZE, f[3]);
+    return r;
 }
 
 static inline Py_ssize_t home_of(const uint8_t *id, Py_ssize_t slots) {
@@ -96,7 +176,7 @@ static Py_ssize_t find(const Table *t, const uint8_t *id, Py_ssize_t *slot) {
             if (slot) *slot = s;
             return -1;
         }
-        if (memcmp(t->ids + (size_t)(e - 1) * ID_SIZE, id, ID_SIZE) == 0) return (Py_ssize_t)e - 1;
+        if (memcmp(id_at(t, (Py_ssize_t)e - 1), id, ID_SIZE) == 0) return (Py_ssize_t)e - 1;
         if (++s == t->slots) s = 0;
     }
 }
@@ -118,12 +198,12 @@ static inline void prefetch(const Table *t, const uint8_t *ids, Py_ssize_t i, Py
     if (i + PREFETCH_SLOT < m) PREFETCH(&t->table[home_of(ids + (size_t)(i + PREFETCH_SLOT) * ID_SIZE, t->slots)]);
     if (i + PREFETCH_ROW < m) {
         uint32_t e = t->table[home_of(ids + (size_t)(i + PREFETCH_ROW) * ID_SIZE, t->slots)];
-        if (e) PREFETCH(t->ids + (size_t)(e - 1) * ID_SIZE);
+        if (e) PREFETCH(id_at(t, (Py_ssize_t)e - 1));
     }
 }
 
 static void place(Table *t, Py_ssize_t e) {
-    Py_ssize_t s = home_of(t->ids + (size_t)e * ID_SIZE, t->slots);
+    Py_ssize_t s = home_of(id_at(t, e), t->slots);
     while (t->table[s])
         if (++s == t->slots) s = 0;
     t->table[s] = (uint32_t)(e + 1);
@@ -167,6 +247,19 @@ static int ready(Table *t) {
 }
 
 static int set_capacity(Table *t, Py_ssize_t cap) {
+    if (t->by_ref) {
+        void *refs = realloc(t->refs, (size_t)cap * sizeof(*t->refs));
+        if (refs) t->refs = refs;
+        void *packs = refs ? realloc(t->packs, (size_t)cap * sizeof(uint32_t)) : NULL;
+        if (packs) t->packs = packs;
+        if (!packs) {
+            if (cap < t->cap) return 0;
+            PyErr_NoMemory();
+            return -1;
+        }
+        t->cap = cap;
+        return 0;
+    }
     void *ids = realloc(t->ids, (size_t)cap * ID_SIZE);
     if (ids) t->ids = ids;
     void *fields = ids ? realloc(t->fields, (size_t)cap * FIELDS * sizeof(uint32_t)) : NULL;
@@ -195,18 +288,26 @@ static int reserve(Table *t, Py_ssize_t needed) {
 }
 
 /* Append an entry known to be absent; ``slot`` is its empty slot.  ``coming``: how many more may follow in this
- * call, so that one rebuild makes room for all of them.  On failure nothing has changed. */
+ * call, so that one rebuild makes room for all of them.  ``ref`` (by_ref, else NULL): the entry where it lies,
+ * in a held buffer; NULL: a record of the arena.  On failure nothing has changed. */
 static int append(Table *t, const uint8_t *id, const uint32_t f[FIELDS], uint8_t flag, Py_ssize_t slot,
-                  Py_ssize_t coming) {
+                  Py_ssize_t coming, const uint8_t *ref) {
     if (reserve(t, t->n + 1) < 0) return -1;
     if (t->n + 1 > t->max_fill) {
         if (rebuild(t, slots_for(t->n + 1 + coming, TARGET_LOAD)) < 0) return -1;
         slot = -1;
     }
     Py_ssize_t e = t->n;
-    memcpy(t->ids + (size_t)e * ID_SIZE, id, ID_SIZE);
-    memcpy(t->fields + (size_t)e * FIELDS, f, FIELDS * sizeof(uint32_t));
-    t->flags[e] = flag;
+    if (t->by_ref) {
+        const uint8_t *r = ref ? ref : arena_record(t, id, f, flag);
+        if (!r) return -1;
+        t->refs[e] = r;
+        t->packs[e] = f[0];
+    } else {
+        memcpy(t->ids + (size_t)e * ID_SIZE, id, ID_SIZE);
+        memcpy(t->fields + (size_t)e * FIELDS, f, FIELDS * sizeof(uint32_t));
+        t->flags[e] = flag;
+    }
     t->n = e + 1;
     t->version++;
     if (slot >= 0)
@@ -294,14 +395,20 @@ static void Table_dealloc(Table *t) {
     free(t->ids);
     free(t->fields);
     free(t->flags);
+    free(t->refs);
+    free(t->packs);
+    for (Py_ssize_t b = 0; b < t->arena_blocks; b++) free(t->arena[b]);
+    free(t->arena);
+    Py_XDECREF(t->held);
     free(t->table);
     Py_TYPE(t)->tp_free((PyObject *)t);
 }
 
 static PyObject *Table_new(PyTypeObject *type, PyObject *args, PyObject *kwds) {
     Py_ssize_t hint = 0;
-    static char *kwlist[] = {"capacity_hint", NULL};
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "|n", kwlist, &hint)) return NULL;
+    int by_ref = 0;
+    static char *kwlist[] = {"capacity_hint", "by_ref", NULL};
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "|np", kwlist, &hint, &by_ref)) return NULL;
     if (hint < 0) {
         PyErr_SetString(PyExc_ValueError, "capacity_hint must not be negative");
         return NULL;
@@ -312,6 +419,7 @@ static PyObject *Table_new(PyTypeObject *type, PyObject *args, PyObject *kwds) {
     }
     Table *t = (Table *)type->tp_alloc(type, 0);
     if (!t) return NULL;
+    t->by_ref = by_ref;
     Py_ssize_t cap = hint < 16 ? 16 : hint;
     t->slots = slots_for(cap, 0.68);
     t->max_fill = (Py_ssize_t)((double)t->slots * MAX_LOAD);
@@ -350,9 +458,10 @@ static PyObject *Table_get(Table *t, PyObject *arg) {
     Py_ssize_t e = find(t, id.buf, NULL);
     PyBuffer_Release(&id);
     if (e < 0) Py_RETURN_NONE;
-    const uint32_t *f = t->fields + (size_t)e * FIELDS;
+    uint32_t f[FIELDS];
+    fields_at(t, e, f);
     return Py_BuildValue("(kkkkB)", (unsigned long)f[0], (unsigned long)f[1], (unsigned long)f[2],
-                         (unsigned long)f[3], t->flags[e]);
+                         (unsigned long)f[3], flag_at(t, e));
 }
 
 /* The arguments of add and replace: an id (held in ``id``, to release) and its fields, checked. */
@@ -383,7 +492,7 @@ static PyObject *Table_add(Table *t, PyObject *args) {
     if (ready(t) < 0 || parse_row(args, &id, f, &flag) < 0) return NULL;
     Py_ssize_t slot;
     int added = find(t, id.buf, &slot) < 0;
-    int rc = added ? append(t, id.buf, f, flag, slot, 0) : 0;
+    int rc = added ? append(t, id.buf, f, flag, slot, 0, NULL) : 0;
     PyBuffer_Release(&id);
     if (rc < 0) return NULL;
     return PyBool_FromLong(added);
@@ -397,6 +506,13 @@ static PyObject *Table_replace(Table *t, PyObject *args) {
     Py_ssize_t e = find(t, id.buf, NULL);
     PyBuffer_Release(&id);
     if (e < 0) Py_RETURN_FALSE;
+    if (t->by_ref) { /* a record of its own: the entry pointed at stays as it lies */
+        const uint8_t *r = arena_record(t, id_at(t, e), f, flag);
+        if (!r) return NULL;
+        t->refs[e] = r;
+        t->packs[e] = f[0];
+        Py_RETURN_TRUE;
+    }
     memcpy(t->fields + (size_t)e * FIELDS, f, sizeof(uint32_t) * FIELDS);
     t->flags[e] = flag; /* no new version: an iteration may go on over the same entries */
     Py_RETURN_TRUE;
@@ -439,7 +555,7 @@ static PyObject *Table_add_many(Table *t, PyObject *args) {
             f[c] = (uint32_t)v;
         }
         column_value(&cols[FIELDS], i, 255, names[FIELDS], &v);
-        if (append(t, id, f, (uint8_t)v, slot, m - i - 1) < 0) goto fail;
+        if (append(t, id, f, (uint8_t)v, slot, m - i - 1, NULL) < 0) goto fail;
         added++;
     }
     for (int c = 0; c < got; c++) PyBuffer_Release(&cols[c].view);
@@ -493,52 +609,86 @@ static uint32_t *number_column(PyObject *numbers, Py_ssize_t rows) {
     return col;
 }
 
+/* Keep ``obj`` (bytes) alive while rows point into it; -1 with an exception set. */
+static int hold(Table *t, PyObject *obj) {
+    if (!t->held && !(t->held = PyList_New(0))) return -1;
+    Py_ssize_t k = PyList_GET_SIZE(t->held);
+    if (k && PyList_GET_ITEM(t->held, k - 1) == obj) return 0;
+    return PyList_Append(t->held, obj);
+}
+
 static PyObject *Table_add_entries(Table *t, PyObject *args) {
     Py_buffer buf;
     Py_ssize_t pos, count, deltas, added = 0;
     unsigned long long pack;
-    PyObject *replaced = Py_None, *numbers = Py_None;
+    PyObject *buf_obj, *replaced = Py_None, *numbers = Py_None, *kept = NULL;
     uint32_t *col = NULL;
-    if (ready(t) < 0 || !PyArg_ParseTuple(args, "y*nnK|OO", &buf, &pos, &count, &pack, &replaced, &numbers))
+    if (ready(t) < 0 || !PyArg_ParseTuple(args, "OnnK|OO", &buf_obj, &pos, &count, &pack, &replaced, &numbers))
         return NULL;
+    if (PyObject_GetBuffer(buf_obj, &buf, PyBUF_SIMPLE) < 0) return NULL;
     if (replaced != Py_None && !PyByteArray_Check(replaced)) {
         PyErr_SetString(PyExc_TypeError, "replaced must be a bytearray or None");
+        goto fail;
+    }
+    if (replaced != Py_None && replaced == numbers) {
+        PyErr_SetString(PyExc_ValueError, "replaced and numbers must be two bytearrays");
         goto fail;
     }
     if (pack > U32_MAX) {
         PyErr_Format(PyExc_ValueError, "pack_no out of range 0..%llu", U32_MAX);
         goto fail;
     }
-    if (walk_entries(buf.buf, buf.len, pos, count, &deltas) < 0) goto fail;
+    Py_ssize_t end = walk_entries(buf.buf, buf.len, pos, count, &deltas);
+    if (end < 0) goto fail;
+    const uint8_t *src = buf.buf;
+    if (t->by_ref) { /* rows point at the entries: in bytes kept alive, else in a copy of them that is */
+        if (PyBytes_CheckExact(buf_obj)) {
+            kept = buf_obj;
+            Py_INCREF(kept);
+        } else {
+            if (!(kept = PyBytes_FromStringAndSize((const char *)buf.buf + pos, end - pos))) goto fail;
+            pos = 0;
+        }
+        if (hold(t, kept) < 0) goto fail;
+        src = (const uint8_t *)PyBytes_AS_STRING(kept);
+    }
     if (numbers != Py_None && !(col = number_column(numbers, t->n + count))) goto fail;
     for (Py_ssize_t i = 0; i < count; i++) {
-        const uint8_t *p = (const uint8_t *)buf.buf + pos;
+        const uint8_t *p = src + pos;
         Py_ssize_t slot;
         pos += ENTRY_SIZE + (p[0] == KIND_DELTA ? ID_SIZE : 0);
         uint32_t f[FIELDS] = {(uint32_t)pack, le32(p + 1 + ID_SIZE), le32(p + 5 + ID_SIZE), le32(p + 9 + ID_SIZE)};
         Py_ssize_t e = find(t, p + 1, &slot);
         if (e >= 0) {
-            if (t->flags[e] == KIND_DELTA && p[0] != KIND_DELTA) { /* a copy stored whole needs no base */
+            if (flag_at(t, e) == KIND_DELTA && p[0] != KIND_DELTA) { /* a copy stored whole needs no base */
                 if (replaced != Py_None) {
                     Py_ssize_t at = PyByteArray_GET_SIZE(replaced);
                     if (PyByteArray_Resize(replaced, at + ROW_SIZE) < 0) goto fail;
                     uint8_t *row = (uint8_t *)PyByteArray_AS_STRING(replaced) + at;
+                    uint32_t old[FIELDS];
+                    fields_at(t, e, old);
                     memcpy(row, p + 1, ID_SIZE);
-                    memcpy(row + ID_SIZE, t->fields + (size_t)e * FIELDS, sizeof f);
-                    row[ID_SIZE + sizeof f] = t->flags[e];
+                    memcpy(row + ID_SIZE, old, sizeof old);
+                    row[ID_SIZE + sizeof old] = flag_at(t, e);
                 }
-                memcpy(t->fields + (size_t)e * FIELDS, f, sizeof f);
-                t->flags[e] = p[0];
+                if (t->by_ref) {
+                    t->refs[e] = p;
+                    t->packs[e] = (uint32_t)pack;
+                } else {
+                    memcpy(t->fields + (size_t)e * FIELDS, f, sizeof f);
+                    t->flags[e] = p[0];
+                }
                 if (col) col[e] = (uint32_t)i;
                 t->version++;
             }
             continue;
         }
-        if (append(t, p + 1, f, p[0], slot, count - i - 1) < 0) goto fail;
+        if (append(t, p + 1, f, p[0], slot, count - i - 1, t->by_ref ? p : NULL) < 0) goto fail;
         if (col) col[t->n - 1] = (uint32_t)i;
         added++;
     }
     if (col && PyByteArray_Resize(numbers, t->n * (Py_ssize_t)sizeof(uint32_t)) < 0) goto fail;
+    Py_XDECREF(kept);
     PyBuffer_Release(&buf);
     return PyLong_FromSsize_t(added);
 fail:
@@ -548,6 +698,7 @@ fail:
         PyByteArray_Resize(numbers, t->n * (Py_ssize_t)sizeof(uint32_t));
         PyErr_Restore(type, value, tb);
     }
+    Py_XDECREF(kept);
     PyBuffer_Release(&buf);
     return NULL;
 }
@@ -598,21 +749,29 @@ static PyObject *Table_mark(Table *t, PyObject *args) {
  * that are used (marked in ``marks``, or in one of ``sets``, tables); prune's live blobs of a pack, found
  * without an object per entry. */
 static PyObject *Table_kept_in(Table *t, PyObject *args) {
-    Py_buffer buf, nums, marks = {0};
+    Py_buffer buf, nums = {0}, marks = {0};
     Py_ssize_t pos, count, deltas;
     unsigned long long pack;
-    PyObject *sets, *marks_obj = Py_None, *out = NULL;
-    if (ready(t) < 0 || !PyArg_ParseTuple(args, "y*nnKy*O!|O", &buf, &pos, &count, &pack, &nums, &PyTuple_Type,
+    PyObject *sets, *nums_obj, *marks_obj = Py_None, *out = NULL;
+    if (ready(t) < 0 || !PyArg_ParseTuple(args, "y*nnKOO!|O", &buf, &pos, &count, &pack, &nums_obj, &PyTuple_Type,
                                           &sets, &marks_obj))
         return NULL;
+    int have_nums = nums_obj != Py_None;
+    if (have_nums ? PyObject_GetBuffer(nums_obj, &nums, PyBUF_SIMPLE) < 0 : !t->by_ref) {
+        have_nums = 0;
+        if (nums_obj == Py_None)
+            PyErr_SetString(PyExc_TypeError, "numbers are needed where rows hold copies of the entries");
+        PyBuffer_Release(&buf);
+        return NULL;
+    }
     if (marks_obj != Py_None && PyObject_GetBuffer(marks_obj, &marks, PyBUF_SIMPLE) < 0) {
         PyBuffer_Release(&buf);
-        PyBuffer_Release(&nums);
+        if (have_nums) PyBuffer_Release(&nums);
         return NULL;
     }
     const uint32_t *num = nums.buf;
     const uint8_t *mk = marks.buf;
-    Py_ssize_t n_nums = nums.len / (Py_ssize_t)sizeof(uint32_t), n_marks = marks.buf ? marks.len : 0;
+    Py_ssize_t n_nums = have_nums ? nums.len / (Py_ssize_t)sizeof(uint32_t) : 0, n_marks = marks.buf ? marks.len : 0;
     Py_ssize_t n_sets = PyTuple_GET_SIZE(sets);
     for (Py_ssize_t k = 0; k < n_sets; k++) {
         PyObject *u = PyTuple_GET_ITEM(sets, k);
@@ -635,7 +794,10 @@ static PyObject *Table_kept_in(Table *t, PyObject *args) {
         pos += size;
         total += length;
         Py_ssize_t e = find(t, p + 1, NULL);
-        if (e < 0 || e >= n_nums || t->fields[(size_t)e * FIELDS] != pack || num[e] != (uint64_t)i) continue;
+        if (e < 0) continue;
+        if (!have_nums ? t->refs[e] != p  /* by_ref: the row is this very entry */
+                                : e >= n_nums || pack_at(t, e) != pack || num[e] != (uint64_t)i)
+            continue;
         int used = e < n_marks && mk[e];
         for (Py_ssize_t k = 0; k < n_sets && !used; k++)
             used = find((Table *)PyTuple_GET_ITEM(sets, k), p + 1, NULL) >= 0;
@@ -648,8 +810,107 @@ static PyObject *Table_kept_in(Table *t, PyObject *args) {
     out = Py_BuildValue("(NKKK)", ordinals, total, live_bytes, live_entry_bytes);
 done:
     PyBuffer_Release(&buf);
-    PyBuffer_Release(&nums);
+    if (have_nums) PyBuffer_Release(&nums);
     if (marks.buf) PyBuffer_Release(&marks);
+    return out;
+}
+
+/* entry_pos(id, buf): where in ``buf`` the entry the id's row points at lies, or -1 (absent, or elsewhere). */
+static PyObject *Table_entry_pos(Table *t, PyObject *args) {
+    PyObject *id_obj;
+    Py_buffer id, buf;
+    if (!t->by_ref) {
+        PyErr_SetString(PyExc_TypeError, "rows hold copies of the entries, pointing into no buffer");
+        return NULL;
+    }
+    if (ready(t) < 0 || !PyArg_ParseTuple(args, "Oy*", &id_obj, &buf)) return NULL;
+    if (get_id(id_obj, &id) < 0) {
+        PyBuffer_Release(&buf);
+        return NULL;
+    }
+    Py_ssize_t e = find(t, id.buf, NULL), at = -1;
+    PyBuffer_Release(&id);
+    if (e >= 0) {
+        uintptr_t p = (uintptr_t)t->refs[e], b = (uintptr_t)buf.buf;
+        if (p >= b && p - b < (uintptr_t)buf.len) at = (Py_ssize_t)(p - b);
+    }
+    PyBuffer_Release(&buf);
+    return PyLong_FromSsize_t(at);
+}
+
+/* point(buf, pos, pack): the row of the id of the entry at ``pos`` of ``buf`` (bytes, kept alive) points at that
+ * entry, in pack number ``pack``: another copy of the blob; False (no change) where the id is absent. */
+static PyObject *Table_point(Table *t, PyObject *args) {
+    PyObject *buf_obj;
+    Py_ssize_t pos, deltas;
+    unsigned long long pack;
+    if (!t->by_ref) {
+        PyErr_SetString(PyExc_TypeError, "rows hold copies of the entries: replace them");
+        return NULL;
+    }
+    if (ready(t) < 0 || !PyArg_ParseTuple(args, "O!nK", &PyBytes_Type, &buf_obj, &pos, &pack)) return NULL;
+    if (!PyBytes_CheckExact(buf_obj)) {
+        PyErr_SetString(PyExc_TypeError, "buf must be bytes");
+        return NULL;
+    }
+    if (pack > U32_MAX) {
+        PyErr_Format(PyExc_ValueError, "pack_no out of range 0..%llu", U32_MAX);
+        return NULL;
+    }
+    const uint8_t *b = (const uint8_t *)PyBytes_AS_STRING(buf_obj);
+    if (walk_entries(b, PyBytes_GET_SIZE(buf_obj), pos, 1, &deltas) < 0) return NULL;
+    Py_ssize_t e = find(t, b + pos + 1, NULL);
+    if (e < 0) Py_RETURN_FALSE;
+    if (hold(t, buf_obj) < 0) return NULL;
+    t->refs[e] = b + pos;
+    t->packs[e] = (uint32_t)pack;
+    Py_RETURN_TRUE;
+}
+
+/* among(buf, pos, count): the numbers (uint32, native order) of the ``count`` index-object entries at ``pos``
+ * whose id the table holds: where a pack holds copies of some blobs, found without an object per entry. */
+static PyObject *Table_among(Table *t, PyObject *args) {
+    Py_buffer buf;
+    Py_ssize_t pos, count, deltas, k = 0;
+    if (ready(t) < 0 || !PyArg_ParseTuple(args, "y*nn", &buf, &pos, &count)) return NULL;
+    PyObject *out = NULL;
+    if (walk_entries(buf.buf, buf.len, pos, count, &deltas) >= 0 &&
+        (out = PyBytes_FromStringAndSize(NULL, count * (Py_ssize_t)sizeof(uint32_t)))) {
+        uint32_t *o = (uint32_t *)PyBytes_AS_STRING(out);
+        const uint8_t *b = buf.buf;
+        for (Py_ssize_t i = 0; i < count; i++) {
+            if (find(t, b + pos + 1, NULL) >= 0) o[k++] = (uint32_t)i;
+            pos += ENTRY_SIZE + (b[pos] == KIND_DELTA ? ID_SIZE : 0);
+        }
+        if (_PyBytes_Resize(&out, k * (Py_ssize_t)sizeof(uint32_t)) < 0) out = NULL;
+    }
+    PyBuffer_Release(&buf);
+    return out;
+}
+
+/* elsewhere(buf, pos, count): where (int64, native order) those of the ``count`` index-object entries at ``pos`` lie
+ * whose row is not that very entry (by_ref): the other copies of blobs a pack holds, few among many. */
+static PyObject *Table_elsewhere(Table *t, PyObject *args) {
+    Py_buffer buf;
+    Py_ssize_t pos, count, deltas, k = 0;
+    if (!t->by_ref) {
+        PyErr_SetString(PyExc_TypeError, "rows hold copies of the entries, pointing into no buffer");
+        return NULL;
+    }
+    if (ready(t) < 0 || !PyArg_ParseTuple(args, "y*nn", &buf, &pos, &count)) return NULL;
+    PyObject *out = NULL;
+    if (walk_entries(buf.buf, buf.len, pos, count, &deltas) >= 0 &&
+        (out = PyBytes_FromStringAndSize(NULL, count * (Py_ssize_t)sizeof(int64_t)))) {
+        int64_t *o = (int64_t *)PyBytes_AS_STRING(out);
+        const uint8_t *b = buf.buf;
+        for (Py_ssize_t i = 0; i < count; i++) {
+            Py_ssize_t e = find(t, b + pos + 1, NULL);
+            if (e < 0 || t->refs[e] != b + pos) o[k++] = (int64_t)pos;
+            pos += ENTRY_SIZE + (b[pos] == KIND_DELTA ? ID_SIZE : 0);
+        }
+        if (_PyBytes_Resize(&out, k * (Py_ssize_t)sizeof(int64_t)) < 0) out = NULL;
+    }
+    PyBuffer_Release(&buf);
     return out;
 }
 
@@ -670,7 +931,7 @@ static PyObject *Table_contains_many(Table *t, PyObject *arg) {
             }
             for (Py_ssize_t i = 0; i < k; i++) {
                 uint32_t e = t->table[home[i]];
-                if (e) PREFETCH(t->ids + (size_t)(e - 1) * ID_SIZE);
+                if (e) PREFETCH(id_at(t, (Py_ssize_t)e - 1));
             }
             for (Py_ssize_t i = 0; i < k; i++)
                 o[a + i] = find(t, q + (size_t)(a + i) * ID_SIZE, NULL) >= 0;
@@ -707,8 +968,11 @@ static PyObject *Table_remove_packs(Table *t, PyObject *arg) {
             return NULL;
         }
     for (Py_ssize_t e = 0; k && e < t->n; e++) {
-        if (in_sorted(p, k, t->fields[(size_t)e * FIELDS])) continue;
-        if (w != e) {
+        if (in_sorted(p, k, pack_at(t, e))) continue;
+        if (w != e && t->by_ref) {
+            t->refs[w] = t->refs[e];
+            t->packs[w] = t->packs[e];
+        } else if (w != e) {
             memcpy(t->ids + (size_t)w * ID_SIZE, t->ids + (size_t)e * ID_SIZE, ID_SIZE);
             memcpy(t->fields + (size_t)w * FIELDS, t->fields + (size_t)e * FIELDS, FIELDS * sizeof(uint32_t));
             t->flags[w] = t->flags[e];
@@ -734,18 +998,40 @@ static PyObject *Table_rows(Table *t, PyObject *args) {
         PyErr_SetString(PyExc_IndexError, "rows out of range");
         return NULL;
     }
+    if (t->by_ref) { /* gathered from where the entries lie */
+        PyObject *ids = PyBytes_FromStringAndSize(NULL, (b - a) * ID_SIZE);
+        PyObject *fields = PyBytes_FromStringAndSize(NULL, (b - a) * FIELDS * (Py_ssize_t)sizeof(uint32_t));
+        PyObject *flags = PyBytes_FromStringAndSize(NULL, b - a);
+        if (!ids || !fields || !flags) {
+            Py_XDECREF(ids);
+            Py_XDECREF(fields);
+            Py_XDECREF(flags);
+            return NULL;
+        }
+        for (Py_ssize_t e = a; e < b; e++) {
+            memcpy(PyBytes_AS_STRING(ids) + (e - a) * ID_SIZE, id_at(t, e), ID_SIZE);
+            fields_at(t, e, (uint32_t *)PyBytes_AS_STRING(fields) + (e - a) * FIELDS);
+            PyBytes_AS_STRING(flags)[e - a] = (char)flag_at(t, e);
+        }
+        return Py_BuildValue("(NNN)", ids, fields, flags);
+    }
     return Py_BuildValue("(y#y#y#)", (const char *)(t->ids + (size_t)a * ID_SIZE), (b - a) * ID_SIZE,
                          (const char *)(t->fields + (size_t)a * FIELDS), (b - a) * FIELDS * (Py_ssize_t)sizeof(uint32_t),
                          (const char *)(t->flags + a), b - a);
 }
 
 static PyObject *Table_memory_bytes(Table *t, PyObject *Py_UNUSED(ignored)) {
+    if (t->by_ref) /* the held buffers are their owners' */
+        return PyLong_FromSize_t((size_t)t->cap * (sizeof(*t->refs) + sizeof(uint32_t)) +
+                                 (size_t)t->arena_blocks * ARENA_RECORDS * ENTRY_SIZE +
+                                 (size_t)t->slots * sizeof(uint32_t));
     return PyLong_FromSize_t((size_t)t->cap * (ID_SIZE + FIELDS * sizeof(uint32_t) + 1) +
                              (size_t)t->slots * sizeof(uint32_t));
 }
 
 static PyObject *Table_get_version(Table *t, void *Py_UNUSED(c)) { return PyLong_FromUnsignedLongLong(t->version); }
 static PyObject *Table_get_slots(Table *t, void *Py_UNUSED(c)) { return PyLong_FromSsize_t(t->slots); }
+static PyObject *Table_get_by_ref(Table *t, void *Py_UNUSED(c)) { return PyBool_FromLong(t->by_ref); }
 
 static PyObject *py_scan_entries(PyObject *Py_UNUSED(self), PyObject *args) {
     Py_buffer buf;
@@ -801,6 +1087,11 @@ static PyMethodDef Table_methods[] = {
     {"contains_many", (PyCFunction)Table_contains_many, METH_O, "contains_many(ids) -> bytes"},
     {"kept_in", (PyCFunction)Table_kept_in, METH_VARARGS,
      "kept_in(buf, pos, count, pack, numbers, sets[, marks]) -> (entry numbers, total, live bytes, live entry bytes)"},
+    {"among", (PyCFunction)Table_among, METH_VARARGS, "among(buf, pos, count) -> numbers of the entries held"},
+    {"elsewhere", (PyCFunction)Table_elsewhere, METH_VARARGS,
+     "elsewhere(buf, pos, count) -> positions of the entries no row points at"},
+    {"entry_pos", (PyCFunction)Table_entry_pos, METH_VARARGS, "entry_pos(id, buf) -> position in buf, or -1"},
+    {"point", (PyCFunction)Table_point, METH_VARARGS, "point(buf, pos, pack) -> bool"},
     {"remove_packs", (PyCFunction)Table_remove_packs, METH_O, "remove_packs(sorted uint32 packs) -> removed"},
     {"rows", (PyCFunction)Table_rows, METH_VARARGS, "rows(a, b) -> (ids, fields, flags)"},
     {"memory_bytes", (PyCFunction)Table_memory_bytes, METH_NOARGS, "bytes held, capacity included"},
@@ -810,6 +1101,7 @@ static PyMethodDef Table_methods[] = {
 static PyGetSetDef Table_getset[] = {
     {"version", (getter)Table_get_version, NULL, "changes with every change", NULL},
     {"slots", (getter)Table_get_slots, NULL, "table size", NULL},
+    {"by_ref", (getter)Table_get_by_ref, NULL, "whether rows point at entries where they lie", NULL},
     {NULL, NULL, NULL, NULL, NULL},
 };
 

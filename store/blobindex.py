@@ -95,8 +95,16 @@ def _check_u32(name: str, v: int) -> int:
 class BlobIndex:
     """Blob id (32 bytes) -> BlobLocation, compact enough for 50 million blobs in ~3 GB."""
 
-    def __init__(self, capacity_hint: int = 0) -> None:
-        self._t = _blobtable.Table(capacity_hint)
+    def __init__(self, capacity_hint: int = 0, *, by_ref: bool = False) -> None:
+        """``by_ref``: each row added from an index object's bytes (``add_entries``) points at its entry where
+        it lies, the bytes kept alive (a ``bytes`` object, else a copy of the entries), rather than holding a
+        copy of its id and fields: 12 bytes a row where they took 49, for the table of the copies a prune
+        keeps beside the index objects it holds anyway; rows added otherwise take a record of their own."""
+        self._t = _blobtable.Table(capacity_hint, by_ref)
+
+    @property
+    def by_ref(self) -> bool:
+        return self._t.by_ref
 
     @property
     def _slots(self) -> int:
@@ -168,6 +176,16 @@ class BlobIndex:
     def row(self, blob_id: bytes) -> int:
         """The id's row (its place in insertion order), or -1 when absent."""
         return self._t.row(_as_id(blob_id))
+
+    def entry_pos(self, blob_id: bytes, buf: bytes) -> int:
+        """Where in ``buf`` the entry the blob's row points at lies (a ``by_ref`` table), or -1 where the blob
+        is absent or its row points elsewhere: tells one entry of a pack from another naming the same blob."""
+        return self._t.entry_pos(_as_id(blob_id), buf)
+
+    def point(self, buf: bytes, pos: int, pack_no: int) -> bool:
+        """The row of the blob whose entry lies at ``pos`` of ``buf`` (index-object bytes) points at that entry,
+        in pack number ``pack_no``: another copy of it (a ``by_ref`` table); False (no change) where absent."""
+        return self._t.point(buf, pos, _check_u32("pack_no", pack_no))
 
     def mark(self, ids: bytes | Sequence[bytes], marks: bytearray) -> bytes:
         """Set ``marks[row]`` to 1 at the row of each of ``ids`` present (a used blob, for prune, without a

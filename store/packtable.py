@@ -4,19 +4,20 @@ blob it keeps, in a few dozen bytes per blob.
 A prune held each entry as a ``PackEntry`` (its id a ``bytes``, its numbers ``int`` objects), each used id as
 a ``bytes`` in a set, and dicts keyed by both: some 740 bytes per blob, 37 GB at 50 million.  Here a pack's
 entries stay in the decoded index object they came in (45 bytes each, 77 for a delta), decoded a pack at a
-time while it is looked at; the kept copies are the rows of the repository's own index, made in pack id order
-(``store/_blobtable.c``: 55 bytes per id, and 4 for the entry number of each), the used ids a byte per row of
-it, and a pack's live blobs are found there (``kept_in``) and held as entry numbers.
+time while it is looked at; the kept copies are the rows of the repository's own index, made in pack id order,
+each pointing at its entry where it lies in those bytes (``store/_blobtable.c``, ``by_ref``: some 18 bytes a
+row with its hash slot, where a copy of the id and fields took 55 and an entry number 4 more), the used ids a
+byte per row of it, and a pack's live blobs are found there (``kept_in``) and held as entry numbers.
 """
 from __future__ import annotations
 
+import bisect
 import itertools
-import struct
 from array import array
 from typing import Collection, Iterable, Iterator, Mapping, Sequence
 
 from .blob import ID_SIZE, KIND_DELTA
-from .blobindex import BlobIndex, BlobLocation
+from .blobindex import BlobIndex
 from .indexfile import IndexColumns
 from .pack import _ENTRY, ENTRY_SIZE, DecodedOnRead, EncodedEntries, PackEntry
 
@@ -48,6 +49,8 @@ class PackTable(Mapping[bytes, EncodedEntries]):
     def __init__(self, listings: Iterable[tuple[bytes, EncodedEntries]]) -> None:
         first: dict[bytes, EncodedEntries] = {}
         for pid, entries in listings:
+            if pid not in first and type(entries._buf) is not bytes:  # a table points into bytes alone
+                entries = EncodedEntries(bytes(entries.view), 0, len(entries), entries.encoded_size)
             first.setdefault(pid, entries)
         self.pack_ids = sorted(first)
         self.listed = [first[p] for p in self.pack_ids]
@@ -79,79 +82,88 @@ class PackTable(Mapping[bytes, EncodedEntries]):
         return len(self.pack_ids)
 
 
-_NUMBER = struct.Struct("=I")
-
-
 class KeptCopies(Mapping[bytes, PackEntry]):
     """For each blob, the copy a prune keeps live (``prune.kept_copies``, whose rule this follows): the first
     stored whole in pack id order, else the first delta; a copy ``spurned`` ((pack id, offset)) only where the
-    blob has no other.  Held as a blob table's rows (pack number, offset, lengths, kind: the rows the
-    repository's index holds) and each row's entry number in its pack (``numbers``, a uint32 a row), which
-    tells the entry kept where two of one pack name one blob at one offset.
+    blob has no other.  Held as a blob table whose rows point at the entries kept where they lie in the index
+    objects' bytes (``BlobIndex(by_ref=True)``: 12 bytes a row, and the entry itself tells the one kept where
+    two of one pack name one blob at one offset).
 
     Unspurned, these are the rows ``BlobIndex.add_entries`` gives the packs in pack id order: the repository's
-    index made so (``Repo.install_packs``) is given as ``table``, with its ``numbers`` and each pack's number in
-    it (``row_packs``), and a prune holds one table of the blobs, not two."""
+    index made so (``Repo.install_packs``) is given as ``table``, with each pack's number in it
+    (``row_packs``), and a prune holds one table of the blobs, not two.  Copies found damaged later are
+    spurned in that table (``spurn``), not in a second one."""
 
     def __init__(self, packs: PackTable, spurned: frozenset[tuple[bytes, int]] | set[tuple[bytes, int]] = frozenset(),
-                 *, table: BlobIndex | None = None, numbers: bytearray | None = None,
-                 row_packs: Sequence[int] | None = None) -> None:
+                 *, table: BlobIndex | None = None, row_packs: Sequence[int] | None = None) -> None:
         self.packs = packs
         self._positions: dict[int, array] = {}  # pack number -> where each entry starts (packs holding deltas)
         if table is not None:
-            if spurned or numbers is None or row_packs is None:
-                raise ValueError("a table given needs its numbers and pack numbers, and spurns nothing")
-            self._t, self.numbers = table, numbers
+            if spurned or row_packs is None or not table.by_ref:
+                raise ValueError("a table given points at the entries, needs its pack numbers, and spurns nothing")
+            self._t = table
             self._row_packs = array("I", row_packs)
         else:
-            self._t, self.numbers = self._build(packs, spurned)
+            self._t = self._build(packs, spurned)
             self._row_packs = array("I", range(len(packs)))
         self._pack_at = {r: no for no, r in enumerate(self._row_packs)}
 
     @staticmethod
-    def _build(packs: PackTable, spurned: frozenset[tuple[bytes, int]] | set[tuple[bytes, int]]
-               ) -> tuple[BlobIndex, bytearray]:
-        """The table and numbers: each pack's entries in pack id order as ``add_entries`` takes them (a whole
-        copy takes a delta's place, else the first stays), the spurned copies left out; then the spurned, of
-        the blobs still absent, whole ones first."""
-        t, numbers = BlobIndex(sum(len(e) for e in packs.listed)), bytearray()
+    def _build(packs: PackTable, spurned: frozenset[tuple[bytes, int]] | set[tuple[bytes, int]]) -> BlobIndex:
+        """The table: each pack's entries in pack id order as ``add_entries`` takes them (a whole copy takes a
+        delta's place, else the first stays), the spurned copies left out; then the spurned, of the blobs
+        still absent, whole ones first."""
+        t = BlobIndex(sum(len(e) for e in packs.listed), by_ref=True)
         spurned_in = sorted({packs.numbers[pid] for pid, _ in spurned if pid in packs.numbers})
         shunned = set(spurned_in)
         for no, entries in enumerate(packs.listed):
             if no not in shunned:
-                t.add_entries(entries._buf, entries._start, len(entries), no, None, numbers)
+                t.add_entries(entries._buf, entries._start, len(entries), no)
                 continue
             pid = packs.pack_ids[no]
-            for i, e in enumerate(entries.decode()):
-                if (pid, e.offset) in spurned:
-                    continue
-                row = t.row(e.blob_id)
-                if row < 0:
-                    t.add(e.blob_id, no, e.offset, e.length, e.raw_length, e.kind)
-                    numbers += _NUMBER.pack(i)
-                elif t.get(e.blob_id).flags == KIND_DELTA and e.kind != KIND_DELTA:  # type: ignore[union-attr]
-                    t.replace(e.blob_id, BlobLocation(no, e.offset, e.length, e.raw_length, e.kind))
-                    _NUMBER.pack_into(numbers, 4 * row, i)
+            for e, pos in zip(entries.decode(), _entry_starts(entries)):
+                if (pid, e.offset) not in spurned:
+                    t.add_entries(entries._buf, pos, 1, no)
         for delta in (False, True):
             for no in spurned_in:
-                pid = packs.pack_ids[no]
-                for i, e in enumerate(packs.listed[no].decode()):
+                pid, entries = packs.pack_ids[no], packs.listed[no]
+                for e, pos in zip(entries.decode(), _entry_starts(entries)):
                     if (pid, e.offset) in spurned and (e.kind == KIND_DELTA) == delta and e.blob_id not in t:
-                        t.add(e.blob_id, no, e.offset, e.length, e.raw_length, e.kind)
-                        numbers += _NUMBER.pack(i)
-        return t, numbers
+                        t.add_entries(entries._buf, pos, 1, no)
+        return t
 
     @property
     def table(self) -> BlobIndex:
         """The blob table holding the copies kept (``UsedIds`` marks its rows)."""
         return self._t
 
-    def _kept(self, blob_id: bytes) -> tuple[int, int] | None:
-        loc, row = self._t.get(blob_id), self._t.row(blob_id)
-        if loc is None or row < 0 or 4 * row >= len(self.numbers):
+    def _kept_pos(self, blob_id: bytes) -> tuple[int, int] | None:
+        """(pack number, where its entry lies in that pack's buffer) of the copy kept."""
+        loc = self._t.get(blob_id)
+        no = None if loc is None else self._pack_at.get(loc.pack_no)
+        if no is None:
             return None
-        no = self._pack_at.get(loc.pack_no)
-        return None if no is None else (no, _NUMBER.unpack_from(self.numbers, 4 * row)[0])
+        pos = self._t.entry_pos(blob_id, self.packs.listed[no]._buf)
+        return None if pos < 0 else (no, pos)
+
+    def _kept(self, blob_id: bytes) -> tuple[int, int] | None:
+        at = self._kept_pos(blob_id)
+        if at is None:
+            return None
+        no, pos = at
+        entries = self.packs.listed[no]
+        if not entries.has_deltas:
+            i, off = divmod(pos - entries._start, ENTRY_SIZE)
+            return (no, i) if off == 0 and 0 <= i < len(entries) else None
+        starts = self._starts(no)
+        i = bisect.bisect_left(starts, pos)
+        return (no, i) if i < len(starts) and starts[i] == pos else None
+
+    def _starts(self, no: int) -> array:
+        starts = self._positions.get(no)
+        if starts is None:
+            starts = self._positions[no] = array("Q", _entry_starts(self.packs.listed[no]))
+        return starts
 
     def kept_at(self, blob_id: bytes) -> tuple[int, int] | None:
         """(pack number, entry number) of the copy kept, or None when no index lists the blob."""
@@ -159,30 +171,57 @@ class KeptCopies(Mapping[bytes, PackEntry]):
 
     def pack_of(self, blob_id: bytes) -> bytes:
         """The id of the pack holding the copy kept."""
-        return self.packs.pack_ids[self._kept(blob_id)[0]]  # type: ignore[index]
-
-    def _entry_at(self, no: int, i: int) -> PackEntry:
-        entries = self.packs.listed[no]
-        if not entries.has_deltas:
-            pos = entries._start + i * ENTRY_SIZE
-        else:
-            positions = self._positions.get(no)
-            if positions is None:
-                positions = self._positions[no] = array("Q")
-                pos = entries._start
-                for e in entries.decode():
-                    positions.append(pos)
-                    pos += ENTRY_SIZE + (ID_SIZE if e.kind == KIND_DELTA else 0)
-            pos = positions[i]
-        kind, blob_id, offset, length, raw_length = _ENTRY.unpack_from(entries._buf, pos)
-        base = bytes(entries._buf[pos + ENTRY_SIZE:pos + ENTRY_SIZE + ID_SIZE]) if kind == KIND_DELTA else None
-        return PackEntry(blob_id, kind, offset, length, raw_length, base)
+        return self.packs.pack_ids[self._kept_pos(blob_id)[0]]  # type: ignore[index]
 
     def __getitem__(self, blob_id: bytes) -> PackEntry:
-        at = self._kept(blob_id) if blob_id in self else None
+        at = self._kept_pos(blob_id) if blob_id in self else None
         if at is None:
             raise KeyError(blob_id)
-        return self._entry_at(*at)
+        return _entry_at(self.packs.listed[at[0]]._buf, at[1])
+
+    def others_in(self, no: int) -> list[PackEntry]:
+        """The entries of pack number ``no`` that are not the copy kept of their blob (``elsewhere``, C)."""
+        entries = self.packs.listed[no]
+        return [_entry_at(entries._buf, pos)
+                for pos in array("q", self._t._t.elsewhere(entries._buf, entries._start, len(entries)))]
+
+    def others_in_reference(self, no: int) -> list[PackEntry]:
+        """``others_in`` in Python."""
+        return [e for i, e in enumerate(self.packs.listed[no].decode()) if self.kept_at(e.blob_id) != (no, i)]
+
+    def spurn(self, failed: Iterable[tuple[bytes, int]], spurned: Collection[tuple[bytes, int]]
+              ) -> list[PackEntry]:
+        """The blobs whose kept copy is one of ``failed`` ((pack id, offset): it did not verify) keep another
+        copy, as ``kept_copies`` chooses it with ``spurned`` (every copy spurned so far, ``failed`` among them):
+        their rows point at it in this table, which the used blobs stay marked in (a second table of the
+        copies kept took another 60 bytes a blob).  Only the packs holding another copy are decoded.
+        Returns the entries now kept of the blobs that moved."""
+        failed = set(failed)
+        moved = BlobIndex()
+        for pid, offset in sorted(failed):
+            no = self.packs.numbers.get(pid)
+            if no is None:
+                continue
+            entries = self.packs.listed[no]
+            for e, pos in zip(entries.decode(), _entry_starts(entries)):
+                if e.offset == offset and self._t.entry_pos(e.blob_id, entries._buf) == pos:
+                    moved.add(e.blob_id, 0, 0, 0, 0)
+        if not len(moved):
+            return []
+        best: dict[bytes, tuple[tuple[bool, bool, int, int], int]] = {}
+        for no, entries in enumerate(self.packs.listed):
+            numbers = array("I", moved._t.among(entries._buf, entries._start, len(entries)))
+            if not numbers:
+                continue
+            pid, decoded, starts = self.packs.pack_ids[no], entries.decode(), list(_entry_starts(entries))
+            for i in numbers:
+                e = decoded[i]
+                rank = ((pid, e.offset) in spurned, e.kind == KIND_DELTA, no, i)
+                if e.blob_id not in best or rank < best[e.blob_id][0]:
+                    best[e.blob_id] = (rank, starts[i])
+        for (_, _, no, _), pos in best.values():
+            self._t.point(self.packs.listed[no]._buf, pos, self._row_packs[no])
+        return [_entry_at(self.packs.listed[no]._buf, pos) for (_, _, no, _), pos in best.values()]
 
     def __contains__(self, blob_id: object) -> bool:
         return isinstance(blob_id, (bytes, bytearray, memoryview)) and len(blob_id) == ID_SIZE and blob_id in self._t
@@ -210,7 +249,7 @@ class KeptCopies(Mapping[bytes, PackEntry]):
             else:
                 tables.append(u._t)
         numbers, total, live, live_entry_bytes = self._t._t.kept_in(
-            entries._buf, entries._start, len(entries), self._row_packs[no], self.numbers, tuple(tables), marks)
+            entries._buf, entries._start, len(entries), self._row_packs[no], None, tuple(tables), marks)
         return LiveEntries(entries, array("I", numbers)), total, live, live_entry_bytes
 
     def live_in_reference(self, no: int, used: Sequence[BlobIndex]) -> tuple[LiveEntries, int, int, int]:
@@ -230,6 +269,24 @@ class KeptCopies(Mapping[bytes, PackEntry]):
                 for i, e in enumerate(entries.decode()):
                     if e.kind == KIND_DELTA and e.base_id is not None and self.kept_at(e.blob_id) == (no, i):
                         yield e.blob_id, e.base_id
+
+
+def _entry_starts(entries: EncodedEntries) -> Iterator[int]:
+    """Where each of a pack's entries starts in its buffer."""
+    pos = entries._start
+    if not entries.has_deltas:
+        yield from range(pos, pos + ENTRY_SIZE * len(entries), ENTRY_SIZE)
+        return
+    buf = entries._buf
+    for _ in range(len(entries)):
+        yield pos
+        pos += ENTRY_SIZE + (ID_SIZE if buf[pos] == KIND_DELTA else 0)
+
+
+def _entry_at(buf: bytes, pos: int) -> PackEntry:
+    kind, blob_id, offset, length, raw_length = _ENTRY.unpack_from(buf, pos)
+    base = bytes(buf[pos + ENTRY_SIZE:pos + ENTRY_SIZE + ID_SIZE]) if kind == KIND_DELTA else None
+    return PackEntry(blob_id, kind, offset, length, raw_length, base)
 
 
 class UsedIds(Collection[bytes]):

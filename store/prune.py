@@ -240,9 +240,7 @@ def _unverified_keeps(repo: Repo, plan: PrunePlan, used: Collection[bytes], know
     per blob, in a row, took minutes where two hosts had backed up the same files at once."""
     dropped = set()
     for use in plan.delete + plan.repack:
-        no = known.packs.numbers[use.pack_id]
-        dropped.update(e.blob_id for i, e in enumerate(use.entries)
-                       if e.blob_id in used and known.kept_at(e.blob_id) != (no, i))
+        dropped.update(e.blob_id for e in known.others_in(known.packs.numbers[use.pack_id]) if e.blob_id in used)
     _verify_kept(repo, dropped, known, verified)
     failed = set()
     for blob_id in sorted(dropped):
@@ -658,8 +656,8 @@ def plan_prune(repo: Repo, max_unused: float = 0.05, max_repack: int | None = No
     packs = PackTable.from_columns(live.values())
     # The index objects read once: the repository's index is made of them in pack id order, where each blob's
     # row is the copy kept (``KeptCopies``), and the manifests read through it mark the blobs used in it.
-    index, numbers = repo.install_packs(names, ((pid, packs.listed[no]) for no, pid in enumerate(packs.pack_ids)))
-    known = KeptCopies(packs, table=index, numbers=numbers, row_packs=[repo.pack_no(p) for p in packs.pack_ids])
+    index = repo.install_packs(names, ((pid, packs.listed[no]) for no, pid in enumerate(packs.pack_ids)))
+    known = KeptCopies(packs, table=index, row_packs=[repo.pack_no(p) for p in packs.pack_ids])
     needed, missing = mark_used(repo, known)
     trim_heap()  # and what the threads reading the manifests let go of
     if len(missing):
@@ -676,14 +674,19 @@ def plan_prune(repo: Repo, max_unused: float = 0.05, max_repack: int | None = No
     spurned: frozenset[tuple[bytes, int]] = frozenset()
     verified: dict[tuple[bytes, int], bool] = {}
     while True:  # each round spurns copies that failed to verify; a blob held in n copies takes n rounds
-        used = _Either(needed, blob_set(sorted(bases_needed(needed, known))))
+        bases = blob_set(sorted(bases_needed(needed, known)))
+        used = _Either(needed, bases)
         plan = select_packs(packs, sizes, used, max_unused, known, max_repack)
+        # Each used blob is live in the one pack its kept copy lies in: one live in none would go with its packs.
+        if plan.live_blobs < len(needed) + len(bases):
+            raise ChunkvaultError(f"prune found {len(needed) + len(bases) - plan.live_blobs} used blob(s) live in "
+                                  "no pack it keeps; nothing was deleted")
         failed = _unverified_keeps(repo, plan, used, known, verified) - spurned
         if not failed:
             break
         spurned |= failed
-        known = KeptCopies(packs, spurned)  # a table of its own: the repository's reads the copies it had
-        needed = needed.onto(known.table)
+        # In the one table: the repository's index then reads the copies kept, their bases with them.
+        repo.kept_instead(known.spurn(failed, spurned))
     plan.orphans = _deletable_orphans(repo, {pid: size for pid, size in sizes.items() if pid not in packs},
                                       used, known, verified)
     plan.index_names = names

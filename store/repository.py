@@ -9,7 +9,6 @@ import contextlib
 import itertools
 import os
 import re
-import struct
 import threading
 import time
 import warnings
@@ -55,7 +54,7 @@ from .indexfile import (INDEX_SLACK, IndexColumns, IndexData, decode_index, deco
                         pack_index_bytes, scan_bases)
 from .manifest import OP_DELETE, Record, decode_records, iter_records
 from .manifest_seek import ManifestSeeker, Segment, segments
-from .pack import EncodedEntries, PackBuffers, PackBuilder, PackEntry, fetch_header
+from .pack import EncodedEntries, PackBuffers, PackBuilder, PackEntry, entry_bytes, fetch_header
 from .packranges import RecentRanges
 from .chronology import chronological_key
 from .snapshot import Snapshot
@@ -94,9 +93,6 @@ COPY_TRIES = 4  # times one read goes over to another copy of a blob it reads (`
 #: A blob the index does not list: lost, or in a pack whose index object was lost.
 NOT_INDEXED = ("not in the index (`repair index` finds it if a pack still holds it; if none does, `repair "
                "snapshots` drops the files that need it)")
-
-
-_ROW_NUMBER = struct.Struct("=I")  # an entry number ``install_packs`` notes for each row of the index
 
 
 def pack_key(pack_id: bytes) -> str:
@@ -290,8 +286,8 @@ class Repo:
         # (None for one stored whole): a read falls back on one when the copy it read fails (``_other_copy``).
         self._copies: dict[bytes, list[tuple[BlobLocation, bytes | None]]] = {}
         self._copy_switches = 0  # how many times a read went over to another copy
-        # The index ``install_packs`` returned (a prune's table of the copies it keeps, told by their entry
-        # numbers): a read that goes over to another copy of a blob does so in a copy of it
+        # The index ``install_packs`` returned (a prune's table of the copies it keeps, each row pointing at
+        # the entry kept): a read that goes over to another copy of a blob does so in a copy of it
         self._lent: weakref.ref[BlobIndex] | None = None
         self._withheld: set[bytes] | None = None  # deltas left out of the index for a writer: not yet known
         self._writers = 0  # BlobWriters filling the index: it is not dropped meanwhile (``refresh_index``)
@@ -732,26 +728,28 @@ class Repo:
             self._index_unsettled = False
         return live, index
 
-    def install_packs(self, names: list[str], packs: Iterable[tuple[bytes, EncodedEntries]]
-                      ) -> tuple[BlobIndex, bytearray]:
+    def install_packs(self, names: list[str], packs: Iterable[tuple[bytes, EncodedEntries]]) -> BlobIndex:
         """Make the index from these packs' entries, in the order given (``names``: every index object listed),
-        as ``install_index`` makes it from the objects; returns it, and each row's entry number in its pack
-        (``BlobIndex.add_entries``).  A prune gives every pack the live objects list, in pack id order: of a
-        blob stored twice, the index then reads the copy the prune keeps (``prune.kept_copies``), and the
-        prune's table of those copies is this one, not a second table of every blob: a read that goes over to
-        another copy of a blob (``_other_copy``) does so in a copy of the index, leaving this one as made."""
-        packs = list(packs)
-        index, numbers = BlobIndex(sum(len(e) for _, e in packs)), bytearray()
+        as ``install_index`` makes it from the objects; returns it.  Its rows point at the entries where they
+        lie (``BlobIndex(by_ref=True)``), which the caller holds anyway, rather than copying them.  A prune
+        gives every pack the live objects list, in pack id order: of a blob stored twice, the index then reads
+        the copy the prune keeps (``prune.kept_copies``), and the prune's table of those copies is this one,
+        not a second table of every blob: a read that goes over to another copy of a blob (``_other_copy``)
+        does so in a copy of the index, leaving this one as made."""
+        # Rows point into bytes alone (another buffer is copied first): the entries are told by where they lie.
+        packs = [(pid, e if type(e._buf) is bytes else EncodedEntries(bytes(e.view), 0, len(e), e.encoded_size))
+                 for pid, e in packs]
+        index = BlobIndex(sum(len(e) for _, e in packs), by_ref=True)
         bases: dict[bytes, bytes] = {}
         copies: dict[bytes, list[tuple[BlobLocation, bytes | None]]] = {}
         for pack_id, entries in packs:
-            self._add_pack(pack_id, entries, index, bases, copies, numbers)
+            self._add_pack(pack_id, entries, index, bases, copies)
         with self._index_lock:
             self._index, self._delta_bases, self._index_names, self._withheld = index, bases, set(names), None
             self._copies = copies
             self._index_unsettled = False
             self._lent = weakref.ref(index)
-        return index, numbers
+        return index
 
     def drop_index(self) -> None:
         """Let go of the loaded index, read again when next needed; kept while a writer of this object fills
@@ -760,6 +758,16 @@ class Repo:
         with self._index_lock:
             if not self._writers:
                 self._index, self._delta_bases, self._copies, self._withheld = None, {}, {}, None
+
+    def kept_instead(self, entries: Iterable[PackEntry]) -> None:
+        """The index (``install_packs``'s) now points at these copies of their blobs (a prune's, whose first
+        copy did not verify): reads take each one's base, or none, with it."""
+        with self._index_lock:
+            for e in entries:
+                if e.kind == KIND_DELTA and e.base_id is not None:
+                    self._delta_bases[e.blob_id] = e.base_id
+                else:
+                    self._delta_bases.pop(e.blob_id, None)
 
     def withhold_unreadable_deltas(self) -> set[bytes]:
         """Leave out of the index the deltas whose chain of bases it does not hold (``unreadable_deltas``),
@@ -800,22 +808,21 @@ class Repo:
                           copies)
 
     def _add_pack(self, pack_id: bytes, entries: EncodedEntries, index: BlobIndex, bases: dict[bytes, bytes],
-                  copies: dict[bytes, list[tuple[BlobLocation, bytes | None]]], numbers: bytearray) -> None:
-        """``_add_object`` for one pack's entries, noting each row's entry number in ``numbers``."""
+                  copies: dict[bytes, list[tuple[BlobLocation, bytes | None]]]) -> None:
+        """``_add_object`` for one pack's entries, into an index whose rows point at them (``by_ref``)."""
         replaced: list[tuple[bytes, BlobLocation]] = []
         pack_no = self.pack_no(pack_id)
-        added = index.add_entries(entries._buf, entries._start, len(entries), pack_no, replaced, numbers)
+        added = index.add_entries(entries._buf, entries._start, len(entries), pack_no, replaced)
         if added == len(entries):
             if entries.has_deltas:
                 scan_bases(entries._buf, entries._start, len(entries), bases)
             return
-        self._note_copies(replaced, [(pack_no, entries)], index, bases, copies, numbers)
+        self._note_copies(replaced, [(pack_no, entries)], index, bases, copies)
 
     @staticmethod
     def _note_copies(replaced: list[tuple[bytes, BlobLocation]], packs: list[tuple[int, EncodedEntries]],
                      index: BlobIndex, bases: dict[bytes, bytes],
-                     copies: dict[bytes, list[tuple[BlobLocation, bytes | None]]], numbers: bytearray | None = None
-                     ) -> None:
+                     copies: dict[bytes, list[tuple[BlobLocation, bytes | None]]]) -> None:
         """Of packs just added to ``index`` where some blob was there already: the bases of the copies held,
         and the other copies.
 
@@ -823,19 +830,20 @@ class Repo:
         before a delta, else the first.  Its base, or none, is that copy's: a base of another copy, which
         may be lost, makes a read call the blob damaged.  The copies may lie in one object (prune's and
         repair's compact index lists every kept pack), even in one pack (as only a made-up index has them),
-        so the base is matched to the held copy's entry: by its number in the pack where ``numbers`` are
-        kept, else by its offset."""
+        so the base is matched to the held copy's entry: the very entry where the index points at them
+        (``by_ref``), else by its offset."""
         for blob_id, loc in replaced:
             if blob_id in bases:  # held until now, from an object before: its base is known (else listed below)
                 copies.setdefault(blob_id, []).append((loc, bases[blob_id]))
         for pack_no, entries in packs:
-            for i, e in enumerate(entries.decode()):
+            pos = entries._start
+            for e in entries.decode():
+                at, pos = pos, pos + entry_bytes(e.kind)
                 loc = index.get(e.blob_id)
                 if loc is None:
                     continue
                 held = loc.pack_no == pack_no and (
-                    loc.offset == e.offset if numbers is None
-                    else _ROW_NUMBER.unpack_from(numbers, 4 * index.row(e.blob_id))[0] == i)
+                    index.entry_pos(e.blob_id, entries._buf) == at if index.by_ref else loc.offset == e.offset)
                 if not held:  # another copy is kept, with its base
                     copies.setdefault(e.blob_id, []).append(
                         (BlobLocation(pack_no, e.offset, e.length, e.raw_length, e.kind), e.base_id))

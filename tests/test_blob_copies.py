@@ -129,6 +129,29 @@ def test_a_prune_keeps_the_delta_copy_when_the_whole_copy_it_would_keep_is_damag
     assert repo.check(read_data=True).ok
 
 
+def test_a_prune_spurns_a_damaged_copy_in_its_one_table_of_the_blobs(stored_twice, monkeypatch):
+    """Where the copy kept fails to verify, the prune keeps the other in the table it holds (the repository's
+    index), where a second table of every blob's copy kept took as much again; the index then reads the copy
+    kept, with its base, and the damaged pack is the one to go."""
+    from chunkvault.store import prune as prune_mod
+    from chunkvault.store.packtable import KeptCopies
+
+    repo_dir, repo, first, second, content = stored_twice(delta=True)
+    blob = chunk_ids(repo, first, "db")[5]
+    store = repo.store
+    store.load_index()
+    held, ((other, base),) = copies_of(store, blob)
+    victim = store.pack_ids[held.pack_no]
+    flip(pack_of(repo_dir, held, store), held.offset + held.length // 2)
+    repo.forget([second.id])
+    monkeypatch.setattr(KeptCopies, "_build", staticmethod(lambda *a: pytest.fail("a second table of the blobs")))
+    with pytest.warns(RepositoryStateWarning, match=f"blob {blob.hex()}: its copy in .* does not verify"):
+        plan = prune_mod.plan_prune(store, max_unused=0)
+    assert store.delta_base(blob) == base and store.locate(blob)[:2] == other[:2]
+    assert victim in {u.pack_id for u in plan.delete}
+    assert store.pack_ids[other.pack_no] not in {u.pack_id for u in plan.delete}
+
+
 def test_the_other_copies_are_known_whatever_order_the_index_objects_come_in(stored_twice):
     """The copy stored whole is held before a delta copy either way; the delta copy is known as the other,
     with its own base, whether its index object came first (then the whole copy took its place) or after."""

@@ -86,6 +86,113 @@ class IndexMachine(RuleBasedStateMachine):
 TestIndexMachine = IndexMachine.TestCase
 TestIndexMachine.settings = settings(max_examples=150, stateful_step_count=40, deadline=None)
 
+entry_st = st.tuples(ids_st, st.sampled_from([0, 1, 2]), u32, u32, u32, ids_st)  # id, kind, offset, length, raw, base
+
+
+def _encoded(entries) -> bytes:
+    from chunkvault.store.pack import PackEntry, encode_entries
+
+    return encode_entries([PackEntry(b, k, o, ln, r, base if k == 2 else None) for b, k, o, ln, r, base in entries])
+
+
+class RefIndexMachine(IndexMachine):
+    """A table whose rows point at index-object entries where they lie (``by_ref``) against the same dict
+    model, and each row's entry (the buffer and position it points at, None for a record of its own) against
+    a model of where each row points: its Python reference."""
+
+    @initialize(hint=st.sampled_from([0, 1, 5, 100]))
+    def start(self, hint):
+        self.index = BlobIndex(capacity_hint=hint, by_ref=True)
+        self.model: dict[bytes, BlobLocation] = {}
+        self.where: dict[bytes, tuple[bytes, int] | None] = {}
+        self.bufs: list[bytes] = []
+
+    @rule(blob_id=ids_st, pack=st.integers(0, 6), off=u32, ln=u32, raw=u32, fl=flags_st)
+    def add(self, blob_id, pack, off, ln, raw, fl):
+        super().add(blob_id, pack, off, ln, raw, fl)
+        self.where.setdefault(blob_id, None)
+
+    @rule(batch=st.lists(st.tuples(ids_st, st.integers(0, 6), u32, u32, u32, flags_st), max_size=30),
+          form=st.sampled_from(["array", "bytes", "list"]), scalar_pack=st.booleans())
+    def add_many(self, batch, form, scalar_pack):
+        super().add_many(batch, form, scalar_pack)
+        for b in batch:
+            self.where.setdefault(b[0], None)
+
+    @rule(entries=st.lists(entry_st, max_size=12), pack=st.integers(0, 6), head=st.integers(0, 3),
+          form=st.sampled_from(["bytes", "bytearray", "memoryview"]))
+    def add_entries(self, entries, pack, head, form):
+        buf = b"\xee" * head + _encoded(entries)
+        arg = {"bytes": buf, "bytearray": bytearray(buf), "memoryview": memoryview(buf)}[form]
+        replaced = []
+        added = self.index.add_entries(arg, head, len(entries), pack, replaced)
+        del arg  # a bytearray or view given is copied: the rows outlive it
+        want_added, want_replaced, pos = 0, [], head
+        for b, k, o, ln, r, _ in entries:
+            at, pos = pos, pos + 45 + (32 if k == 2 else 0)
+            loc = BlobLocation(pack, o, ln, r, k)
+            if b not in self.model:
+                self.model[b], want_added = loc, want_added + 1
+            elif self.model[b].flags == 2 and k != 2:
+                want_replaced.append((b, self.model[b]))
+                self.model[b] = loc
+            else:
+                continue
+            self.where[b] = (buf, at, form == "bytes")  # a bytearray or view given: rows point at a copy
+        assert added == want_added and replaced == want_replaced
+        self.bufs.append(buf)
+
+    @rule(blob_id=ids_st, pack=st.integers(0, 6), off=u32, ln=u32, raw=u32, fl=flags_st)
+    def replace(self, blob_id, pack, off, ln, raw, fl):
+        assert self.index.replace(blob_id, BlobLocation(pack, off, ln, raw, fl)) == (blob_id in self.model)
+        if blob_id in self.model:
+            self.model[blob_id], self.where[blob_id] = BlobLocation(pack, off, ln, raw, fl), None
+
+    @rule(packs=st.sets(st.integers(0, 7), max_size=3))
+    def remove_packs(self, packs):
+        super().remove_packs(packs)
+        self.where = {b: w for b, w in self.where.items() if b in self.model}
+
+    @precondition(lambda self: self.bufs)
+    @rule(data=st.data())
+    def positions(self, data):
+        buf = data.draw(st.sampled_from(self.bufs))
+        blob_id = data.draw(ids_st)
+        at = self.where.get(blob_id)
+        got = self.index.entry_pos(blob_id, buf)
+        assert got == (at[1] if at is not None and at[0] is buf and at[2] else -1)
+
+    @precondition(lambda self: any(w is not None and w[2] for w in self.where.values()))
+    @rule(data=st.data(), pack=st.integers(0, 6), used=st.lists(ids_st, max_size=20))
+    def kept_and_among(self, data, pack, used):
+        """A pack given as the rows' own bytes: ``kept_in`` gives the entries rows point at, ``among`` the
+        entries whose id is held; ``point`` moves a row onto one."""
+        blob_id = data.draw(st.sampled_from([b for b, w in self.where.items() if w is not None and w[2]]))
+        held = self.index.get(blob_id)
+        buf, got, _ = self.where[blob_id]
+        numbers, *_ = self.index._t.kept_in(buf, got, 1, held.pack_no, None, ())
+        assert numbers == b""  # used by nothing
+        sets = BlobIndex()
+        sets.add_many(b"".join(used) or b"", 0, 0, 0, 0)
+        numbers, *_ = self.index._t.kept_in(buf, got, 1, held.pack_no, None, (sets._t,))
+        assert numbers == (bytes(4) if blob_id in used else b"")
+        assert self.index._t.among(buf, got, 1) == bytes(4)
+        assert self.index.point(buf, got, pack)
+        self.model[blob_id] = held._replace(pack_no=pack)
+        assert self.index.get(blob_id) == self.model[blob_id] and self.index.entry_pos(blob_id, buf) == got
+        self.where[blob_id] = (buf, got, True)
+
+    @invariant()
+    def rows_read_back(self):
+        if hasattr(self, "index") and len(self.model):
+            ids, fields, flags = self.index._t.rows(0, len(self.index))
+            want = list(self.model.items())
+            assert ids == b"".join(b for b, _ in want) and bytes(flags) == bytes(v.flags for _, v in want)
+
+
+TestRefIndexMachine = RefIndexMachine.TestCase
+TestRefIndexMachine.settings = settings(max_examples=150, stateful_step_count=40, deadline=None)
+
 
 @settings(max_examples=60, deadline=None)
 @given(st.lists(st.binary(min_size=32, max_size=32), max_size=300),

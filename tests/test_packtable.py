@@ -5,6 +5,7 @@ from __future__ import annotations
 from hypothesis import given, settings, strategies as st
 
 from chunkvault.store.blob import KIND_DELTA, KIND_RAW, KIND_ZSTD
+from chunkvault.store.blobindex import BlobIndex
 from chunkvault.store.crypto import Sealer
 from chunkvault.store.indexfile import (IndexData, decode_index, decode_index_columns, encode_index,
                                         pack_index_bytes, split_index)
@@ -205,6 +206,39 @@ def test_the_live_entries_of_each_pack_are_the_reference_s(data):
     for no in range(len(table)):
         got, want = known.live_in(no, used), known.live_in_reference(no, used)
         assert got[1:] == want[1:] and list(got[0].numbers) == list(want[0].numbers) and got[0] == want[0]
+        assert known.others_in(no) == known.others_in_reference(no)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.data())
+def test_copies_spurned_in_the_one_table_are_the_copies_the_reference_keeps(data):
+    """Copies found damaged round after round and spurned in the table made without them (``spurn``, as a
+    prune does where the table is the repository's index) leave each blob kept where ``kept_copies`` on dicts
+    keeps it with every copy spurned so far, and where a table made anew with them keeps it; the used blobs
+    marked before stay marked."""
+    ids, packs = data.draw(repositories(distinct_offsets=data.draw(st.booleans())))
+    table = PackTable.from_entries(packs)
+    known = KeptCopies(table)
+    marked = UsedIds(known.table)
+    used = data.draw(st.lists(st.sampled_from(ids), max_size=len(ids)))
+    marked.mark(b"".join(used))
+    copies = sorted({(pid, e.offset) for pid, entries in packs.items() for e in entries})
+    spurned: set = set()
+    for _ in range(data.draw(st.integers(1, 3))):
+        kept = {(known.pack_of(b), known[b].offset) for b in known}
+        failed = set(data.draw(st.lists(st.sampled_from(copies), max_size=4))) & kept
+        spurned |= failed
+        moved = known.spurn(failed, spurned)
+        reference, anew = kept_copies(packs, frozenset(spurned)), KeptCopies(table, frozenset(spurned))
+        assert set(known) == set(reference)
+        for blob_id, e in reference.items():
+            assert known[blob_id] == e and known.kept_at(blob_id) == anew.kept_at(blob_id)
+        assert all(known[e.blob_id] == e for e in moved)
+        assert set(marked) == set(used)
+        for no in range(len(table)):
+            got, want = known.live_in(no, [marked]), known.live_in_reference(no, [blob_set(used)])
+            assert got[1:] == want[1:] and list(got[0].numbers) == list(want[0].numbers)
+            assert known.others_in(no) == known.others_in_reference(no)
 
 
 def test_kept_in_checks_what_it_is_given():
@@ -218,8 +252,9 @@ def test_kept_in_checks_what_it_is_given():
     a = bytes([1]) * 32
     entries = [PackEntry(a, KIND_ZSTD, 0, 7, 9), PackEntry(bytes([2]) * 32, KIND_DELTA, 7, 5, 9, a)]
     buf = encode_entries(entries)
-    known = KeptCopies(PackTable.from_entries({bytes(32): entries}))
-    t, n, used = known._t._t, known.numbers, blob_set([a, bytes([2]) * 32])._t
+    owned, n = BlobIndex(), bytearray()  # rows holding copies of the entries, told by their entry numbers
+    owned.add_entries(buf, 0, 2, 0, None, n)
+    t, used = owned._t, blob_set([a, bytes([2]) * 32])._t
     assert t.kept_in(buf, 0, 2, 0, n, (used,)) == (bytes(4) + (1).to_bytes(4, "little"), 12, 12, 45 + 77)
     assert t.kept_in(buf, 0, 2, 0, n, ()) == (b"", 12, 0, 0)
     assert t.kept_in(buf, 0, 2, 1, n, (used,)) == (b"", 12, 0, 0)  # not this pack's copies
@@ -230,7 +265,9 @@ def test_kept_in_checks_what_it_is_given():
     assert t.kept_in(buf, 0, 2, 0, bytes(8), (used,)) == (bytes(4), 12, 7, 45)  # the second's row: entry 0
     assert t.kept_in(buf, 0, 2, 0, n, (), bytes([0, 1])) == ((1).to_bytes(4, "little"), 12, 5, 77)
     assert t.kept_in(buf, 0, 2, 0, n, (), b"\x01") == (bytes(4), 12, 7, 45)  # marks short of the rows
-    assert t.kept_in(buf, 0, 2, 0, n, (blob_set([a])._t,), bytes([0, 1])) == (known.numbers, 12, 12, 45 + 77)
+    assert t.kept_in(buf, 0, 2, 0, n, (blob_set([a])._t,), bytes([0, 1])) == (n, 12, 12, 45 + 77)
+    with pytest.raises(TypeError, match="numbers are needed"):
+        t.kept_in(buf, 0, 2, 0, None, (used,))
     for bad in (buf[:-1], buf[:44]):
         with pytest.raises(ValueError, match="truncated"):
             t.kept_in(bad, 0, 2, 0, n, (used,))
@@ -284,8 +321,8 @@ def test_an_index_made_in_pack_id_order_keeps_the_copies_the_reference_keeps(dat
         store = repo.store
         for pid in data.draw(st.permutations(list(table))):  # numbered in another order before
             store.pack_no(pid)
-        index, numbers = store.install_packs([], ((p, table[p]) for p in table))
-        known = KeptCopies(table, table=index, numbers=numbers, row_packs=[store.pack_no(p) for p in table])
+        index = store.install_packs([], ((p, table[p]) for p in table))
+        known = KeptCopies(table, table=index, row_packs=[store.pack_no(p) for p in table])
         assert len(known) == len(reference) and set(known) == set(reference)
         for blob_id, e in reference.items():
             pid = next(p for p, entries in packs.items() if any(x is e for x in entries))
@@ -294,6 +331,35 @@ def test_an_index_made_in_pack_id_order_keeps_the_copies_the_reference_keeps(dat
             loc = index.get(blob_id)
             assert (store.pack_ids[loc.pack_no], loc.offset, loc.length, loc.flags) == (pid, e.offset, e.length,
                                                                                          e.kind)
+            assert store.delta_base(blob_id) == e.base_id
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.data())
+def test_an_index_made_of_entries_in_any_buffer_reads_each_blob_with_its_base(data):
+    """``install_packs`` given entries in a bytearray or a view (its rows point into bytes alone) holds each
+    blob where it does given bytes, and the base of the copy it holds: matched to the entries it points at,
+    not the ones given, it took every copy for another and dropped the bases."""
+    import tempfile
+
+    from chunkvault import Repository
+
+    _, packs = data.draw(repositories(distinct_offsets=data.draw(st.booleans())))
+    wrap = data.draw(st.sampled_from([bytearray, memoryview]))
+    reference = kept_copies(packs)
+    with tempfile.TemporaryDirectory(prefix="kept-") as tmp, \
+            Repository.init(tmp + "/repo", "pw", kdf_seconds=0.01) as repo:
+        store = repo.store
+        given_ = []
+        for pid in sorted(packs):
+            buf = encode_entries(packs[pid])
+            given_.append((pid, EncodedEntries(wrap(b"xy" + buf)[2:] if wrap is memoryview else wrap(buf), 0,
+                                               len(packs[pid]), len(buf))))
+        index = store.install_packs([], given_)
+        for blob_id, e in reference.items():
+            loc = index.get(blob_id)
+            assert (store.pack_ids[loc.pack_no], loc.offset, loc.flags) == (
+                next(p for p, es in packs.items() if any(x is e for x in es)), e.offset, e.kind)
             assert store.delta_base(blob_id) == e.base_id
 
 
@@ -314,10 +380,10 @@ def test_the_repository_index_in_pack_id_order_is_the_copies_kept(tmp_path):
         store.index  # loaded in the objects' order: the packs have numbers already
         names, live = live_index_columns(store)
         packs = PackTable.from_columns(live.values())
-        index, numbers = store.install_packs(names, ((p, packs[p]) for p in packs))
+        index = store.install_packs(names, ((p, packs[p]) for p in packs))
         assert store.index is index
         row_packs = [store.pack_no(p) for p in packs]
-        known = KeptCopies(packs, table=index, numbers=numbers, row_packs=row_packs)
+        known = KeptCopies(packs, table=index, row_packs=row_packs)
         reference = KeptCopies(packs)
         assert len(known) == len(reference) and set(known) == set(reference)
         for blob_id in reference:

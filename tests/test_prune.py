@@ -971,3 +971,29 @@ def test_a_manifest_read_from_its_other_copy_while_the_prune_plans_keeps_that_co
     for i in range(3):
         assert (tmp_path / "out" / f"f{i}").read_bytes() == (src / f"f{i}").read_bytes()
     assert Repository.open(str(tmp_path / "repo"), PASSWORD).check(read_data=True).ok
+
+
+def test_a_used_blob_live_in_no_pack_stops_the_prune_before_it_deletes_anything(tmp_path, new_repo, monkeypatch):
+    """Every used blob is live in the one pack its kept copy lies in; were one live in none (a table pointing
+    at a copy no pack's entries are), its packs would go with it: the prune stops instead, nothing deleted."""
+    from array import array
+
+    from chunkvault.errors import ChunkvaultError
+    from chunkvault.store.packtable import KeptCopies, LiveEntries
+
+    repo, states = build_history(tmp_path, new_repo)
+    repo.forget(list(states)[:3])
+    live_in = KeptCopies.live_in
+
+    def one_short(self, no, used):
+        live, total, live_bytes, entry_bytes = live_in(self, no, used)
+        return LiveEntries(live.entries, array("I", list(live.numbers)[1:])), total, live_bytes, entry_bytes
+
+    monkeypatch.setattr(KeptCopies, "live_in", one_short)
+    before = sorted(p.name for p in (tmp_path / "repo").rglob("*") if p.is_file())
+    with pytest.raises(ChunkvaultError, match="live in no pack it keeps; nothing was deleted"):
+        repo.prune(max_unused=0)
+    assert sorted(p.name for p in (tmp_path / "repo").rglob("*") if p.is_file()) == before
+    monkeypatch.undo()
+    repo.prune(max_unused=0)
+    assert repo.check(read_data=True).ok
