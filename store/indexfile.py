@@ -17,7 +17,7 @@ from chunkvault.errors import CorruptObject, NewerObject
 from .crypto import AuthenticationFailed, Sealer
 from .blob import ID_SIZE
 from . import _blobtable
-from .pack import EncodedEntries, PackEntry, decode_entries, encode_entries, entry_bytes
+from .pack import ENTRY_SIZE, EncodedEntries, PackEntry, decode_entries, encode_entries, entry_bytes
 
 INDEX_AD = b"chunkvault index v1"
 MAX_INDEX_PLAIN = 1 << 31
@@ -92,6 +92,12 @@ class IndexColumns:
     def entry_count(self) -> int:
         return sum(self.counts)
 
+    @property
+    def has_deltas(self) -> bool:
+        """Whether some pack's entries hold a delta (are longer than whole entries), ``delta_bases`` kept or not."""
+        ends = [s - 36 for s in self.starts[1:]] + [len(self.plain)]
+        return any(end - start != count * ENTRY_SIZE for start, end, count in zip(self.starts, ends, self.counts))
+
     def packs(self) -> Iterator[tuple[bytes, EncodedEntries]]:
         """Each pack's id and entries, left in ``plain``; a pack's id and count follow its last entry."""
         ends = [s - 36 for s in self.starts[1:]] + [len(self.plain)]
@@ -125,8 +131,9 @@ def scan_bases(buf: bytes, pos: int, count: int, bases: dict[bytes, bytes]) -> i
     return end
 
 
-def decode_index_columns(sealer: Sealer, data: bytes, what: str) -> IndexColumns:
-    """Decode an index object: its structure and every entry's kind checked, the entries left in place."""
+def decode_index_columns(sealer: Sealer, data: bytes, what: str, *, bases: bool = True) -> IndexColumns:
+    """Decode an index object: its structure and every entry's kind checked, the entries left in place;
+    ``bases``: each delta's base noted in ``delta_bases`` (else it is left empty)."""
     plain = _open_plain(sealer, data, what)
     n = len(plain)
     try:
@@ -145,7 +152,7 @@ def decode_index_columns(sealer: Sealer, data: bytes, what: str) -> IndexColumns
         pack_ids: list[bytes] = []
         counts: list[int] = []
         starts: list[int] = []
-        bases: dict[bytes, bytes] = {}
+        found: dict[bytes, bytes] = {}
         for _ in range(n_packs):
             if pos + 36 > n:
                 raise CorruptObject(what, "truncated index")
@@ -153,7 +160,8 @@ def decode_index_columns(sealer: Sealer, data: bytes, what: str) -> IndexColumns
             (count,) = struct.unpack_from("<I", plain, pos + 32)
             pos += 36
             try:
-                end = scan_bases(plain, pos, count, bases)
+                end = (scan_bases(plain, pos, count, found) if bases
+                       else _blobtable.scan_entries(plain, pos, count)[0])
             except ValueError as exc:
                 raise CorruptObject(what, str(exc)) from None
             pack_ids.append(pack_id)
@@ -164,7 +172,7 @@ def decode_index_columns(sealer: Sealer, data: bytes, what: str) -> IndexColumns
         raise CorruptObject(what, "truncated index") from None
     if pos != n or any(len(x) != 32 for x in supersedes):
         raise CorruptObject(what, "malformed index")
-    return IndexColumns(supersedes, pack_ids, counts, starts, plain, bases)
+    return IndexColumns(supersedes, pack_ids, counts, starts, plain, found)
 
 
 def decode_index(sealer: Sealer, data: bytes, what: str) -> IndexData:

@@ -454,7 +454,7 @@ def live_index_columns(repo: Repo) -> tuple[list[str], dict[str, IndexColumns]]:
     """As ``live_index_objects``, the objects' entries left in their bytes (``IndexColumns``): a prune holds
     every entry of the index, a PackEntry each took some 250 bytes."""
     names = repo.index_names()
-    read = repo.read_index_objects(names)
+    read = repo.read_index_objects(names, bases=False)  # each delta's base is read from its entry
     datas = {name: got for name, got in read if isinstance(got, IndexColumns)}
     superseded = superseded_names(datas.values())
     for name, got in read:
@@ -508,7 +508,7 @@ def _listings(d: IndexData | IndexColumns) -> Iterator[Sequence[PackEntry]]:
 
 def _may_hold_deltas(d: IndexData | IndexColumns) -> bool:
     """False where an object holds no delta (its decoding found none)."""
-    return not isinstance(d, IndexColumns) or bool(d.delta_bases)
+    return not isinstance(d, IndexColumns) or d.has_deltas
 
 
 def dead_index_objects(live: Mapping[str, IndexData | IndexColumns], names: Iterable[str],
@@ -786,6 +786,7 @@ def execute(repo: Repo, plan: PrunePlan, progress: Callable[[int, int, int], Non
     except BaseException:
         take_back(repo, writes, ensure_held)
         raise
+    del new_index  # the repacked packs' entries, not held beside the index read again below
     for use in plan.delete + plan.repack:
         if use.pack_id not in plan.freed_early:
             delete(pack_key(use.pack_id))

@@ -6,6 +6,7 @@ on it.  It talks to any Remote and never to the file system directly.
 from __future__ import annotations
 
 import contextlib
+import functools
 import itertools
 import os
 import re
@@ -617,8 +618,11 @@ class Repo:
     def read_index_object(self, name: str) -> IndexData:
         return self._index_object(name, decode_index)
 
-    def read_index_columns(self, name: str, fresh: bool = False) -> IndexColumns:
-        return self._index_object(name, decode_index_columns, fresh)
+    def read_index_columns(self, name: str, fresh: bool = False, *, bases: bool = True) -> IndexColumns:
+        """``bases``: with each delta's base in ``delta_bases`` (two ``bytes`` and a dict slot, some 230 bytes a
+        delta), else none (a prune reads its deltas' bases from the entries)."""
+        decode = decode_index_columns if bases else functools.partial(decode_index_columns, bases=False)
+        return self._index_object(name, decode, fresh)
 
     def _index_object(self, name: str, decode: Callable[[Sealer, bytes, str], IndexT],
                       fresh: bool = False) -> IndexT:
@@ -663,13 +667,13 @@ class Repo:
             elif strays is not None:
                 strays.append(o.key)
 
-    def read_index_objects(self, names: list[str], *, fresh: bool = False
+    def read_index_objects(self, names: list[str], *, fresh: bool = False, bases: bool = True
                            ) -> list[tuple[str, IndexColumns | CorruptObject | ObjectNotFound]]:
         """Each index object named, decoded, or why it cannot be: read ``OBJECT_READERS`` at a time; ``fresh``:
-        the stored copies, past any local cache (``check``)."""
+        the stored copies, past any local cache (``check``); ``bases``: as ``read_index_columns``."""
         def read(name: str) -> IndexColumns | CorruptObject | ObjectNotFound:
             try:
-                return self.read_index_columns(name, fresh)
+                return self.read_index_columns(name, fresh, bases=bases)
             except (CorruptObject, ObjectNotFound) as exc:
                 return exc
 

@@ -45,6 +45,9 @@ def test_index_round_trip_with_deltas(index):
         for e in entries:
             want.setdefault(e.blob_id, BlobLocation(no, e.offset, e.length, e.raw_length, e.kind))
     assert dict(_loaded(cols).items()) == want
+    bare = decode_index_columns(SEALER, sealed, "i", bases=False)  # a prune's: each base read from its entry
+    assert bare.delta_bases == {} and (bare.plain, bare.starts, bare.counts) == (cols.plain, cols.starts, cols.counts)
+    assert bare.has_deltas == cols.has_deltas == bool(cols.delta_bases)
 
 
 def _loaded(cols):

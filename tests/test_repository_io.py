@@ -29,10 +29,10 @@ def test_index_loads_once_and_whole_when_many_threads_ask(stored, password, monk
     real = repo.read_index_columns
     calls = []
 
-    def slow(name, fresh=False):
+    def slow(name, fresh=False, **kwargs):
         calls.append(name)
         time.sleep(0.05)
-        return real(name, fresh)
+        return real(name, fresh, **kwargs)
 
     monkeypatch.setattr(repo, "read_index_columns", slow)
     barrier = threading.Barrier(8)
