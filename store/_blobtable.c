@@ -41,6 +41,7 @@
  *       marked in ``marks`` (a byte per row, as ``mark`` sets them) or held by one of ``sets`` (a tuple of
  *       tables); the sum of all the entries' lengths, of those entries' lengths, and the bytes those entries
  *       take (prune's live blobs)
+ *   t.copy() -> another table of the same rows in the same order (by_ref: pointing at the same entries)
  *   t.among(buf, pos, count) -> the numbers (uint32, native order) of those of ``count`` index-object entries
  *       whose id the table holds
  *   t.remove_packs(packs) -> number removed (packs: sorted, distinct uint32 buffer)
@@ -914,6 +915,42 @@ static PyObject *Table_elsewhere(Table *t, PyObject *args) {
     return out;
 }
 
+/* copy(): another table of the same rows in the same order, by_ref or not as this one: a by_ref row points at
+ * the same entry (the buffers held by both), a record of the arena gets one of its own. */
+static PyObject *Table_copy(Table *t, PyObject *Py_UNUSED(ignored)) {
+    Table *c = (Table *)Py_TYPE(t)->tp_alloc(Py_TYPE(t), 0);
+    if (!c) return NULL;
+    c->by_ref = t->by_ref;
+    if (set_capacity(c, t->n > 16 ? t->n : 16) < 0) goto fail;
+    if (!t->by_ref) {
+        memcpy(c->ids, t->ids, (size_t)t->n * ID_SIZE);
+        memcpy(c->fields, t->fields, (size_t)t->n * FIELDS * sizeof(uint32_t));
+        memcpy(c->flags, t->flags, (size_t)t->n);
+    } else {
+        if (t->held && !(c->held = PyList_GetSlice(t->held, 0, PyList_GET_SIZE(t->held)))) goto fail;
+        for (Py_ssize_t e = 0; e < t->n; e++) {
+            const uint8_t *r = t->refs[e];
+            for (Py_ssize_t b = 0; b < t->arena_blocks; b++) {
+                uintptr_t lo = (uintptr_t)t->arena[b], at = (uintptr_t)r;
+                if (at >= lo && at - lo < (uintptr_t)ARENA_RECORDS * ENTRY_SIZE) {
+                    uint32_t f[FIELDS];
+                    fields_at(t, e, f);
+                    if (!(r = arena_record(c, id_at(t, e), f, flag_at(t, e)))) goto fail;
+                    break;
+                }
+            }
+            c->refs[e] = r;
+            c->packs[e] = t->packs[e];
+        }
+    }
+    c->n = t->n;
+    if (rebuild(c, slots_for(c->n, TARGET_LOAD)) < 0) goto fail;
+    return (PyObject *)c;
+fail:
+    Py_DECREF(c);
+    return NULL;
+}
+
 static PyObject *Table_contains_many(Table *t, PyObject *arg) {
     Py_buffer ids;
     if (ready(t) < 0 || get_ids(arg, &ids) < 0) return NULL;
@@ -1087,6 +1124,7 @@ static PyMethodDef Table_methods[] = {
     {"contains_many", (PyCFunction)Table_contains_many, METH_O, "contains_many(ids) -> bytes"},
     {"kept_in", (PyCFunction)Table_kept_in, METH_VARARGS,
      "kept_in(buf, pos, count, pack, numbers, sets[, marks]) -> (entry numbers, total, live bytes, live entry bytes)"},
+    {"copy", (PyCFunction)Table_copy, METH_NOARGS, "copy() -> another table of the same rows"},
     {"among", (PyCFunction)Table_among, METH_VARARGS, "among(buf, pos, count) -> numbers of the entries held"},
     {"elsewhere", (PyCFunction)Table_elsewhere, METH_VARARGS,
      "elsewhere(buf, pos, count) -> positions of the entries no row points at"},

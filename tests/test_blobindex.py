@@ -77,6 +77,21 @@ class IndexMachine(RuleBasedStateMachine):
     def iterate(self):
         assert list(self.index.items()) == list(self.model.items())  # insertion order survives removals
 
+    @rule(data=st.data())
+    def copy_is_alike(self, data):
+        """A copy holds the same rows in the same order (of a by_ref table, pointing at the same entries), and
+        changing it leaves the table as it was."""
+        copy = self.index.copy()
+        assert list(copy.items()) == list(self.model.items()) and copy.by_ref == self.index.by_ref
+        for blob_id, at in getattr(self, "where", {}).items():
+            if at is not None and at[2]:
+                assert copy.entry_pos(blob_id, at[0]) == at[1]
+        if self.model:
+            blob_id = data.draw(st.sampled_from(list(self.model)))
+            copy.replace(blob_id, BlobLocation(7, 1, 2, 3, 4))
+            copy.add(bytes(31) + b"\x01", 1, 2, 3, 4, 5)
+            assert self.index.get(blob_id) == self.model[blob_id] and len(self.index) == len(self.model)
+
     @invariant()
     def same_size(self):
         if hasattr(self, "index"):
