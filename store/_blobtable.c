@@ -34,6 +34,9 @@
  *   t.mark(ids, marks) -> the ids absent, packed: marks[row] = 1 at the row of each id present (``marks``: a
  *       writable buffer of a byte per row at least)
  *   t.contains_many(ids) -> bytes, 1 where present
+ *   t.gather(ids, column, width) -> bytes: for each id, the ``width`` bytes of ``column`` at its row (row *
+ *       width), one after the other; KeyError (the id) when one is absent, IndexError when the column is
+ *       short of a row (a map of ids to values kept by row: store/blobindex.py's IdMap)
  *   t.kept_in(buf, pos, count, pack, numbers, sets[, marks]) -> (numbers, total, live, live_entries): of
  *       ``count`` index-object entries of pack number ``pack``, the numbers (uint32, native order) of those
  *       whose row here is that pack's and that entry's (``numbers``, as add_entries fills it; None in a by_ref
@@ -978,6 +981,41 @@ static PyObject *Table_contains_many(Table *t, PyObject *arg) {
     return out;
 }
 
+static PyObject *Table_gather(Table *t, PyObject *args) {
+    PyObject *ids_obj, *out = NULL;
+    Py_buffer ids, col;
+    Py_ssize_t width;
+    if (ready(t) < 0 || !PyArg_ParseTuple(args, "Oy*n", &ids_obj, &col, &width)) return NULL;
+    if (width < 1) {
+        PyErr_SetString(PyExc_ValueError, "width must be positive");
+        PyBuffer_Release(&col);
+        return NULL;
+    }
+    if (get_ids(ids_obj, &ids) < 0) {
+        PyBuffer_Release(&col);
+        return NULL;
+    }
+    Py_ssize_t m = ids.len / ID_SIZE;
+    const uint8_t *q = ids.buf;
+    out = PyBytes_FromStringAndSize(NULL, m * width);
+    for (Py_ssize_t i = 0; out && i < m; i++) {
+        prefetch(t, q, i, m);
+        Py_ssize_t e = find(t, q + (size_t)i * ID_SIZE, NULL);
+        if (e < 0 || (e + 1) * width > col.len) {
+            PyObject *key = PyBytes_FromStringAndSize((const char *)q + (size_t)i * ID_SIZE, ID_SIZE);
+            if (key && e < 0) PyErr_SetObject(PyExc_KeyError, key);
+            else if (key) PyErr_SetString(PyExc_IndexError, "the column is short of a row");
+            Py_XDECREF(key);
+            Py_CLEAR(out);
+            break;
+        }
+        memcpy(PyBytes_AS_STRING(out) + i * width, (const uint8_t *)col.buf + e * width, (size_t)width);
+    }
+    PyBuffer_Release(&ids);
+    PyBuffer_Release(&col);
+    return out;
+}
+
 static int in_sorted(const uint32_t *a, Py_ssize_t k, uint32_t v) {
     Py_ssize_t lo = 0, hi = k;
     while (lo < hi) {
@@ -1122,6 +1160,7 @@ static PyMethodDef Table_methods[] = {
     {"row", (PyCFunction)Table_row, METH_O, "row(id) -> row number or -1"},
     {"mark", (PyCFunction)Table_mark, METH_VARARGS, "mark(ids, marks) -> the ids absent, packed"},
     {"contains_many", (PyCFunction)Table_contains_many, METH_O, "contains_many(ids) -> bytes"},
+    {"gather", (PyCFunction)Table_gather, METH_VARARGS, "gather(ids, column, width) -> each id's value, packed"},
     {"kept_in", (PyCFunction)Table_kept_in, METH_VARARGS,
      "kept_in(buf, pos, count, pack, numbers, sets[, marks]) -> (entry numbers, total, live bytes, live entry bytes)"},
     {"copy", (PyCFunction)Table_copy, METH_NOARGS, "copy() -> another table of the same rows"},

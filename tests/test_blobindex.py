@@ -455,3 +455,55 @@ print("kept")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
                           env={**os.environ, "LD_PRELOAD": str(shim)})
     assert proc.returncode == 0 and proc.stdout.strip() == "kept", proc.stderr
+
+
+_ids = st.binary(min_size=32, max_size=32)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.lists(st.tuples(st.sampled_from([b"\0" * 32, b"\1" * 32]) | _ids, _ids), max_size=20),
+                max_size=6),
+       st.lists(st.sampled_from([b"\0" * 32, b"\1" * 32]) | _ids, max_size=20))
+def test_an_id_map_answers_as_a_dict(batches, asked):
+    """IdMap (a blob table of keys, a column of values by row, looked up many at once by ``Table.gather``)
+    against its reference, a dict: updates one by one and in batches, repeats and keys present included."""
+    from chunkvault.store.blobindex import IdMap
+
+    m, ref = IdMap(), {}
+    for n, batch in enumerate(batches):
+        if n % 2:
+            for k, v in batch:
+                m[k] = v
+        else:
+            m.update(batch)
+        ref.update(batch)
+    assert len(m) == len(ref)
+    for k in asked:
+        assert (k in m) == (k in ref)
+        assert m.get(k) == ref.get(k)
+    packed = b"".join(asked)
+    if all(k in ref for k in asked):
+        assert m.lookup(packed) == b"".join(ref[k] for k in asked)
+        assert m.lookup(memoryview(packed)) == b"".join(ref[k] for k in asked)
+    else:
+        with pytest.raises(KeyError):
+            m.lookup(packed)
+    with pytest.raises(ValueError):
+        m.lookup(packed + b"x")
+    with pytest.raises(ValueError):
+        m[b"x" * 31] = b"y" * 32
+    with pytest.raises(ValueError):
+        m[b"x" * 32] = b"y" * 33
+
+
+def test_gather_refuses_a_short_column():
+    from chunkvault.store import _blobtable
+
+    t = _blobtable.Table(0)
+    t.add(b"a" * 32, 0, 0, 0, 0, 0)
+    t.add(b"b" * 32, 0, 0, 0, 0, 0)
+    assert t.gather(b"b" * 32 + b"a" * 32, b"0123", 2) == b"2301"
+    with pytest.raises(IndexError):
+        t.gather(b"b" * 32, b"012", 2)
+    with pytest.raises(ValueError):
+        t.gather(b"b" * 32, b"0123", 0)
