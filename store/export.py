@@ -60,7 +60,7 @@ from .copy import COPIED_FROM, IMPORTED_FROM, origins
 from .crypto import (MAX_LOG_N, MIN_LOG_N, NONCE_SIZE, SCRYPT_R, TAG_SIZE, AuthenticationFailed, Sealer,
                      derive_kek, scrypt_memory, tune_scrypt)
 from .locks import IMPORT, SHARED, RepoLock
-from .manifest import (OP_ENTRY, T_DIR, T_FILE, T_HARDLINK, ManifestStats, Record, decode_records, encode_record,
+from .manifest import (OP_ENTRY, T_DIR, T_FILE, T_HARDLINK, ManifestStats, Record, RecordStream, encode_record,
                        unread)
 from .manifest_io import ManifestWriter
 from .owners import OWNERS_KEY, OwnerMap, chain_owners
@@ -252,16 +252,19 @@ class _RecordCursor:
     def __init__(self, what: str, blob_sizes: array[int]):
         self.what = what
         self.blob_sizes = blob_sizes
-        self.pending = b""
+        self.stream = RecordStream(what)
         self.confinement = Confinement()
         self.count = 0
         self.leaf: bytes | None = None  # the newest entry that is no directory, its key and separator
         self.link_targets: set[bytes] = set()  # what hard links name (``ExportFile.verify`` looks them up)
 
+    def decode(self, piece: bytes, where: str) -> list[Record]:
+        """The records ``piece`` ends, unchecked (a record spanning many sections is gathered in one buffer:
+        joined anew to each, it was copied once a section)."""
+        return self.stream.feed(piece, f"{self.what} {where}")
+
     def feed(self, piece: bytes, blobs_before: int, where: str) -> list[Record]:
-        buf = self.pending + piece if self.pending else piece
-        records, used = decode_records(buf, f"{self.what} {where}")
-        self.pending = bytes(buf[used:])
+        records = self.decode(piece, where)
         for rec in records:
             self._check(rec, blobs_before, where)
         self.count += len(records)
@@ -296,8 +299,7 @@ class _RecordCursor:
                                            f"chunks hold {held}")
 
     def finish(self) -> None:
-        if self.pending:
-            raise CorruptObject(self.what, "the record stream ends inside a record")
+        self.stream.finish("the record stream ends inside a record")
 
 
 # --- writing ----------------------------------------------------------------------------
@@ -840,10 +842,7 @@ class ExportFile:
             if checked:
                 yield from cursor.feed(piece, blobs_before, where)
                 continue
-            buf = cursor.pending + piece if cursor.pending else piece
-            records, used = decode_records(buf, f"{self.what} {where}")
-            cursor.pending = bytes(buf[used:])
-            yield from records
+            yield from cursor.decode(piece, where)
         cursor.finish()
 
     def close(self) -> None:

@@ -330,31 +330,47 @@ def locate_record_reference(buf: bytes | memoryview, path: bytes, what: str) -> 
             return 0, start, pos
 
 
-def iter_records(pieces: Iterable[bytes], what: str) -> Iterator[Record]:
-    """Records from a manifest's byte stream delivered in pieces (blobs).
+class RecordStream:
+    """Records decoded from a byte stream of them fed in pieces (a manifest's blobs, an export file's sections).
 
     A record spanning many pieces (a file of a million chunks: 32 MB of ids) grows one buffer: joined anew to
     each piece, it was copied once a piece, the old and the new buffer held together beside the decoded record.
-    The buffer is let go once decoded, and each record once handed on, so a caller that replaces one (a copy's
-    mapped ids) does not hold both."""
-    pending = bytearray()
-    for piece in pieces:
-        if pending:
-            pending += piece
-            buf: bytes | memoryview | bytearray = pending
+    The buffer is let go once decoded."""
+
+    def __init__(self, what: str):
+        self.what = what
+        self.pending = bytearray()  # the start of a record the pieces so far hold
+
+    def feed(self, piece: bytes, what: str | None = None) -> list[Record]:
+        """The records ``piece`` ends; ``what`` names it in an error (default: the stream's name)."""
+        if self.pending:
+            self.pending += piece
+            buf: bytes | memoryview | bytearray = self.pending
         else:
             buf = piece
-        records, used = decode_records(buf, what)
-        if buf is pending:
-            del pending[:used]
+        records, used = decode_records(buf, what or self.what)
+        if buf is self.pending:
+            del self.pending[:used]
         elif used < len(piece):
-            pending = bytearray(memoryview(piece)[used:])
-        del buf
+            self.pending = bytearray(memoryview(piece)[used:])
+        return records
+
+    def finish(self, message: str = "manifest ends inside a record") -> None:
+        if self.pending:
+            raise CorruptObject(self.what, message)
+
+
+def iter_records(pieces: Iterable[bytes], what: str) -> Iterator[Record]:
+    """Records from a manifest's byte stream delivered in pieces (blobs), gathered as ``RecordStream`` does.
+    Each record is let go once handed on, so a caller that replaces one (a copy's mapped ids) does not hold
+    both."""
+    stream = RecordStream(what)
+    for piece in pieces:
+        records = stream.feed(piece)
         records.reverse()
         while records:
             yield records.pop()
-    if pending:
-        raise CorruptObject(what, "manifest ends inside a record")
+    stream.finish()
 
 
 @dataclass

@@ -838,3 +838,20 @@ def test_a_file_of_many_chunks_is_found_holding_little_beside_their_ids(tmp_path
     assert [len(v.entry.chunks) for v in first.versions] == [ids]
     assert held < 2.5 * ids
     assert next(found, None) is None
+
+
+@pytest.mark.slow
+def test_a_record_of_many_chunks_is_read_from_an_export_file_holding_it_once_beside_its_bytes(tmp_path, new_repo):
+    """An export file's record of a file's chunk references spans many sections: ``restore --from-file`` and
+    ``import`` joined each section to all those before it anew, the old and the new buffer held at once beside the
+    decoded record (and copied once a section).  They grow one buffer now, as a manifest's reader does.  At
+    131,072 chunks of 4 KiB."""
+    from chunkvault.store.export import ExportFile
+
+    repo, snap, ids = _many_chunks(tmp_path, new_repo)
+    repo.export(snap, str(tmp_path / "img.backup"), "pw", kdf_seconds=0)
+    with ExportFile(str(tmp_path / "img.backup"), b"pw") as ef:
+        assert _peak(ef.verify) < 2.5 * ids
+        records = []
+        assert _peak(lambda: records.extend(ef.records(checked=False))) < 2.5 * ids
+        assert [len(r.entry.chunks) for r in records if r.path == b"img"] == [ids]
