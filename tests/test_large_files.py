@@ -687,14 +687,7 @@ def test_a_file_of_many_chunks_is_dumped_and_exported_holding_little_beside_thei
     64 GiB file cut every 64 KiB (a million chunks, 32 MB of ids) peaked at 435 MB (160 MB now), its export at
     357 MB (215 MB now); an import mapped the references to ids through a list of them too.  The same
     arithmetic at 131,072 chunks of 4 KiB."""
-    need_holes(tmp_path)
-    src = tmp_path / "src"
-    src.mkdir()
-    sparse_file(src / "img", 512 * MiB, [300 * MiB])
-    repo = new_repo()
-    snap = repo.backup([str(src)], fixed_chunks=["img"], fixed_chunk_size=PAGE).snapshot
-    ids = len(repo.find_entry(snap, "img").chunks)
-    assert ids == 32 * (512 * MiB // PAGE)
+    repo, snap, ids = _many_chunks(tmp_path, new_repo)
     # the entry's ids, their copy in the manifest's records, the export's references, buffers: no list of them
     assert _peak(lambda: repo.dump(snap, "/", _Discard())) < 6 * ids
     assert _peak(lambda: repo.export(snap, str(tmp_path / "img.backup"), "pw", kdf_seconds=0)) < 7 * ids
