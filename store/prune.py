@@ -686,7 +686,7 @@ def plan_prune(repo: Repo, max_unused: float = 0.05, max_repack: int | None = No
             break
         spurned |= failed
         # In the one table: the repository's index then reads the copies kept, their bases with them.
-        repo.kept_instead(known.spurn(failed, spurned))
+        repo.kept_instead(known.spurn(failed, spurned), known.table)
     plan.orphans = _deletable_orphans(repo, {pid: size for pid, size in sizes.items() if pid not in packs},
                                       used, known, verified)
     plan.index_names = names

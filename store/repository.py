@@ -763,11 +763,21 @@ class Repo:
             if not self._writers:
                 self._index, self._delta_bases, self._copies, self._withheld = None, {}, {}, None
 
-    def kept_instead(self, entries: Iterable[PackEntry]) -> None:
-        """The index (``install_packs``'s) now points at these copies of their blobs (a prune's, whose first
-        copy did not verify): reads take each one's base, or none, with it."""
+    def kept_instead(self, entries: Iterable[PackEntry], table: BlobIndex) -> None:
+        """``table`` (the index ``install_packs`` returned) now points at these copies of their blobs (a
+        prune's, whose first copy did not verify): reads take each one's base, or none, with it.  Where a read
+        went over to another copy meanwhile, the index is a copy of ``table`` (``_other_copy``) and may hold
+        yet another copy of such a blob: it is pointed where ``table`` is, else it read that copy with the base
+        of this one and called a good blob damaged."""
         with self._index_lock:
+            index = self._index
             for e in entries:
+                if index is not None and index is not table:
+                    kept, held = table.get(e.blob_id), index.get(e.blob_id)
+                    if kept is not None and held is not None and held != kept:
+                        copies = self._copies.setdefault(e.blob_id, [])
+                        copies[:] = [c for c in copies if c[0] != kept] + [(held, self._delta_bases.get(e.blob_id))]
+                        index.replace(e.blob_id, kept)
                 if e.kind == KIND_DELTA and e.base_id is not None:
                     self._delta_bases[e.blob_id] = e.base_id
                 else:

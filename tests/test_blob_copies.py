@@ -152,6 +152,61 @@ def test_a_prune_spurns_a_damaged_copy_in_its_one_table_of_the_blobs(stored_twic
     assert store.pack_ids[other.pack_no] not in {u.pack_id for u in plan.delete}
 
 
+
+def test_a_read_that_went_over_to_a_delta_copy_reads_after_the_prune_keeps_a_third_copy(stored_twice, monkeypatch):
+    """A chunk stored three times: whole (the copy held, damaged), as a delta, and whole again in a pack after
+    both.  A read while the prune plans (a manifest's, or a delta's base) goes over to the first other copy,
+    the delta, in a copy of the prune's table; the prune then keeps the second whole copy, and the index,
+    left pointing at the delta with the kept copy's base (none), called the chunk damaged: it reads the copy
+    the prune keeps."""
+    import random
+
+    from chunkvault.store import prune as prune_mod
+    from chunkvault.store.blob import KIND_RAW, seal_blob
+    from chunkvault.store.crypto import content_name
+    from chunkvault.store.indexfile import IndexData
+    from chunkvault.store.pack import PackBuilder
+    from chunkvault.store.repository import pack_key
+
+    repo_dir, repo, first, second, content = stored_twice(delta=True)
+    blob = chunk_ids(repo, first, "db")[5]
+    store = repo.store
+    store.load_index()
+    held, ((other, base),) = copies_of(store, blob)
+    assert store.delta_base(blob) is None and base is not None
+    envelope = (repo_dir / pack_key(store.pack_ids[held.pack_no])).read_bytes()[held.offset:held.offset + held.length]
+    rnd = random.Random(3)
+    while True:  # the third copy, whole, in a pack whose id comes after the two others'
+        builder = PackBuilder()
+        junk = rnd.randbytes(100)
+        junk_id = store.blob_id(junk)
+        builder.add(junk_id, KIND_RAW, bytes(seal_blob(store.sealer, junk_id, KIND_RAW, junk)), len(junk))
+        builder.add(blob, held.flags, envelope, held.raw_length)
+        data = builder.finish(store.sealer)
+        third = bytes.fromhex(content_name(bytes(data)))
+        if third > max(store.pack_ids[held.pack_no], store.pack_ids[other.pack_no]):
+            break
+    store.remote.put(pack_key(third), bytes(data), if_absent=True)
+    store.write_index(IndexData(packs={third: builder.entries}, supersedes=[]))
+    flip(pack_of(repo_dir, held, store), held.offset + held.length // 2)
+    repo.forget([second.id])  # the delta copy's pack goes: the copy kept is read, and spurned
+    mark_used = prune_mod.mark_used
+
+    def reading(repo_, known):
+        out = mark_used(repo_, known)
+        with pytest.warns(RepositoryStateWarning, match=f"blob {blob.hex()} is read from its copy"):
+            assert repo_.read_blob(blob) == content[5 << 16:6 << 16]
+        assert repo_.delta_base(blob) == base  # the delta copy, in a copy of the prune's table
+        return out
+
+    monkeypatch.setattr(prune_mod, "mark_used", reading)
+    with pytest.warns(RepositoryStateWarning, match=f"blob {blob.hex()}: its copy in .* does not verify"):
+        plan = prune_mod.plan_prune(store, max_unused=0)
+    assert third in {u.pack_id for u in plan.keep + plan.repack}
+    assert store.read_blob(blob) == content[5 << 16:6 << 16]
+    assert store.delta_base(blob) is None and store.pack_ids[store.locate(blob).pack_no] == third
+
+
 def test_the_other_copies_are_known_whatever_order_the_index_objects_come_in(stored_twice):
     """The copy stored whole is held before a delta copy either way; the delta copy is known as the other,
     with its own base, whether its index object came first (then the whole copy took its place) or after."""
