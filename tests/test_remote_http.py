@@ -2019,7 +2019,9 @@ class _BusyFront:
         self.port, self._answers, self.asked = port, list(answers), []
         self._listener = socket.create_server(("127.0.0.1", 0))
         self.url = f"http://127.0.0.1:{self._listener.getsockname()[1]}/"
-        threading.Thread(target=self._serve, daemon=True).start()
+        self._forwarded: list[socket.socket] = []
+        self._threads = [threading.Thread(target=self._serve, daemon=True)]
+        self._threads[0].start()
 
     def _serve(self) -> None:
         while True:
@@ -2029,8 +2031,10 @@ class _BusyFront:
                 return
             if not self._answers:
                 server = socket.create_connection(("127.0.0.1", self.port))
+                self._forwarded += (client, server)
                 for a, b in ((client, server), (server, client)):
-                    threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
+                    self._threads.append(threading.Thread(target=self._pipe, args=(a, b), daemon=True))
+                    self._threads[-1].start()
                 continue
             with client:
                 head = b""
@@ -2054,7 +2058,22 @@ class _BusyFront:
             pass
 
     def close(self) -> None:
-        self._listener.close()
+        """Stops every thread it started: one left behind keeps a later test's restore from forking workers."""
+        _stop_listening(self._listener, self._threads[0])
+        for s in self._forwarded:
+            with contextlib.suppress(OSError):
+                s.shutdown(socket.SHUT_RDWR)
+            s.close()
+        for thread in self._threads:
+            thread.join(10)
+
+
+def _stop_listening(listener: socket.socket, thread: threading.Thread) -> None:
+    """Close ``listener`` and wait for ``thread``, blocked in its accept: a close alone does not wake it."""
+    with contextlib.suppress(OSError):
+        listener.shutdown(socket.SHUT_RDWR)
+    listener.close()
+    thread.join(10)
 
 
 @pytest.mark.parametrize("status, service", [(503, True), (503, False), (429, False)])
@@ -2153,11 +2172,12 @@ def test_a_read_answered_without_its_length_and_cut_short_is_no_object_returned_
                     head += piece
                 client.sendall(answer(head))
 
-    threading.Thread(target=serve, daemon=True).start()
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
     try:
         with HTTPRemote.from_url(f"http://127.0.0.1:{listener.getsockname()[1]}/", token=FULL_TOKEN) as remote:
             for args in ((), (0, 50), (20, None)):
                 with pytest.raises(RemoteUnavailable, match="got 10 of"):
                     remote.get("data/ab/cut", *args)
     finally:
-        listener.close()
+        _stop_listening(listener, thread)
