@@ -2,7 +2,8 @@
 
 URL ``http(s)://host[:port][/base/path]`` (the service listens on 6362 unless
 told otherwise; without a port the scheme's, 80 or 443, as for a reverse proxy
-in front of the service, which the base path is for too).  The token comes from the
+in front of the service, which the base path is for too; a service of several
+repositories, ``serve --repositories``, serves each at ``/NAME/``).  The token comes from the
 ``token`` or ``token_file`` option, else ``CHUNKVAULT_HTTP_TOKEN`` or
 ``CHUNKVAULT_HTTP_TOKEN_FILE``, and travels only in a header: never in the URL,
 never in a message.
@@ -34,8 +35,10 @@ tokens).  Errors have a JSON body ``{"error": "reason"}``: 400 bad key or
 request, 401 no or unknown token, 403 refused by the token's mode, the
 server's append-only setting or its file system (an object the server's user
 may not read or write, a directory it may not list), 404 no such object
-(marked with the header ``Chunkvault-Object: missing``; a 404 without it
-means the URL does not lead to the service), 409 a file or directory of the
+(marked with the header ``Chunkvault-Object: missing``; with
+``Chunkvault-Object: no-repository``, a service of several repositories
+has none at the base path for this token, whether one exists there or not;
+a 404 without it means the URL does not lead to the service), 409 a file or directory of the
 served tree in the key's way,
 412 exists, 413 too large, 503 too many connections (transient), 507 storage
 full, 5xx transient.  PUT takes only keys of a repository's layout (400 for
@@ -84,6 +87,7 @@ from .base import (X509_NO_ISSUER, ObjectInfo, Remote, cause_of, cert_failure, c
 DEFAULT_PORT = 6362
 LIMIT_HEADER = "Chunkvault-Max-Object-Size"
 MISSING_HEADER = "Chunkvault-Object"
+NO_REPOSITORY = "no-repository"  # MISSING_HEADER's value on a 404 for a repository the token does not reach
 TOKEN_ENV = "CHUNKVAULT_HTTP_TOKEN"
 TOKEN_FILE_ENV = "CHUNKVAULT_HTTP_TOKEN_FILE"
 CA_FILE_ENV = "CHUNKVAULT_HTTP_CA_FILE"
@@ -422,8 +426,14 @@ class HTTPRemote(Remote):
         if status == 403:
             return PermissionDenied(f"{self.display_url} refused {op} {what}: {reason}")
         if status == 404:
-            if response.headers.get(MISSING_HEADER) == "missing" and op in ("get", "stat", "delete"):
+            marked = response.headers.get(MISSING_HEADER)
+            if marked == "missing" and op in ("get", "stat", "delete"):
                 return ObjectNotFound(what)
+            if marked == NO_REPOSITORY:  # the service is there; the token reaches no repository at this URL
+                return PermissionDenied(f"{self.display_url} refused {op} {what}: the backup service has no "
+                                        "repository at this URL that the token may use (a service of several "
+                                        "repositories serves each at /NAME/; its tokens file names the ones each "
+                                        "token reaches)")
             return RemoteError(f"no chunkvault backup service at {self.display_url} (HTTP 404 for {op} {what}: {reason})")
         if status == 412:
             return ObjectExists(what)

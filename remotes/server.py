@@ -9,6 +9,9 @@ every token at append-only, so a compromised client cannot destroy backups.
 Connections are capped in total and per client address, a request's head has
 a deadline and idle connections are closed, uploads stream into their temp
 file: a client that misbehaves holds neither threads nor memory for long.
+With ``--repositories`` the directory holds one repository per subdirectory,
+each at ``/NAME/objects/KEY`` (``remotes.served``), and each token names the
+repositories it reaches; any other is answered as one that does not exist.
 """
 from __future__ import annotations
 
@@ -46,8 +49,10 @@ from chunkvault.tomlfile import read_toml
 from chunkvault.units import format_size, parse_size
 
 from .base import _KEY_SEGMENT, is_loopback, validate_key, validate_prefix
-from .http import DEFAULT_PORT, LIMIT_HEADER, MISSING_HEADER
-from .local import EXCLUSIVE_LOCK_PREFIX, TEMP_PREFIX, LocalRemote, os_error, ancestor_identities, file_version
+from .http import DEFAULT_PORT, LIMIT_HEADER, MISSING_HEADER, NO_REPOSITORY
+from .local import EXCLUSIVE_LOCK_PREFIX, TEMP_PREFIX, os_error, ancestor_identities, file_version
+from .served import (EVERY_REPOSITORY, NAME_PATTERN, RepositoryInTheWay, Served, ServedRepositories,
+                     is_repository_name, parse_scope, repositories_below)
 
 PROG = "chunkvault serve"
 MiB = 1 << 20
@@ -96,7 +101,7 @@ DEFAULT_PACK_SIZE = 16 * MiB  # what a repository's packs grow to unless it was 
 PACK_ROOM = DEFAULT_PACK_SIZE + 3 * MiB  # such a pack, one more chunk (2 MiB at most by default) and its header
 CONFIG_KEYS = ("enabled", "listen", "path", "tokens", "append_only", "tls_cert", "tls_key", "max_object_size", "quiet",
                "max_connections", "max_connections_per_client", "header_timeout", "idle_timeout", "cleanup_interval",
-               "min_upload_rate", "body_timeout")
+               "min_upload_rate", "body_timeout", "repositories")
 _RANGE = re.compile(r"^bytes=([0-9]{1,19})-([0-9]{0,19})\Z")  # ASCII, and numbers int() takes
 # The objects a repository is made of (store/FORMAT.md): anything else is refused, so that no client can put a
 # file where the layout needs a directory ("data/ab" in the way of every pack under data/ab/).
@@ -108,12 +113,33 @@ _HOST_HEADER = re.compile(r"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9]([A-Za-z0-9.-]{0,252
 # --- settings -------------------------------------------------------------------------
 
 
+class Token(tuple):
+    """A token of the tokens file: the pair (secret, mode), as which it compares and unpacks, as a service's
+    tokens always were; ``scope`` holds the names of the repositories it reaches where the service serves
+    several (None: every one, and the one repository of a service that serves one)."""
+
+    scope: frozenset[str] | None
+
+    def __new__(cls, secret: bytes, mode: str, scope: frozenset[str] | None = None) -> "Token":
+        token = super().__new__(cls, (secret, mode))
+        token.scope = scope
+        return token
+
+    @property
+    def secret(self) -> bytes:
+        return self[0]
+
+    @property
+    def mode(self) -> str:
+        return self[1]
+
+
 @dataclass
 class Settings:
     host: str
     port: int
     path: str
-    tokens: list[tuple[bytes, str]] | None = field(repr=False)  # a traceback or a log of the settings shows none
+    tokens: list[Token] | None = field(repr=False)  # a traceback or a log of the settings shows none
     append_only: bool = False
     tls_cert: str | None = None
     tls_key: str | None = None
@@ -127,6 +153,7 @@ class Settings:
     cleanup_interval: float = DEFAULT_CLEANUP_INTERVAL
     min_upload_rate: int = MIN_BODY_RATE  # bytes per second an upload's body must bring over each rate window
     body_timeout: float = DEFAULT_BODY_TIMEOUT  # the longest an upload's or a download's body may move no byte
+    repositories: bool = False  # path holds a repository per subdirectory, each at /NAME/ (--repositories)
 
 
 def parse_listen(text: str) -> tuple[str, int]:
@@ -167,10 +194,14 @@ def _host_of(header: str) -> str:
     return header.rpartition(":")[0] if header.count(":") == 1 else header
 
 
-def load_tokens(path: str) -> list[tuple[bytes, str]]:
-    """``MODE TOKEN`` per line; refuses a file others can read, since it holds secrets.  Only a regular file,
-    and only TOKENS_FILE_LIMIT of it, is read: ``--tokens /dev/zero`` (or a pipe, a device named by mistake)
-    was read until the kernel killed the service for its memory, at start or at a SIGHUP while it served."""
+def load_tokens(path: str, repositories: bool = False) -> list[Token]:
+    """``MODE TOKEN`` per line, or, for a service of several ``repositories``, ``MODE TOKEN SCOPE`` with SCOPE
+    the names of the repositories the token reaches (``NAME[,NAME...]``) or ``*`` for every one: a token that
+    names none is refused there, not taken for one that reaches every repository (a tokens file written for
+    a service of one repository, reused, gave each client every other's backups).  Refuses a file others can
+    read, since it holds secrets.  Only a regular file, and only TOKENS_FILE_LIMIT of it, is read:
+    ``--tokens /dev/zero`` (or a pipe, a device named by mistake) was read until the kernel killed the service
+    for its memory, at start or at a SIGHUP while it served."""
     try:
         st = os.stat(path)
         data = capped(read_regular(path, TOKENS_FILE_LIMIT + 1), TOKENS_FILE_LIMIT, f"tokens file {path} holds",
@@ -183,16 +214,18 @@ def load_tokens(path: str) -> list[tuple[bytes, str]]:
             f"tokens file {path} is accessible by group or others (mode {stat.S_IMODE(st.st_mode):04o}); "
             f"run: chmod 600 {path}"
         )
-    tokens: list[tuple[bytes, str]] = []
+    tokens: list[Token] = []
     for number, line in enumerate(lines, 1):
         line = line.strip()
         if not line or line.startswith("#"):
             continue
         parts = line.split()
         where = f"tokens file {path} line {number}"
-        if len(parts) != 2:
-            raise UsageError(f"{where}: expected 'MODE TOKEN' with MODE one of {', '.join(MODES)}")
-        mode, token = parts
+        if len(parts) not in (2, 3):
+            expected = f"'MODE TOKEN NAME[,NAME...]' (or {EVERY_REPOSITORY} for every repository)" if repositories \
+                else "'MODE TOKEN'"
+            raise UsageError(f"{where}: expected {expected} with MODE one of {', '.join(MODES)}")
+        mode, token = parts[:2]
         if mode not in MODES:
             # a line written TOKEN MODE would put the token in the message, which a reload logs
             said = f" {mode!r}" if len(mode) < MIN_TOKEN_LENGTH else " (the line's first word: MODE comes first)"
@@ -201,10 +234,27 @@ def load_tokens(path: str) -> list[tuple[bytes, str]]:
             raise UsageError(f"{where}: a token must be at least {MIN_TOKEN_LENGTH} printable ASCII characters")
         if any(hmac.compare_digest(token.encode(), known) for known, _ in tokens):
             raise UsageError(f"{where}: the same token appears twice")
-        tokens.append((token.encode(), mode))
+        tokens.append(Token(token.encode(), mode, _scope(parts[2:], repositories, where)))
     if not tokens:
         raise UsageError(f"tokens file {path} holds no tokens")
     return tokens
+
+
+def _scope(fields: list[str], repositories: bool, where: str) -> frozenset[str] | None:
+    """The repositories a tokens file's line reaches, from what follows its token."""
+    if not repositories:
+        if fields:
+            raise UsageError(f"{where}: a third field names repositories, and this service serves one (the "
+                             "directory --path names): give --repositories to serve each of its subdirectories "
+                             "as a repository, or write the line 'MODE TOKEN'")
+        return None
+    if not fields:
+        raise UsageError(f"{where}: name the repositories the token reaches after it, 'MODE TOKEN NAME[,NAME...]', "
+                         f"or {EVERY_REPOSITORY} for every one: the service serves several (--repositories)")
+    try:
+        return parse_scope(fields[0])
+    except ValueError as exc:
+        raise UsageError(f"{where}: {exc}") from None
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -217,10 +267,15 @@ def _parser() -> argparse.ArgumentParser:
 
     p = Parser(prog=PROG, description="Serve a repository directory to chunkvault clients over HTTP(S).")
     p.add_argument("--listen", metavar="HOST:PORT", help=f"address to listen on (default {DEFAULT_LISTEN}; [::1]:PORT for IPv6)")
-    p.add_argument("--path", metavar="DIR", help="the repository directory to serve")
+    p.add_argument("--path", metavar="DIR",
+                   help="the repository directory to serve (with --repositories: the directory of repositories)")
+    p.add_argument("--repositories", action="store_true", default=None,
+                   help="serve each subdirectory of --path as a repository of its own, at /NAME/ (NAME "
+                        f"{NAME_PATTERN}; init makes it), each token reaching the ones its line names")
     p.add_argument("--tokens", metavar="FILE",
                    help="'MODE TOKEN' per line, MODE one of read-only, append-only, full; each TOKEN at least "
-                        f"{MIN_TOKEN_LENGTH} printable ASCII characters (file mode 0600)")
+                        f"{MIN_TOKEN_LENGTH} printable ASCII characters (file mode 0600); with --repositories "
+                        f"'MODE TOKEN NAME[,NAME...]', or {EVERY_REPOSITORY} for every repository")
     p.add_argument("--append-only", action="store_true", default=None,
                    help="cap every token at append-only: no overwrites, deletes of shared locks only")
     p.add_argument("--tls-cert", metavar="FILE", help="serve HTTPS with this certificate chain (PEM)")
@@ -254,7 +309,7 @@ def _load_config(path: str) -> dict[str, Any]:
     unknown = sorted(set(config) - set(CONFIG_KEYS))
     if unknown:
         raise UsageError(f"config {path}: unknown key(s) {', '.join(unknown)} (known: {', '.join(CONFIG_KEYS)})")
-    for name in ("enabled", "append_only", "quiet"):
+    for name in ("enabled", "append_only", "quiet", "repositories"):
         if name in config and not isinstance(config[name], bool):
             raise UsageError(f"config {path}: {name} must be true or false")
     for name in ("listen", "path", "tokens", "tls_cert", "tls_key"):
@@ -287,14 +342,20 @@ def parse_settings(argv: list[str]) -> Settings | None:
         return f"{name} in {args.config}" if getattr(args, name) is None and name in config else _flag(name)
 
     path = pick("path")
+    repositories = bool(pick("repositories", False))
+    what = "directory of repositories" if repositories else "repository directory"
     if not path:
-        raise UsageError("no repository directory: use --path DIR (or path in --config)")
+        raise UsageError(f"no {what}: use --path DIR (or path in --config)")
     path = os.path.abspath(path)
     if not os.path.isdir(path):
-        raise UsageError(f"repository directory {path} does not exist (create it first)")
+        raise UsageError(f"{what} {path} does not exist (create it first)")
+    if repositories and os.path.lexists(os.path.join(path, "config")):
+        # its objects would be no repository's, and its keys/ or data/ taken for repositories named so
+        raise UsageError(f"{path} is a repository itself (it holds a config): serve it without "
+                         f"{named('repositories')}, or give the directory its repositories are in")
     host, port = parse_listen(pick("listen", DEFAULT_LISTEN))
     tokens_file = pick("tokens")
-    tokens = load_tokens(tokens_file) if tokens_file else None
+    tokens = load_tokens(tokens_file, repositories) if tokens_file else None
     if tokens is None and not is_loopback(host):
         raise UsageError(
             f"refusing to listen on {host} without --tokens: anyone who can reach it could read, "
@@ -323,6 +384,7 @@ def parse_settings(argv: list[str]) -> Settings | None:
         cleanup_interval=_number(named("cleanup_interval"), pick("cleanup_interval", DEFAULT_CLEANUP_INTERVAL), 0.1),
         min_upload_rate=_upload_rate(named("min_upload_rate"), pick("min_upload_rate", MIN_BODY_RATE)),
         body_timeout=_number(named("body_timeout"), pick("body_timeout", DEFAULT_BODY_TIMEOUT), 0.1),
+        repositories=repositories,
     )
 
 
@@ -654,15 +716,20 @@ def _listen_family(host: str, port: int) -> int:
 
 
 class BackupServer(ThreadingHTTPServer):
-    """One repository directory behind HTTP(S); a thread per connection, up to the connection limits."""
+    """One repository directory, or a directory of repositories (--repositories), behind HTTP(S); a thread
+    per connection, up to the connection limits, which are the service's, whatever repository a connection
+    reaches."""
 
     daemon_threads = True
     request_queue_size = socket.SOMAXCONN  # the default 5 made a burst of connections wait for SYN retransmits
 
     def __init__(self, settings: Settings):
         self.settings = settings
-        self.remote = LocalRemote(settings.path)
-        self.remote.keep_reserve()  # the room a forget or prune takes on a full disk, there from the start
+        self.served = ServedRepositories(settings.path, settings.repositories)
+        try:  # the room a forget or prune takes on a full disk, there from the start
+            self.served.keep_reserves()
+        except RemoteError as exc:
+            raise UsageError(str(exc)) from None
         self.tls = _tls_context(settings.tls_cert, settings.tls_key) if settings.tls_cert and settings.tls_key else None
         self.address_family = _listen_family(settings.host, settings.port)
         self._log_lock = threading.Lock()
@@ -819,7 +886,7 @@ class BackupServer(ThreadingHTTPServer):
         would cut the backups under way.  A file that no longer loads keeps what was loaded, and says so."""
         settings = self.settings
         try:
-            tokens = load_tokens(settings.tokens_file) if settings.tokens_file else None
+            tokens = load_tokens(settings.tokens_file, settings.repositories) if settings.tokens_file else None
             tls = _tls_context(settings.tls_cert, settings.tls_key) if self.tls is not None else None
         except UsageError as exc:
             self.log(f"reload failed, serving with the settings loaded before: {exc}", always=True)
@@ -834,12 +901,19 @@ class BackupServer(ThreadingHTTPServer):
 
     def remove_unfinished_uploads(self) -> None:
         """Temp files a crash of this server left behind, or an upload stopped in a way that left one (an hour
-        old: a live upload writes at least every body_timeout, and the ones being written are skipped)."""
+        old: a live upload writes at least every body_timeout, and the ones being written are skipped), in
+        each repository."""
+        removed = 0
         try:
-            removed = self.remote.cleanup_temp(UNFINISHED_AGE)
+            repositories = self.served.existing()
         except RemoteError as exc:
             self.log(f"cannot remove unfinished uploads: {exc}", always=True)
             return
+        for served in repositories:  # one that fails leaves the others' cleaned up
+            try:
+                removed += served.remote.cleanup_temp(UNFINISHED_AGE)
+            except RemoteError as exc:
+                self.log(f"cannot remove unfinished uploads: {exc}", always=True)
         if removed:
             self.log(f"removed {removed} unfinished upload(s)", always=True)
 
@@ -855,7 +929,7 @@ class BackupServer(ThreadingHTTPServer):
         """``text`` with each token the service takes written as ``***``, in any escapes (``redact``): a request
         whose head arrived out of step (a header line read as the request line) had its token quoted in the log
         ("Bad request version")."""
-        return redact(text, [token.decode() for token, _ in self.settings.tokens or ()])
+        return redact(text, [token.decode() for token, *_ in self.settings.tokens or ()])
 
     def log(self, line: str, *, always: bool = False) -> None:
         if always or not self.settings.quiet:
@@ -975,6 +1049,7 @@ class Handler(BaseHTTPRequestHandler):
     _timeout_set: float | None = None
     _expecting = False  # the client waits for "100 Continue" before it sends the body
     _served = 0  # requests begun on this connection
+    _repo: Served | None = None  # the repository the request is for, once its path named one
     _opened = 0.0  # when the connection was taken (setup)
 
     def setup(self) -> None:
@@ -1030,7 +1105,7 @@ class Handler(BaseHTTPRequestHandler):
     def handle_one_request(self) -> None:
         # What the last request on this connection named is not this one's: a malformed request after it was
         # logged under the previous request's key.
-        self._what, self._unread = "-", 0
+        self._what, self._unread, self._repo = "-", 0, None
         self._phase, self._expecting, self._pace, self._cut = "idle", False, None, None
         if self._served:  # a keep-alive connection, which may be closed for a new one (BackupServer._make_room)
             self._deadline = time.monotonic() + self.server.settings.idle_timeout
@@ -1087,7 +1162,8 @@ class Handler(BaseHTTPRequestHandler):
         first = socket.socket.recv(self.connection, 1, socket.MSG_PEEK)  # the TCP bytes, under the TLS layer
         if not first or 0x14 <= first[0] <= 0x17:  # a TLS record (a handshake's, or an alert a client gave up with)
             return
-        said = f"this backup service speaks HTTPS: its URL is {self._https_url(self._plain_head())}"
+        asked = self._plain_head()
+        said = f"this backup service speaks HTTPS: its URL is {self._https_url(asked)}{self._repository_of(asked)}"
         body = json.dumps({"error": said}).encode()  # the reason phrase says it too, for a HEAD request
         head = (f"HTTP/1.1 400 {said}\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n"
                 "Connection: close\r\n\r\n").encode()
@@ -1107,6 +1183,16 @@ class Handler(BaseHTTPRequestHandler):
         except OSError:
             pass
         return head
+
+    def _repository_of(self, head: bytes) -> str:
+        """``NAME/`` of the repository a plain request's line names, for the https:// URL it is told (a service of
+        several repositories); "" where it names none."""
+        if not self.server.settings.repositories:
+            return ""
+        words = head.split(b"\r\n", 1)[0].split()
+        target = _origin_form(words[1].decode("latin-1")) if len(words) >= 2 else ""
+        name = target[1:].partition("/")[0]
+        return f"{name}/" if is_repository_name(name) else ""
 
     def _https_url(self, head: bytes) -> str:
         """The service's https:// URL under the name the client used (its Host header, when that is a host
@@ -1231,15 +1317,25 @@ class Handler(BaseHTTPRequestHandler):
                 return self._fail(400, "bad Content-Length", close=True)
             self._unread = int(length)
             self._start_pace()
-        path, _, query = _origin_form(self.path).partition("?")
+        several = self.server.settings.repositories
+        # A service of several repositories reads the target as sent: the parser makes "//NAME/..." "/NAME/...".
+        path, _, query = _origin_form(self._target() if several else self.path).partition("?")
         self._what = path
-        mode = self._authorize()
-        if mode is None:
+        token = self._authorize()
+        if token is None:
             return None
+        mode = token.mode
         if self._unread and self.command != "PUT":
             return self._fail(400, f"{self.command} takes no request body")
+        if several:
+            inner = self._enter_repository(path, token.scope)
+            if inner is None:
+                return None
+            path = inner
+        else:
+            self._repo = self.server.served.one
         if path in ("/objects", "/objects/"):
-            self._what = "list"
+            self._what = self._named("list")
             if self.command != "GET":
                 return self._fail(405, f"{self.command} is not allowed on the listing", headers={"Allow": "GET"})
             return self._list(query)
@@ -1251,7 +1347,7 @@ class Handler(BaseHTTPRequestHandler):
         except (BadRequest, UnicodeDecodeError) as exc:
             reason = str(exc) if isinstance(exc, BadRequest) else "object key is not valid UTF-8"
             return self._fail(400, reason)
-        self._what = key
+        self._what = self._named(key)
         if not _LAYOUT_KEY.match(key):  # read, written or deleted: nothing else in the directory is served
             return self._fail(404 if self.command in ("GET", "HEAD") else 400,
                               f"{key} is not an object of a repository (config, keys/NAME, locks/NAME, "
@@ -1268,8 +1364,46 @@ class Handler(BaseHTTPRequestHandler):
             return "append-only (the service runs with --append-only, which caps every token)"
         return "append-only token"
 
-    def _authorize(self) -> str | None:
-        """The request's mode (capped by --append-only), or None after answering 401."""
+    def _target(self) -> str:
+        """The request's target as its line sent it."""
+        words = self.requestline.split()
+        return words[1] if len(words) >= 2 else self.path
+
+    def _named(self, what: str) -> str:
+        """``what`` (a key, or "list") as the log names it: with its repository's name, where there are several
+        (``db1/config``, ``list db1``)."""
+        name = self._repo.name if self._repo is not None else None
+        if name is None:
+            return what
+        return f"list {name}" if what == "list" else f"{name}/{what}"
+
+    def _enter_repository(self, path: str, scope: frozenset[str] | None) -> str | None:
+        """The path within the repository ``path`` names (``/NAME/objects/KEY``: ``/objects/KEY``), that
+        repository taken for the request; None after answering.  A path with an empty, "." or ".." segment
+        (as sent, or percent-encoded), or a name that is no repository's, is answered 400; a repository out of
+        the token's ``scope`` 404, as one that does not exist, whether it does or not."""
+        segments = path.split("/")[1:]
+        for segment in segments[:-1] if segments[-1:] == [""] else segments:  # "/NAME/objects/" lists
+            plain = unquote(segment, errors="replace")
+            if plain in ("", ".", "..") or "/" in plain or "\\" in plain:
+                return self._fail(400, "the path holds an empty, '.' or '..' segment, or an encoded slash: the "
+                                       "service's URLs are /NAME/objects/KEY")
+        name, _, rest = path[1:].partition("/")
+        if not is_repository_name(name):
+            return self._fail(400, f"{self.server.redacted(name)[:100]!r} is no repository name ({NAME_PATTERN}): "
+                                   "the service's URLs are /NAME/objects/KEY")
+        if scope is not None and name not in scope:
+            return self._fail(404, f"no repository {name!r} that this token may use (the service serves several, "
+                                   "each at /NAME/)", headers={MISSING_HEADER: NO_REPOSITORY})
+        if rest != "objects" and not rest.startswith("objects/"):
+            return self._fail(404, f"no such endpoint {self.server.redacted(path)[:100]!r}: this service serves "
+                                   "several repositories, each at /NAME/, its objects under /NAME/objects/")
+        self._repo = self.server.served.get(name)
+        return "/" + rest
+
+    def _authorize(self) -> Token | None:
+        """The request's token, its mode capped by --append-only (a full one for a service without tokens), or
+        None after answering 401."""
         tokens = self.server.settings.tokens
         if tokens is None:
             host = _host_of(self.headers.get("Host", ""))
@@ -1279,20 +1413,21 @@ class Handler(BaseHTTPRequestHandler):
                 self._fail(403, "a service without tokens answers only requests addressed to a loopback name "
                                 "(127.0.0.1, ::1, localhost); give it --tokens to serve others", close=True)
                 return None
-            mode = "full"
+            token = Token(b"", "full")
         else:
             scheme, _, value = self.headers.get("Authorization", "").partition(" ")
-            mode = _match(tokens, value.strip().encode()) if scheme.lower() == "bearer" else None
-            if mode is None:
+            found = _match(tokens, value.strip().encode()) if scheme.lower() == "bearer" else None
+            if found is None:
                 reason = ("the token is not in the server's tokens file" if scheme
                           else "this service requires a token (Authorization: Bearer TOKEN)")
                 # Closed, not drained: a body is read for no one without a token (its declared length set
                 # how long a drain may take, and a client trickling it held a connection for hours).
                 self._fail(401, reason, headers={"WWW-Authenticate": 'Bearer realm="chunkvault"'}, close=True)
                 return None
-        if self.server.settings.append_only and mode == "full":
-            mode = "append-only"
-        return mode
+            token = found
+        if self.server.settings.append_only and token.mode == "full":
+            token = Token(token.secret, "append-only", token.scope)
+        return token
 
     # -- operations ---------------------------------------------------------
 
@@ -1309,12 +1444,12 @@ class Handler(BaseHTTPRequestHandler):
             return self._fail(400, str(exc))
         if not (limit_text.isascii() and limit_text.isdigit() and len(limit_text) <= 19) or int(limit_text) < 1:
             return self._fail(400, "limit must be a positive number")  # "²" is a digit to isdigit() too
-        self._what = f"list prefix={prefix!r}"
+        self._what = self._named("list") + f" prefix={prefix!r}"
+        root = self._repo.root
         try:
-            items, next_after = list_page(self.server.settings.path, prefix, after, min(int(limit_text), PAGE_SIZE))
+            items, next_after = list_page(root, prefix, after, min(int(limit_text), PAGE_SIZE))
         except OSError as exc:
             if exc.errno in (errno.EACCES, errno.EPERM):  # for good (a directory of root's, mode 0700): a 500 is retried
-                root = self.server.settings.path
                 where = os.path.relpath(exc.filename, root) if exc.filename else root
                 return self._refused_by_storage("list", repr(prefix), os_error(exc, f"listing {where}", root))
             return self._fail(500, f"cannot list {prefix!r}: {exc.strerror or exc}")
@@ -1324,7 +1459,7 @@ class Handler(BaseHTTPRequestHandler):
         self._reply(200, body, headers={"Content-Type": "application/json"})
 
     def _object_path(self, key: str) -> str:
-        return os.path.join(self.server.settings.path, *key.split("/"))
+        return os.path.join(self._repo.root, *key.split("/"))
 
     def _missing(self, key: str) -> None:
         self._fail(404, f"object not found: {key}", headers={MISSING_HEADER: "missing"})
@@ -1428,6 +1563,15 @@ class Handler(BaseHTTPRequestHandler):
         guarded = mode == "append-only" and not key.startswith(LOCKS_PREFIX)
         if (if_absent or guarded) and os.path.lexists(self._object_path(key)):
             return self._exists(key, if_absent)
+        if self._repo.name is not None:  # a write makes its repository (init's first), a token that may write it
+            try:
+                self._repo = self.server.served.create(self._repo.name)
+            except RepositoryInTheWay as exc:
+                return self._fail(409, f"cannot store {key}: {exc}")
+            except PermissionDenied as exc:
+                return self._refused_by_storage("make repository", self._repo.name, exc)
+            except RemoteError as exc:
+                return self._fail(500, str(exc))
         self._continue()
         try:
             stored = self._store(key, length, if_absent or guarded, shared_only, reserve=mode == "full")
@@ -1447,8 +1591,9 @@ class Handler(BaseHTTPRequestHandler):
         if not stored:
             self.close_connection = True
             why = self._cut or "the client stopped sending"
-            self.server.log(f"{self.client_address[0]} PUT {key}: upload cut short after {length - self._unread} of "
-                            f"{length} bytes, nothing stored: {why}", always=self._cut is not None)
+            self.server.log(f"{self.client_address[0]} PUT {self._what}: upload cut short after "
+                            f"{length - self._unread} of {length} bytes, nothing stored: {why}",
+                            always=self._cut is not None)
             return None
         self._reply(201, received=length)
 
@@ -1459,13 +1604,13 @@ class Handler(BaseHTTPRequestHandler):
         is refused (NotSharedLock), nothing stored.  ``reserve``: whether a full disk may take the space kept
         back for a forget or prune (a full token's request)."""
         if length > SMALL_BODY:
-            return self.server.remote.put_stream(key, self._receive, length, if_absent=if_absent, reserve=reserve)
+            return self._repo.remote.put_stream(key, self._receive, length, if_absent=if_absent, reserve=reserve)
         body = self._read_body(length)
         if body is None:
             return False
         if shared_only and not _says_shared(bytes(body)):
             raise NotSharedLock(key)
-        self.server.remote.put(key, body, if_absent=if_absent, reserve=reserve)
+        self._repo.remote.put(key, body, if_absent=if_absent, reserve=reserve)
         return True
 
     def _receive(self, n: int) -> bytes:
@@ -1496,7 +1641,7 @@ class Handler(BaseHTTPRequestHandler):
         parts = key.split("/")
         for depth in range(1, len(parts) + 1):
             try:
-                path = os.path.join(self.server.settings.path, *parts[:depth])
+                path = os.path.join(self._repo.root, *parts[:depth])
                 st = os.stat(path) if depth < len(parts) else os.lstat(path)
             except OSError:
                 return None
@@ -1536,7 +1681,7 @@ class Handler(BaseHTTPRequestHandler):
             return self._fail(403, f"{self._append_only()}: deleting {key} is not allowed (an exclusive lock is "
                                    "removed by its own command, or by unlock with a full token)")
         try:
-            self.server.remote.delete(key)
+            self._repo.remote.delete(key)
         except PermissionDenied as exc:
             return self._refused_by_storage("delete", key, exc)
         except RemoteError as exc:  # a directory in its place is permanent: a 500 was retried for minutes
@@ -1546,12 +1691,12 @@ class Handler(BaseHTTPRequestHandler):
         self._reply(204)
 
 
-def _match(tokens: list[tuple[bytes, str]], offered: bytes) -> str | None:
+def _match(tokens: list[Token], offered: bytes) -> Token | None:
     """Compare against every token in constant time per token; no early exit."""
     found = None
-    for token, mode in tokens:
-        if hmac.compare_digest(token, offered):
-            found = mode
+    for token in tokens:
+        if hmac.compare_digest(token.secret, offered):
+            found = token
     return found
 
 
@@ -1570,6 +1715,11 @@ def _warnings(settings: Settings) -> list[str]:
         warnings.append(f"serving {settings.host} over plain http: each client's token (and every object, "
                         "sealed as it is) travels unencrypted, and anyone on the path who reads a token can read, "
                         "overwrite and delete the backups (--tls-cert and --tls-key serve https)")
+    if not settings.repositories and not os.path.lexists(os.path.join(settings.path, "config")):
+        below = repositories_below(settings.path)
+        if below:
+            warnings.append(f"{settings.path} holds no repository, and its subdirectories do ({', '.join(below)}): "
+                            "--repositories serves each at /NAME/; without it clients reach none of them")
     if settings.max_object_size < PACK_ROOM:
         warnings.append(f"--max-object-size of {settings.max_object_size} bytes is below the {DEFAULT_PACK_SIZE >> 20} "
                         "MiB packs repositories make by default (plus a chunk): clients make smaller packs to fit "
@@ -1633,11 +1783,16 @@ def main(argv: list[str] | None = None) -> int:
         threading.Thread(target=server.clean_up_now_and_then, args=(stop,), name="cleanup", daemon=True).start()
         if settings.tokens is None:
             server.log("warning: no --tokens: every local user and program can read, overwrite and delete "
-                       "this repository", always=True)
+                       + ("every repository under this directory" if settings.repositories else "this repository"),
+                       always=True)
         for warning in _warnings(settings):
             server.log(f"warning: {warning}", always=True)
         extra = ", append-only" if settings.append_only else ""
-        server.log(f"listening on {server.url} (repository {settings.path}{extra})", always=True)
+        if settings.repositories:
+            server.log(f"listening on {server.url} (repositories under {settings.path}, each at "
+                       f"{server.url}/NAME/{extra})", always=True)
+        else:
+            server.log(f"listening on {server.url} (repository {settings.path}{extra})", always=True)
         try:
             while thread.is_alive() and not stop.wait(0.5):
                 if reload.is_set():
@@ -1647,6 +1802,6 @@ def main(argv: list[str] | None = None) -> int:
             server.shutdown()
             server.server_close()  # the port is free at once: a new service may take it while these finish
             if not server.wait_idle(10.0):
-                server.remote.abandon_writes()
+                server.served.abandon_writes()
     server.log("stopped", always=True)
     return 0
