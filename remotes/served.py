@@ -28,6 +28,12 @@ def is_repository_name(text: str) -> bool:
     return bool(_NAME.match(text))
 
 
+def holds_repository(path: str) -> bool:
+    """Whether directory ``path`` is a repository: it holds a config file.  A directory named config is no
+    sign of one: it is the repository of that name, in a directory of repositories."""
+    return os.path.isfile(os.path.join(path, "config"))
+
+
 def parse_scope(text: str) -> frozenset[str] | None:
     """A tokens file's scope field: ``*`` (None: every repository) or ``NAME[,NAME...]``.  ValueError says
     what is wrong without quoting the field, which may be a token written in the wrong place."""
@@ -127,7 +133,7 @@ class ServedRepositories:
         """The reserve of the one repository, or of each named one there is (a directory holding a config: not
         another directory beside them), made where it is missing."""
         for served in self.existing():
-            if served.name is None or os.path.isfile(os.path.join(served.root, "config")):
+            if served.name is None or holds_repository(served.root):
                 served.remote.keep_reserve()
 
     def abandon_writes(self) -> None:
@@ -145,7 +151,7 @@ def repositories_below(path: str, limit: int = 3) -> list[str]:
     try:
         with os.scandir(path) as entries:
             for entry in entries:
-                if is_repository_name(entry.name) and os.path.isfile(os.path.join(path, entry.name, "config")):
+                if is_repository_name(entry.name) and holds_repository(os.path.join(path, entry.name)):
                     found.append(entry.name)
                     if len(found) == limit:
                         break

@@ -52,7 +52,7 @@ from .base import _KEY_SEGMENT, is_loopback, validate_key, validate_prefix
 from .http import DEFAULT_PORT, LIMIT_HEADER, MISSING_HEADER, NO_REPOSITORY
 from .local import EXCLUSIVE_LOCK_PREFIX, TEMP_PREFIX, os_error, ancestor_identities, file_version
 from .served import (EVERY_REPOSITORY, NAME_PATTERN, RepositoryInTheWay, Served, ServedRepositories,
-                     is_repository_name, parse_scope, repositories_below)
+                     holds_repository, is_repository_name, parse_scope, repositories_below)
 
 PROG = "chunkvault serve"
 MiB = 1 << 20
@@ -349,8 +349,9 @@ def parse_settings(argv: list[str]) -> Settings | None:
     path = os.path.abspath(path)
     if not os.path.isdir(path):
         raise UsageError(f"{what} {path} does not exist (create it first)")
-    if repositories and os.path.lexists(os.path.join(path, "config")):
-        # its objects would be no repository's, and its keys/ or data/ taken for repositories named so
+    if repositories and holds_repository(path):
+        # its objects would be no repository's, and its keys/ or data/ taken for repositories named so (a
+        # directory named config is a repository of that name: one made so kept the service from starting again)
         raise UsageError(f"{path} is a repository itself (it holds a config): serve it without "
                          f"{named('repositories')}, or give the directory its repositories are in")
     host, port = parse_listen(pick("listen", DEFAULT_LISTEN))
@@ -1715,7 +1716,7 @@ def _warnings(settings: Settings) -> list[str]:
         warnings.append(f"serving {settings.host} over plain http: each client's token (and every object, "
                         "sealed as it is) travels unencrypted, and anyone on the path who reads a token can read, "
                         "overwrite and delete the backups (--tls-cert and --tls-key serve https)")
-    if not settings.repositories and not os.path.lexists(os.path.join(settings.path, "config")):
+    if not settings.repositories and not holds_repository(settings.path):
         below = repositories_below(settings.path)
         if below:
             warnings.append(f"{settings.path} holds no repository, and its subdirectories do ({', '.join(below)}): "

@@ -464,6 +464,21 @@ def test_connection_limits_are_the_services_across_repositories(serve_factory, r
     assert "connection refused: the service serves at most 2 connections from one address" in server.log()
 
 
+def test_a_repository_named_config_is_served_again_after_a_restart(serve_factory, repos):  # noqa: F811
+    """A directory of repositories is refused as a repository itself when it holds a config file; a repository
+    named config (one write of a token that reaches it made it) kept the service from starting again."""
+    server = serve_factory("--repositories", "--tokens", str(repos / "tokens"), path=repos)
+    with remote(server, "config", EVERY) as r:
+        r.put("config", b"the config of repository config")
+    assert server.stop() == 0
+    server.start()
+    with remote(server, "config", EVERY) as r:
+        assert r.get("config") == b"the config of repository config"
+    assert server.stop() == 0
+    single = serve_factory(path=repos)  # served as one repository: said to hold several, config among them
+    assert "holds no repository, and its subdirectories do (config): --repositories" in single.log()
+
+
 # --- settings -------------------------------------------------------------------------------------------------
 
 
