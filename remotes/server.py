@@ -1383,6 +1383,9 @@ class Handler(BaseHTTPRequestHandler):
         repository taken for the request; None after answering.  A path with an empty, "." or ".." segment
         (as sent, or percent-encoded), or a name that is no repository's, is answered 400; a repository out of
         the token's ``scope`` 404, as one that does not exist, whether it does or not."""
+        if not path.startswith("/"):  # "xB/objects/KEY" had its first character taken for the slash: B was served
+            return self._fail(400, "the request's target is no path (one starts with '/'): the service's URLs are "
+                                   "/NAME/objects/KEY")
         segments = path.split("/")[1:]
         for segment in segments[:-1] if segments[-1:] == [""] else segments:  # "/NAME/objects/" lists
             plain = unquote(segment, errors="replace")

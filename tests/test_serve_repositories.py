@@ -286,6 +286,8 @@ def test_repositories_over_https_and_a_plain_client_told_its_repositorys_url(ser
 
 
 TRICKS = [
+    "xB/objects/config",  # no path: its first character was taken for the slash, and B served
+    "http:/B/objects/config",
     "/A/../B/objects/config",
     "/A/%2e%2e/B/objects/config",
     "/A/%2E%2E/B/objects/config",
