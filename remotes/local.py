@@ -373,8 +373,10 @@ class LocalRemote(Remote):
 
     def keep_reserve(self) -> None:
         """Make the reserve where it is missing and the disk has room (after a deletion, once per process
-        until it is used): best effort, a disk too full for it is no error."""
-        if self._reserve_kept:
+        until it is used): best effort, a disk too full for it is no error.  Not while an exclusive lock
+        stored here is held: its command (a prune on a full disk) may have freed that room to finish, and
+        the lock's deletion makes the reserve again."""
+        if self._reserve_kept or self._exclusive:
             return
         path = os.path.join(self.root, RESERVE_NAME)
         if os.path.exists(path):

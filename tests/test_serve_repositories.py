@@ -434,6 +434,11 @@ def test_the_reserve_of_a_full_disk_is_each_repositorys_own(serve_factory, tmp_p
         assert all(r.stat().st_size == 1 << 20 for r in reserves.values())
         assert raw(server.port, "PUT", f"/A/objects/{KEY}", pack, EVERY)[0] == 201
         assert not reserves["A"].exists() and reserves["B"].stat().st_size == 1 << 20
+        (disk / "filler").unlink()  # room again, the lock still held: A's next write leaves the room to its command
+        assert raw(server.port, "PUT", f"/A/objects/{KEY[:-1]}0", b"index", EVERY)[0] == 201
+        assert not reserves["A"].exists()
+        assert raw(server.port, "DELETE", "/A/objects/locks/x-" + "1" * 32, token=EVERY)[0] == 204
+        assert reserves["A"].stat().st_size == 1 << 20  # the command ended: its lock's deletion made it again
         server.stop()
     finally:
         subprocess.run(["umount", str(disk)])
