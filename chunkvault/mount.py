@@ -28,10 +28,10 @@ import time
 from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import datetime
-from typing import Any, Callable
+from typing import Any, Callable, TypeVar
 
 from .display import shown_name, warn
-from .errors import ChunkvaultError, MountFailed, RemoteUnavailable, UsageError
+from .errors import ChunkvaultError, CorruptObject, MountFailed, RemoteUnavailable, UsageError
 from .mountview import InSnapshot, Layout, Link, Node, SnapshotTree, VirtualDir, seek_data_or_hole
 from .repository import Repository
 from .store import locks
@@ -50,6 +50,8 @@ TREES_KEPT = 8
 TREE_BYTES_KEPT = 256 << 20
 HOLES_KEPT = 4096  # files whose holes are kept found (``_holes_of``): getattr gives their allocated blocks
 
+_T = TypeVar("_T")
+
 _TYPE_BITS = {T_FILE: stat.S_IFREG, T_HARDLINK: stat.S_IFREG, T_DIR: stat.S_IFDIR, T_SYMLINK: stat.S_IFLNK,
               T_FIFO: stat.S_IFIFO, T_CHARDEV: stat.S_IFCHR, T_BLOCKDEV: stat.S_IFBLK}
 
@@ -65,6 +67,11 @@ def _file_inode(snapshot_id: str, tree: SnapshotTree, rel: bytes) -> int:
     """The inode number of ``rel`` in a snapshot's tree: its file's, whichever of its names it is."""
     return _inode(snapshot_id, os.fsdecode(tree.linked(rel)[0]))
 
+
+# What a read that finds data gone after a prune replaced the index says (``SnapshotFS._pruned_since``), once
+# for each file or snapshot: one line for each chunk, each advising `repair index`, told of a snapshot forgotten.
+PRUNED = ("its data is gone since the mount read the index: a prune ran meanwhile (its snapshot forgotten or "
+          "rewritten since it was listed?); look again before repairing anything")
 
 SESSION_POLL_SECONDS = 0.2  # how often the mount looks whether libfuse was told to end
 UNAVAILABLE_SECONDS = 60.0  # reads fail at once for this long after a read gave up on the remote
@@ -150,7 +157,12 @@ class _Chunks:
     def get(self, cid: bytes) -> Any:
         with self.lock:
             fut = self.pending.get(cid)
-        return fut.result() if fut is not None else self._read(cid)
+        if fut is not None:
+            try:
+                return fut.result()
+            except CorruptObject:  # read again here: begun earlier, it may have followed an index dropped since
+                pass
+        return self._read(cid)
 
     def ahead(self, cid: bytes) -> None:
         with self.lock:
@@ -173,6 +185,7 @@ class _File:
 
     def __init__(self, path: str, entry: Entry, chunks: _Chunks, node: InSnapshot):
         self.path = path  # as the file system shows it, for messages
+        self.opened = time.monotonic()
         self.entry = entry
         self.node = node
         self.chunks = chunks
@@ -231,6 +244,8 @@ class SnapshotFS:
         self._chunks = _Chunks(repo)
         self._ended = threading.Event()  # unmounted
         self._unavailable_until = float("-inf")  # reads fail at once until then: the remote stopped answering
+        self._rereading = threading.Lock()  # one thread at a time reads the index again (``_index_read_again``)
+        self._index_dropped = float("-inf")  # when an index replaced in the repository was last let go
         self._next_fh = 1
         self.uid, self.gid = os.getuid(), os.getgid()
 
@@ -255,7 +270,8 @@ class SnapshotFS:
         layout = self._layout
         try:
             # the index too, once backups added to it: a new snapshot's chunks are in no index read before
-            self.repo.store.drop_stale()
+            self.repo.store.drop_stale(index=False)
+            self._index_read_again(time.monotonic())
             layout = Layout(self.repo.snapshots(), self._given)
             self._given.update(layout.names)
         except ChunkvaultError as exc:
@@ -283,6 +299,40 @@ class SnapshotFS:
         for kept in (self._trees, self._owner_maps, self._roots):
             for sid in [sid for sid in kept if stale.get(sid)]:
                 del kept[sid]
+
+    def _index_read_again(self, since: float) -> bool:
+        """Whether the index has been let go since ``since`` for the one stored now (read when next needed),
+        by this call or another thread's: after a read begun then failed as missing or damaged data, whether
+        the index it followed was replaced meanwhile (a prune or repair), so that the read is worth making
+        again.  A mount reading without the lock (``--no-lock``, a read-only token) has prunes run under it."""
+        with self._rereading:
+            if self._index_dropped > since:
+                return True
+            if not self.repo.store.refresh_index():
+                return False
+            self._index_dropped = time.monotonic()
+            return True
+
+    def _again_if_moved(self, call: Callable[[], _T]) -> _T:
+        """``call()``, made once more where it failed as missing or damaged data and the index it followed was
+        replaced meanwhile (``_index_read_again``): a prune repacked what it reads, which the mount read on
+        as missing packs (EIO, and ``repair index`` advised) until a lookup listed the snapshots again."""
+        since = time.monotonic()
+        try:
+            return call()
+        except CorruptObject:
+            try:
+                moved = self._index_read_again(since)
+            except ChunkvaultError:
+                moved = False
+            if not moved:
+                raise
+        return call()
+
+    def _pruned_since(self, since: float) -> bool:
+        """Whether an index replaced in the repository was let go after ``since``: data found gone then, that
+        was there when its file was opened or its snapshot listed, went with a prune (``PRUNED``), not damage."""
+        return self._index_dropped > since
 
     def _tree(self, snap: Snapshot) -> SnapshotTree:
         with self._lock:
@@ -340,7 +390,7 @@ class SnapshotFS:
             if time.monotonic() < self._unavailable_until:
                 return OwnerMap()  # the recorded ids for now, asked again once the remote may answer
             try:
-                owners = self.repo.owner_map(snap, snapshots=self._layout.snapshots)
+                owners = self._again_if_moved(lambda: self.repo.owner_map(snap, snapshots=self._layout.snapshots))
             except RemoteUnavailable as exc:
                 # Not kept: kept, the snapshot's owners showed as their recorded ids until an unmount.
                 self._unavailable_until = time.monotonic() + UNAVAILABLE_SECONDS
@@ -364,10 +414,12 @@ class SnapshotFS:
     def _in_snapshot(self, node: InSnapshot) -> tuple[SnapshotTree, Entry | None]:
         """The snapshot's tree and the entry at the node (None: a directory without an entry of its own,
         as the root of a snapshot of several paths)."""
+        listed = self._listed
         try:
-            tree = self._tree(node.snapshot)
+            tree = self._again_if_moved(lambda: self._tree(node.snapshot))
         except ChunkvaultError as exc:  # damaged, or gone with a prune that ran unlocked (--no-lock)
-            self._tell(f"snapshot {node.snapshot.id[:8]}: {exc}")
+            pruned = isinstance(exc, CorruptObject) and self._pruned_since(listed)
+            self._tell(f"snapshot {node.snapshot.id[:8]}: {PRUNED if pruned else exc}")
             raise _error(errno.EIO) from None
         e = tree.content_entry(node.rel)
         if e is None and not tree.is_dir(node.rel):  # not there, or a hard link whose file is not
@@ -412,14 +464,17 @@ class SnapshotFS:
             if tree is None and sid in self._roots:
                 return self._roots[sid]
             dropped = self._trees_dropped
+            listed = self._listed
         if tree is not None:
             return self._in_snapshot(node)[1]
         try:
-            e: Entry | None = self.repo.find_entry(node.snapshot, b"", snapshots=self._layout.snapshots)
+            e: Entry | None = self._again_if_moved(
+                lambda: self.repo.find_entry(node.snapshot, b"", snapshots=self._layout.snapshots))
         except UsageError:  # none
             e = None
         except ChunkvaultError as exc:  # damaged, or gone with a prune that ran unlocked (--no-lock)
-            self._tell(f"snapshot {sid[:8]}: {exc}")
+            pruned = isinstance(exc, CorruptObject) and self._pruned_since(listed)
+            self._tell(f"snapshot {sid[:8]}: {PRUNED if pruned else exc}")
             raise _error(errno.EIO) from None
         with self._lock:
             if dropped == self._trees_dropped:  # (as ``_tree`` keeps a tree)
@@ -553,14 +608,15 @@ class SnapshotFS:
         if time.monotonic() < self._unavailable_until:  # said already
             raise _error(errno.EIO)
         try:
-            return f.read(size, offset)
+            return self._again_if_moved(lambda: f.read(size, offset))
         except RemoteUnavailable as exc:
             # The kernel asks again for a page whose read-ahead failed: each ask waited out the retry time anew.
             self._unavailable_until = time.monotonic() + UNAVAILABLE_SECONDS
             self._tell(f"{shown_name(f.path)}: {exc} (reads fail at once for {UNAVAILABLE_SECONDS:.0f} s)")
             raise _error(errno.EIO) from None
         except ChunkvaultError as exc:
-            self._tell(f"{shown_name(f.path)}: {exc}")
+            pruned = isinstance(exc, CorruptObject) and self._pruned_since(f.opened)
+            self._tell(f"{shown_name(f.path)}: {PRUNED if pruned else exc}")
             raise _error(errno.EIO) from None
 
     def lseek(self, path: str, offset: int, whence: int, fh: int) -> int:

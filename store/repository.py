@@ -1419,27 +1419,31 @@ class Repo:
         one, a prune or repair replaced them); False while none is loaded."""
         return self._index is not None and set(self.index_names()) != self._index_names
 
-    def refresh_index(self) -> None:
+    def refresh_index(self) -> bool:
         """Bring a loaded index up to the index objects stored now.  Objects only added since (other commands'
         backups) are read and added to it: a service that keeps a repository open for months reads each
         backup's index objects once, not the whole index after every backup.  Objects gone or replaced (a
         prune, a repair) drop it, to be read again when next needed; but never while a writer of this
         object fills it (its blobs not yet in an index object would be lost to the reads that follow):
-        then the next refresh does.  The listing and the reads hold no lock: a slow listing stalls no lookup."""
+        then the next refresh does.  The listing and the reads hold no lock: a slow listing stalls no lookup.
+        True where this call dropped it: a blob a read looked up before may lie elsewhere now (repacked)."""
         with self._index_lock:
             if self._index is not None and self._index_unsettled and not self._writers:
                 self._index, self._index_unsettled = None, False
+                return True
             if self._index is None:
-                return
+                return False
             known = set(self._index_names)
         listed = set(self.index_names())
         gone = known - listed
         read = [] if gone else self.read_index_objects(sorted(listed - known))
         with self._index_lock:
             if self._index is None or (not gone and self._add_index_objects(read)):
-                return
+                return False
             if not self._writers:
                 self._index = None
+                return True
+            return False
 
     def _add_index_objects(self, read: list[tuple[str, IndexColumns | CorruptObject | ObjectNotFound]]) -> bool:
         """Add index objects read since the index was loaded (under ``_index_lock``); False where the whole

@@ -1056,3 +1056,104 @@ def test_a_read_that_gave_up_on_the_remote_fails_the_next_reads_at_once(repo_wit
         fs.read(f"{root}/etc/app.conf", 4096, 0, fh)
     assert len(asked) == 2
     fs.destroy("/")
+
+
+@pytest.fixture
+def pruned_under(tmp_path):
+    """A repository whose second snapshot's file shares a pack with a file only the first holds, and a
+    ``prune()`` that forgets the first and repacks that pack (from another client, as another command
+    would): a mount reading without the lock (``--no-lock``, a read-only token) has the data moved under it."""
+    from chunkvault import Repository
+
+    rnd = random.Random(11)
+    src = tmp_path / "src"
+    src.mkdir()
+    kept = rnd.randbytes(1 << 20)
+    (src / "kept.bin").write_bytes(kept)
+    (src / "gone.bin").write_bytes(rnd.randbytes(1 << 20))
+    url = str(tmp_path / "repo")
+    repo = Repository.init(url, PASSWORD, kdf_seconds=0,
+                           chunker={"min_size": 16 << 10, "avg_size": 64 << 10, "max_size": 256 << 10})
+    first = repo.backup([str(src)]).snapshot
+    (src / "gone.bin").unlink()
+    second = repo.backup([str(src)]).snapshot
+    packs = lambda: {p.name for p in (tmp_path / "repo" / "data").glob("*/*")}  # noqa: E731
+    packs_before = packs()
+
+    def prune(forget: list[str]) -> None:
+        with Repository.open(url, PASSWORD) as other:
+            other.forget(forget)
+            other.prune()
+        assert not packs_before & packs()  # the pack was repacked, or deleted
+        repo.store._cache.items.clear()  # the chunks read so far are read again
+
+    yield repo, kept, first, second, prune
+    repo.close()
+
+
+def test_a_file_read_on_across_a_prune_reads_its_data_where_the_prune_moved_it(pruned_under):
+    """The mount read on with the index it had read: once a prune repacked a file's chunks, each read of the
+    open file failed (EIO, a missing pack, "`repair index` drops it from the index") until a lookup listed
+    the snapshots again.  A read that fails where the index was replaced since reads it again and retries."""
+    from chunkvault.mount import SnapshotFS
+
+    repo, kept, first, second, prune = pruned_under
+    fs = SnapshotFS(repo, refresh=3600.0)
+    path = f"/snapshots/{Layout(repo.snapshots()).names[second.id]}/kept.bin"
+    fh = fs.open(path, os.O_RDONLY)
+    assert fs.read(path, 4096, 0, fh) == kept[:4096]
+    wait_for(lambda: not fs._chunks.pending)
+    prune([first.id])
+    assert fs.read(path, len(kept), 0, fh) == kept
+    fs.release(path, fh)
+    fs.destroy("/")
+    fs._chunks.pool.shutdown(wait=True)  # its reads ahead ended: no thread left to later tests
+
+
+def test_a_read_ahead_that_failed_before_the_index_was_read_again_is_read_again(pruned_under):
+    """A chunk read ahead with the index from before a prune failed, and the read that wanted it took that
+    failure for its own, though the index had been read again since."""
+    from concurrent.futures import Future
+
+    from chunkvault.errors import MissingObject
+    from chunkvault.mount import SnapshotFS
+
+    repo, kept, first, second, prune = pruned_under
+    fs = SnapshotFS(repo, refresh=3600.0)
+    path = f"/snapshots/{Layout(repo.snapshots()).names[second.id]}/kept.bin"
+    fh = fs.open(path, os.O_RDONLY)
+    prune([first.id])
+    repo.store.refresh_index()
+    f = fs._files[fh]
+    failed: Future = Future()
+    failed.set_exception(MissingObject("data/00/00", "pack holding blob 00 is missing"))
+    fs._chunks.pending[f.ids[1]] = failed
+    assert fs.read(path, len(kept), 0, fh) == kept
+    fs.destroy("/")
+    fs._chunks.pool.shutdown(wait=True)  # its reads ahead ended: no thread left to later tests
+
+
+def test_a_read_of_data_a_prune_removed_meanwhile_says_so_once_not_repair(pruned_under, capsys):
+    """A snapshot forgotten and pruned while a file of it was open: each read is EIO, and one line says a
+    prune ran meanwhile; each chunk's read said the repository needed `repair index`, in a line of its own."""
+    from mfusepy import FuseOSError
+
+    from chunkvault.mount import SnapshotFS
+
+    repo, kept, first, second, prune = pruned_under
+    fs = SnapshotFS(repo, refresh=3600.0)
+    names = Layout(repo.snapshots()).names
+    path = f"/snapshots/{names[first.id]}/gone.bin"
+    fh = fs.open(path, os.O_RDONLY)
+    prune([first.id, second.id])
+    for offset in (0, 1 << 19, 0):  # the index read again at the first, as the index now stored at the others
+        with pytest.raises(FuseOSError) as info:
+            fs.read(path, 4096, offset, fh)
+        assert info.value.errno == errno.EIO
+    with pytest.raises(FuseOSError) as info:  # a snapshot entered first now, as listed before the prune
+        fs.readdir(f"/snapshots/{names[second.id]}")
+    assert info.value.errno == errno.EIO
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 2 and all("a prune ran meanwhile" in line and "`repair" not in line for line in err), err
+    fs.destroy("/")
+    fs._chunks.pool.shutdown(wait=True)  # its reads ahead ended: no thread left to later tests
