@@ -31,7 +31,7 @@ from datetime import datetime
 from typing import Any, Callable, TypeVar
 
 from .display import shown_name, warn
-from .errors import ChunkvaultError, CorruptObject, MountFailed, RemoteUnavailable, UsageError
+from .errors import ChunkvaultError, CorruptObject, MountFailed, RemoteError, RemoteUnavailable, UsageError
 from .mountview import InSnapshot, Layout, Link, Node, SnapshotTree, VirtualDir, seek_data_or_hole
 from .repository import Repository
 from .store import locks
@@ -235,6 +235,7 @@ class SnapshotFS:
         self._layout = Layout(repo.snapshots())
         self._given = dict(self._layout.names)  # every snapshot's name as shown: kept across listings
         self._listed = time.monotonic()
+        self._list_due = False  # listed again at the next lookup, whatever the refresh: a read found a prune
         self._trees: OrderedDict[str, SnapshotTree] = OrderedDict()
         self._roots: dict[str, Entry | None] = {}  # snapshot id -> its root's entry (``_root_entry``)
         self._building: dict[str, Future[SnapshotTree]] = {}  # snapshot id -> its tree, being read (``_tree``)
@@ -258,8 +259,9 @@ class SnapshotFS:
         a snapshot made meanwhile shows at once; never longer: from a remote that stopped answering, it
         waited out the whole retry time (15 min), once every refresh."""
         with self._lock:
-            if self._listing is not None or time.monotonic() - self._listed <= self.refresh:
+            if self._listing is not None or (time.monotonic() - self._listed <= self.refresh and not self._list_due):
                 return self._layout
+            self._list_due = False
             listed = self._listing = threading.Event()
         threading.Thread(target=self._list_again, args=(listed,), name="mount-listing", daemon=True).start()
         listed.wait(LISTING_WAIT)
@@ -271,7 +273,7 @@ class SnapshotFS:
         try:
             # the index too, once backups added to it: a new snapshot's chunks are in no index read before
             self.repo.store.drop_stale(index=False)
-            self._index_read_again(time.monotonic())
+            self._index_read_again(time.monotonic(), relist=False)
             layout = Layout(self.repo.snapshots(), self._given)
             self._given.update(layout.names)
         except ChunkvaultError as exc:
@@ -300,18 +302,23 @@ class SnapshotFS:
             for sid in [sid for sid in kept if stale.get(sid)]:
                 del kept[sid]
 
-    def _index_read_again(self, since: float) -> bool:
+    def _index_read_again(self, since: float, relist: bool = True) -> bool:
         """Whether the index has been let go since ``since`` for the one stored now (read when next needed),
         by this call or another thread's: after a read begun then failed as missing or damaged data, whether
         the index it followed was replaced meanwhile (a prune or repair), so that the read is worth making
-        again.  A mount reading without the lock (``--no-lock``, a read-only token) has prunes run under it."""
+        again.  A mount reading without the lock (``--no-lock``, a read-only token) has prunes run under it.
+        Let go here (``relist``), the snapshots are listed again at the next lookup: those listed before
+        showed what the prune took with a snapshot forgotten or rewritten, for up to the refresh interval."""
         with self._rereading:
             if self._index_dropped > since:
                 return True
             if not self.repo.store.refresh_index():
                 return False
             self._index_dropped = time.monotonic()
-            return True
+        if relist:
+            with self._lock:
+                self._list_due = True
+        return True
 
     def _again_if_moved(self, call: Callable[[], _T]) -> _T:
         """``call()``, made once more where it failed as missing or damaged data and the index it followed was
@@ -580,6 +587,7 @@ class SnapshotFS:
         if flags & (os.O_WRONLY | os.O_RDWR | os.O_APPEND | os.O_TRUNC | os.O_CREAT):
             raise _error(errno.EROFS)
         node = self._node(path)
+        listed = self._listed
         if not isinstance(node, InSnapshot):
             raise _error(errno.EISDIR)
         _, e = self._in_snapshot(node)
@@ -592,8 +600,9 @@ class SnapshotFS:
             raise _error(errno.EIO)
         try:
             f = _File(path, e, self._chunks, node)
-        except ChunkvaultError as exc:
-            self._tell(f"{shown_name(path)}: {exc}")
+        except ChunkvaultError as exc:  # a chunk in no index: damage, or what a prune took since the listing
+            pruned = not isinstance(exc, RemoteError) and self._pruned_since(listed)
+            self._tell(f"{shown_name(path)}: {PRUNED if pruned else exc}")
             raise _error(errno.EIO) from None
         with self._lock:
             fh = self._next_fh

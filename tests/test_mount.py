@@ -1058,6 +1058,20 @@ def test_a_read_that_gave_up_on_the_remote_fails_the_next_reads_at_once(repo_wit
     fs.destroy("/")
 
 
+def held_listing(repo, monkeypatch):
+    """The next listing of the snapshots starts and waits until the Event returned is set; the operation that
+    starts it goes on at once with the snapshots listed before (as one does after ``LISTING_WAIT``)."""
+    import threading
+
+    from chunkvault import mount
+
+    gate = threading.Event()
+    list_snapshots = repo.snapshots
+    monkeypatch.setattr(repo, "snapshots", lambda *a, **k: (gate.wait(60), list_snapshots(*a, **k))[1])
+    monkeypatch.setattr(mount, "LISTING_WAIT", 0.0)
+    return gate
+
+
 @pytest.fixture
 def pruned_under(tmp_path):
     """A repository whose second snapshot's file shares a pack with a file only the first holds, and a
@@ -1133,9 +1147,10 @@ def test_a_read_ahead_that_failed_before_the_index_was_read_again_is_read_again(
     fs._chunks.pool.shutdown(wait=True)  # its reads ahead ended: no thread left to later tests
 
 
-def test_a_read_of_data_a_prune_removed_meanwhile_says_so_once_not_repair(pruned_under, capsys):
+def test_a_read_of_data_a_prune_removed_meanwhile_says_so_once_not_repair(pruned_under, monkeypatch, capsys):
     """A snapshot forgotten and pruned while a file of it was open: each read is EIO, and one line says a
-    prune ran meanwhile; each chunk's read said the repository needed `repair index`, in a line of its own."""
+    prune ran meanwhile; each chunk's read said the repository needed `repair index`, in a line of its own.
+    A snapshot entered first then, as listed before, is EIO too, said so; listed again, it is gone."""
     from mfusepy import FuseOSError
 
     from chunkvault.mount import SnapshotFS
@@ -1150,10 +1165,60 @@ def test_a_read_of_data_a_prune_removed_meanwhile_says_so_once_not_repair(pruned
         with pytest.raises(FuseOSError) as info:
             fs.read(path, 4096, offset, fh)
         assert info.value.errno == errno.EIO
+    gate = held_listing(repo, monkeypatch)  # the operation goes on with the snapshots listed before
     with pytest.raises(FuseOSError) as info:  # a snapshot entered first now, as listed before the prune
         fs.readdir(f"/snapshots/{names[second.id]}")
     assert info.value.errno == errno.EIO
+    gate.set()
+    wait_for(lambda: fs._listing is None)
+    with pytest.raises(FuseOSError) as info:
+        fs.readdir(f"/snapshots/{names[second.id]}")
+    assert info.value.errno == errno.ENOENT
     err = capsys.readouterr().err.splitlines()
     assert len(err) == 2 and all("a prune ran meanwhile" in line and "`repair" not in line for line in err), err
     fs.destroy("/")
     fs._chunks.pool.shutdown(wait=True)  # its reads ahead ended: no thread left to later tests
+
+
+def test_a_prune_a_read_found_lists_the_snapshots_again_at_the_next_lookup(tmp_path, monkeypatch, capsys):
+    """Once a read found the index replaced (a prune ran), the snapshots as listed before still showed for up
+    to the refresh interval: a path a rewrite removed and the prune freed was there, and opening it failed
+    with an I/O error naming a chunk "in no index".  The next lookup lists them again; an open that goes on
+    with the listing before (one under way) says a prune ran meanwhile."""
+    from mfusepy import FuseOSError
+
+    from chunkvault import Repository, mount
+
+    rnd = random.Random(12)
+    src = tmp_path / "src"
+    src.mkdir()
+    kept = rnd.randbytes(1 << 20)
+    (src / "kept.bin").write_bytes(kept)
+    (src / "secret.bin").write_bytes(rnd.randbytes(1 << 20))
+    url = str(tmp_path / "repo")
+    repo = Repository.init(url, PASSWORD, kdf_seconds=0,
+                           chunker={"min_size": 16 << 10, "avg_size": 64 << 10, "max_size": 256 << 10})
+    snap = repo.backup([str(src)]).snapshot
+    fs = mount.SnapshotFS(repo, refresh=3600.0)
+    root = f"/snapshots/{Layout(repo.snapshots()).names[snap.id]}"
+    fh = fs.open(f"{root}/kept.bin", os.O_RDONLY)
+    assert "secret.bin" in listing(fs, root)
+    with Repository.open(url, PASSWORD) as other:
+        other.rewrite(["secret.bin"], [snap.id], dry_run=False)
+        other.prune()  # the pack of both repacked: kept.bin's chunks moved, secret.bin's gone
+    repo.store._cache.items.clear()
+    assert fs.read(f"{root}/kept.bin", len(kept), 0, fh) == kept  # the index read again: the prune is known
+    gate = held_listing(repo, monkeypatch)  # the operation goes on with the snapshots listed before
+    with pytest.raises(FuseOSError) as info:
+        fs.open(f"{root}/secret.bin", os.O_RDONLY)
+    gate.set()
+    wait_for(lambda: fs._listing is None)
+    assert info.value.errno == errno.EIO
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and "a prune ran meanwhile" in err[0] and "in no index" not in err[0], err
+    with pytest.raises(FuseOSError) as info:  # listed again: the path is gone
+        fs.getattr(f"{root}/secret.bin")
+    assert info.value.errno == errno.ENOENT
+    fs.destroy("/")
+    fs._chunks.pool.shutdown(wait=True)  # its reads ahead ended: no thread left to later tests
+    repo.close()
