@@ -50,9 +50,20 @@
  *   t.remove_packs(packs) -> number removed (packs: sorted, distinct uint32 buffer)
  *   t.rows(a, b) -> (ids, fields, flags) of entries a..b-1 as bytes
  *   t.memory_bytes()
- * scan_entries(buf, pos, count) -> (end, pairs): where ``count`` entries starting at ``pos`` end (kind u8,
- *   id, offset, length, raw length as u32 little-endian; a delta's base id follows), checking each kind;
- *   ``pairs``: the id and base id of each delta among them, one after the other.
+ *   t.base_of(id) -> the base id of the id's row (a delta's), or None (stored whole, no base given, or absent)
+ *   t.unreadable_deltas() -> the ids, packed, of the delta rows (flag KIND_DELTA) whose chain of bases does not
+ *       reach a row of another kind: a base absent, a delta without a base, or a chain that loops
+ *   t.copy(without=None) -> as copy(), the rows of the ids ``without`` (packed) left out
+ *
+ * Bases: a row with flag KIND_DELTA has the base id given with it (add, add_many, replace; add_entries: the
+ * entry's).  A row pointing at an entry where it lies (by_ref) reads it from the entry; the others keep it
+ * in ``base_ids`` (32 bytes a base), ``base_no`` (a uint32 a row, made when the first is needed) naming it:
+ * 0 none (by_ref: the entry's), NO_BASE (by_ref: a record of the arena, no base), else its number + 1.  A
+ * dict of bytes took some 230 bytes a delta; this takes 36, and nothing while no row has one.  add_entries
+ * reports a row it replaces with its base: a presence byte and 32 bytes after the flag.
+ * scan_entries(buf, pos, count[, pairs=True]) -> (end, pairs): where ``count`` entries starting at ``pos`` end
+ *   (kind u8, id, offset, length, raw length as u32 little-endian; a delta's base id follows), checking each
+ *   kind; ``pairs``: the id and base id of each delta among them, one after the other (empty: not asked).
  * home(id, slots) -> the slot an id's probe starts at.
  */
 #define PY_SSIZE_T_CLEAN
@@ -64,7 +75,7 @@
 #define ID_SIZE 32
 #define FIELDS 4
 #define ENTRY_SIZE (1 + ID_SIZE + 4 * 3)
-#define ROW_SIZE (ID_SIZE + 4 * FIELDS + 1) /* a row add_entries reports replaced */
+#define ROW_SIZE (ID_SIZE + 4 * FIELDS + 1 + 1 + ID_SIZE) /* a row add_entries reports replaced, with its base */
 #define KIND_DELTA 2
 #define N_KINDS 3
 #define MIX 0x9E3779B97F4A7C15ULL
@@ -73,6 +84,7 @@
 #define MIN_SLOTS 16
 #define U32_MAX 0xFFFFFFFFULL
 #define MAX_ENTRIES (U32_MAX - 1) /* entry numbers are stored + 1 */
+#define NO_BASE 0xFFFFFFFFu /* base_no of a by_ref row that is a record of its own and has no base */
 
 typedef struct {
     PyObject_HEAD
@@ -88,6 +100,9 @@ typedef struct {
     uint8_t **arena;
     Py_ssize_t arena_blocks, arena_used;
     int by_ref;
+    uint32_t *base_no;  /* NULL until a row needs it: see the top of this file */
+    uint8_t *base_ids;
+    Py_ssize_t n_bases, bases_cap;
     uint32_t *table;
     Py_ssize_t n, cap, slots, max_fill;
     unsigned long long version;
@@ -159,6 +174,85 @@ static uint8_t *arena_record(Table *t, const uint8_t *id, const uint32_t f[FIELD
     put_le32(r + 5 + ID_SIZE, f[2]);
     put_le32(r + 9 + ID_SIZE, f[3]);
     return r;
+}
+
+/* The base id of row ``e``, or NULL (see the top of this file). */
+static inline const uint8_t *base_at(const Table *t, Py_ssize_t e) {
+    uint32_t k = t->base_no ? t->base_no[e] : 0;
+    if (!k) return t->by_ref && t->refs[e][0] == KIND_DELTA ? t->refs[e] + ENTRY_SIZE : NULL;
+    return k == NO_BASE ? NULL : t->base_ids + (size_t)(k - 1) * ID_SIZE;
+}
+
+/* Whether a row keeps its base itself: it points at no held entry (``record``: a by_ref row of the arena). */
+static inline int own_base(const Table *t, int record) {
+    return !t->by_ref || record;
+}
+
+/* Room for what put_base(t, e, base, record) stores: the column of base numbers, and a slot for a base where
+ * the row has none yet (``e`` -1: a new row).  -1 with an exception set; nothing changes but capacity. */
+static int base_room(Table *t, Py_ssize_t e, const uint8_t *base, int record) {
+    int own = own_base(t, record);
+    if (!(own && base) && !(t->by_ref && record)) return 0; /* nothing to store beyond a 0 */
+    if (!t->base_no && !(t->base_no = calloc((size_t)t->cap, sizeof(uint32_t)))) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    uint32_t k = e >= 0 ? t->base_no[e] : 0;
+    if (!base || (k && k != NO_BASE) || t->n_bases < t->bases_cap) return 0;
+    if ((unsigned long long)t->n_bases >= NO_BASE - 1) {
+        PyErr_SetString(PyExc_OverflowError, "too many delta bases in one blob index");
+        return -1;
+    }
+    Py_ssize_t cap = t->bases_cap + t->bases_cap / 8;
+    if (cap < 64) cap = 64;
+    uint8_t *ids = realloc(t->base_ids, (size_t)cap * ID_SIZE);
+    if (!ids) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    t->base_ids = ids;
+    t->bases_cap = cap;
+    return 0;
+}
+
+/* Row ``e``'s base is ``base`` (NULL: none); ``record``: a by_ref row that is a record of the arena, else one
+ * pointing at its entry (whose base it is).  base_room made room first: this cannot fail.  A base replaced
+ * by none leaves its slot unused until the bases are compacted (remove_packs, copy). */
+static void put_base(Table *t, Py_ssize_t e, const uint8_t *base, int record) {
+    if (!t->base_no) return; /* no row has a number: and base_room found none needed */
+    uint32_t k = t->base_no[e];
+    if (base && own_base(t, record)) {
+        if (!k || k == NO_BASE) k = (uint32_t)++t->n_bases;
+        memcpy(t->base_ids + (size_t)(k - 1) * ID_SIZE, base, ID_SIZE);
+        t->base_no[e] = k;
+        return;
+    }
+    t->base_no[e] = t->by_ref && record ? NO_BASE : 0;
+}
+
+/* Whether row ``e`` of a by_ref table is a record of the arena (every one has a base number). */
+static inline int is_record(const Table *t, Py_ssize_t e) {
+    return t->by_ref && t->base_no && t->base_no[e];
+}
+
+/* The bases' slots renumbered in row order, those no row names let go of (rows removed, bases replaced). */
+static void compact_bases(Table *t) {
+    if (!t->base_no) return;
+    Py_ssize_t live = 0;
+    for (Py_ssize_t e = 0; e < t->n; e++) live += t->base_no[e] && t->base_no[e] != NO_BASE;
+    if (live == t->n_bases && t->bases_cap <= live + live / 8 + 64) return;
+    uint8_t *ids = live ? malloc((size_t)live * ID_SIZE) : NULL;
+    if (live && !ids) return; /* kept as they are: all still valid */
+    Py_ssize_t j = 0;
+    for (Py_ssize_t e = 0; e < t->n; e++) {
+        uint32_t k = t->base_no[e];
+        if (!k || k == NO_BASE) continue;
+        memcpy(ids + (size_t)j * ID_SIZE, t->base_ids + (size_t)(k - 1) * ID_SIZE, ID_SIZE);
+        t->base_no[e] = (uint32_t)++j;
+    }
+    free(t->base_ids);
+    t->base_ids = ids;
+    t->n_bases = t->bases_cap = live;
 }
 
 static inline Py_ssize_t home_of(const uint8_t *id, Py_ssize_t slots) {
@@ -250,32 +344,38 @@ static int ready(Table *t) {
     return t->table ? 0 : rebuild(t, slots_for(t->n + 1, TARGET_LOAD));
 }
 
+/* Columns for ``cap`` rows.  Should a block not grow, -1 with an exception set (those grown stay grown: valid);
+ * should one not shrink, it stays larger: valid too. */
 static int set_capacity(Table *t, Py_ssize_t cap) {
+    int failed = 0;
     if (t->by_ref) {
         void *refs = realloc(t->refs, (size_t)cap * sizeof(*t->refs));
         if (refs) t->refs = refs;
         void *packs = refs ? realloc(t->packs, (size_t)cap * sizeof(uint32_t)) : NULL;
         if (packs) t->packs = packs;
-        if (!packs) {
-            if (cap < t->cap) return 0;
-            PyErr_NoMemory();
-            return -1;
-        }
-        t->cap = cap;
-        return 0;
+        failed = !packs;
+    } else {
+        void *ids = realloc(t->ids, (size_t)cap * ID_SIZE);
+        if (ids) t->ids = ids;
+        void *fields = ids ? realloc(t->fields, (size_t)cap * FIELDS * sizeof(uint32_t)) : NULL;
+        if (fields) t->fields = fields;
+        void *flags = fields ? realloc(t->flags, (size_t)cap) : NULL;
+        if (flags) t->flags = flags;
+        failed = !flags;
     }
-    void *ids = realloc(t->ids, (size_t)cap * ID_SIZE);
-    if (ids) t->ids = ids;
-    void *fields = ids ? realloc(t->fields, (size_t)cap * FIELDS * sizeof(uint32_t)) : NULL;
-    if (fields) t->fields = fields;
-    void *flags = fields ? realloc(t->flags, (size_t)cap) : NULL;
-    if (flags) t->flags = flags;
-    if (!flags) {
-        if (cap < t->cap) return 0; /* a shrink that failed leaves the larger blocks, all still valid */
+    if (!failed && t->base_no) {
+        uint32_t *nos = realloc(t->base_no, (size_t)cap * sizeof(uint32_t));
+        if (nos) {
+            t->base_no = nos;
+            if (cap > t->cap) memset(nos + t->cap, 0, (size_t)(cap - t->cap) * sizeof(uint32_t));
+        }
+        failed = !nos;
+    }
+    if (failed && cap > t->cap) {
         PyErr_NoMemory();
         return -1;
     }
-    t->cap = cap;
+    t->cap = cap; /* (a shrink: every block holds ``cap`` rows at least) */
     return 0;
 }
 
@@ -293,10 +393,12 @@ static int reserve(Table *t, Py_ssize_t needed) {
 
 /* Append an entry known to be absent; ``slot`` is its empty slot.  ``coming``: how many more may follow in this
  * call, so that one rebuild makes room for all of them.  ``ref`` (by_ref, else NULL): the entry where it lies,
- * in a held buffer; NULL: a record of the arena.  On failure nothing has changed. */
+ * in a held buffer; NULL: a record of the arena.  ``base``: its base (a delta's), or NULL; a row pointing at
+ * its entry reads it there.  On failure nothing has changed. */
 static int append(Table *t, const uint8_t *id, const uint32_t f[FIELDS], uint8_t flag, Py_ssize_t slot,
-                  Py_ssize_t coming, const uint8_t *ref) {
-    if (reserve(t, t->n + 1) < 0) return -1;
+                  Py_ssize_t coming, const uint8_t *ref, const uint8_t *base) {
+    int record = t->by_ref && !ref;
+    if (reserve(t, t->n + 1) < 0 || base_room(t, -1, base, record) < 0) return -1;
     if (t->n + 1 > t->max_fill) {
         if (rebuild(t, slots_for(t->n + 1 + coming, TARGET_LOAD)) < 0) return -1;
         slot = -1;
@@ -312,6 +414,8 @@ static int append(Table *t, const uint8_t *id, const uint32_t f[FIELDS], uint8_t
         memcpy(t->fields + (size_t)e * FIELDS, f, FIELDS * sizeof(uint32_t));
         t->flags[e] = flag;
     }
+    if (t->base_no) t->base_no[e] = 0; /* (a row removed may have left its number there) */
+    put_base(t, e, base, record);
     t->n = e + 1;
     t->version++;
     if (slot >= 0)
@@ -405,6 +509,8 @@ static void Table_dealloc(Table *t) {
     free(t->arena);
     Py_XDECREF(t->held);
     free(t->table);
+    free(t->base_no);
+    free(t->base_ids);
     Py_TYPE(t)->tp_free((PyObject *)t);
 }
 
@@ -468,12 +574,24 @@ static PyObject *Table_get(Table *t, PyObject *arg) {
                          (unsigned long)f[3], flag_at(t, e));
 }
 
-/* The arguments of add and replace: an id (held in ``id``, to release) and its fields, checked. */
-static int parse_row(PyObject *args, Py_buffer *id, uint32_t f[FIELDS], uint8_t *flag) {
+/* An optional base id (None: none) in ``view``, its bytes (NULL: none) in *base; -1 with an exception set. */
+static int get_base(PyObject *obj, Py_buffer *view, const uint8_t **base) {
+    *base = NULL;
+    if (!obj || obj == Py_None) return 0;
+    if (get_id(obj, view) < 0) return -1;
+    *base = view->buf;
+    return 0;
+}
+
+/* The arguments of add and replace: an id (held in ``id``, to release), its fields, checked, and its base (held
+ * in ``base_view`` where *base is set; kept for a delta only). */
+static int parse_row(PyObject *args, Py_buffer *id, uint32_t f[FIELDS], uint8_t *flag, Py_buffer *base_view,
+                     const uint8_t **base) {
     unsigned long long v[FIELDS];
     int fl;
-    PyObject *id_obj;
-    if (!PyArg_ParseTuple(args, "OKKKKi", &id_obj, &v[0], &v[1], &v[2], &v[3], &fl)) return -1;
+    PyObject *id_obj, *base_obj = Py_None;
+    *base = NULL;
+    if (!PyArg_ParseTuple(args, "OKKKKi|O", &id_obj, &v[0], &v[1], &v[2], &v[3], &fl, &base_obj)) return -1;
     for (int i = 0; i < FIELDS; i++) {
         if (v[i] > U32_MAX) {
             PyErr_Format(PyExc_ValueError, "field out of range 0..%llu: %llu", U32_MAX, v[i]);
@@ -486,52 +604,89 @@ static int parse_row(PyObject *args, Py_buffer *id, uint32_t f[FIELDS], uint8_t 
         return -1;
     }
     *flag = (uint8_t)fl;
-    return get_id(id_obj, id);
+    if (get_base(base_obj, base_view, base) < 0) return -1;
+    if (get_id(id_obj, id) < 0) {
+        if (*base) PyBuffer_Release(base_view);
+        *base = NULL;
+        return -1;
+    }
+    return 0;
 }
 
 static PyObject *Table_add(Table *t, PyObject *args) {
-    Py_buffer id;
+    Py_buffer id, bv;
     uint32_t f[FIELDS];
     uint8_t flag;
-    if (ready(t) < 0 || parse_row(args, &id, f, &flag) < 0) return NULL;
+    const uint8_t *base;
+    if (ready(t) < 0 || parse_row(args, &id, f, &flag, &bv, &base) < 0) return NULL;
     Py_ssize_t slot;
     int added = find(t, id.buf, &slot) < 0;
-    int rc = added ? append(t, id.buf, f, flag, slot, 0, NULL) : 0;
+    int rc = added ? append(t, id.buf, f, flag, slot, 0, NULL, flag == KIND_DELTA ? base : NULL) : 0;
     PyBuffer_Release(&id);
+    if (base) PyBuffer_Release(&bv);
     if (rc < 0) return NULL;
     return PyBool_FromLong(added);
 }
 
 static PyObject *Table_replace(Table *t, PyObject *args) {
-    Py_buffer id;
+    Py_buffer id, bv;
     uint32_t f[FIELDS];
     uint8_t flag;
-    if (ready(t) < 0 || parse_row(args, &id, f, &flag) < 0) return NULL;
+    const uint8_t *given;
+    if (ready(t) < 0 || parse_row(args, &id, f, &flag, &bv, &given) < 0) return NULL;
     Py_ssize_t e = find(t, id.buf, NULL);
     PyBuffer_Release(&id);
-    if (e < 0) Py_RETURN_FALSE;
-    if (t->by_ref) { /* a record of its own: the entry pointed at stays as it lies */
-        const uint8_t *r = arena_record(t, id_at(t, e), f, flag);
-        if (!r) return NULL;
-        t->refs[e] = r;
-        t->packs[e] = f[0];
-        Py_RETURN_TRUE;
+    const uint8_t *base = flag == KIND_DELTA ? given : NULL;
+    PyObject *out = Py_False;
+    if (e >= 0) {
+        out = NULL;
+        if (base_room(t, e, base, t->by_ref) < 0) goto done;
+        if (t->by_ref) { /* a record of its own: the entry pointed at stays as it lies */
+            const uint8_t *r = arena_record(t, id_at(t, e), f, flag);
+            if (!r) goto done;
+            t->refs[e] = r;
+            t->packs[e] = f[0];
+        } else {
+            memcpy(t->fields + (size_t)e * FIELDS, f, sizeof(uint32_t) * FIELDS);
+            t->flags[e] = flag; /* no new version: an iteration may go on over the same entries */
+        }
+        put_base(t, e, base, t->by_ref);
+        out = Py_True;
     }
-    memcpy(t->fields + (size_t)e * FIELDS, f, sizeof(uint32_t) * FIELDS);
-    t->flags[e] = flag; /* no new version: an iteration may go on over the same entries */
-    Py_RETURN_TRUE;
+done:
+    if (given) PyBuffer_Release(&bv);
+    Py_XINCREF(out);
+    return out;
+}
+
+static PyObject *Table_base_of(Table *t, PyObject *arg) {
+    Py_buffer id;
+    if (ready(t) < 0 || get_id(arg, &id) < 0) return NULL;
+    Py_ssize_t e = find(t, id.buf, NULL);
+    PyBuffer_Release(&id);
+    const uint8_t *base = e < 0 ? NULL : base_at(t, e);
+    if (!base) Py_RETURN_NONE;
+    return PyBytes_FromStringAndSize((const char *)base, ID_SIZE);
 }
 
 static PyObject *Table_add_many(Table *t, PyObject *args) {
     static const char *names[] = {"pack_no", "offsets", "lengths", "raw_lengths", "flags"};
-    PyObject *ids_obj, *objs[FIELDS + 1];
-    if (!PyArg_ParseTuple(args, "OOOOOO", &ids_obj, &objs[0], &objs[1], &objs[2], &objs[3], &objs[4]))
+    PyObject *ids_obj, *objs[FIELDS + 1], *bases_obj = Py_None;
+    if (!PyArg_ParseTuple(args, "OOOOOO|O", &ids_obj, &objs[0], &objs[1], &objs[2], &objs[3], &objs[4], &bases_obj))
         return NULL;
-    Py_buffer ids;
+    Py_buffer ids, bases = {0};
     if (ready(t) < 0 || get_ids(ids_obj, &ids) < 0) return NULL;
     Py_ssize_t m = ids.len / ID_SIZE, added = 0;
     Column cols[FIELDS + 1];
-    int got = 0;
+    int got = 0, have_bases = 0;
+    if (bases_obj != Py_None) {
+        if (get_ids(bases_obj, &bases) < 0) goto fail;
+        have_bases = 1;
+        if (bases.len != ids.len) {
+            PyErr_Format(PyExc_ValueError, "%zd bases for %zd ids", bases.len / ID_SIZE, m);
+            goto fail;
+        }
+    }
     for (; got <= FIELDS; got++) {
         if (get_column(objs[got], &cols[got], names[got]) < 0) goto fail;
         if (cols[got].count != 1 && cols[got].count != m) {
@@ -559,14 +714,17 @@ static PyObject *Table_add_many(Table *t, PyObject *args) {
             f[c] = (uint32_t)v;
         }
         column_value(&cols[FIELDS], i, 255, names[FIELDS], &v);
-        if (append(t, id, f, (uint8_t)v, slot, m - i - 1, NULL) < 0) goto fail;
+        const uint8_t *base = have_bases && v == KIND_DELTA ? (const uint8_t *)bases.buf + (size_t)i * ID_SIZE : NULL;
+        if (append(t, id, f, (uint8_t)v, slot, m - i - 1, NULL, base) < 0) goto fail;
         added++;
     }
     for (int c = 0; c < got; c++) PyBuffer_Release(&cols[c].view);
+    if (have_bases) PyBuffer_Release(&bases);
     PyBuffer_Release(&ids);
     return PyLong_FromSsize_t(added);
 fail:
     for (int c = 0; c < got; c++) PyBuffer_Release(&cols[c].view);
+    if (have_bases) PyBuffer_Release(&bases);
     PyBuffer_Release(&ids);
     return NULL;
 }
@@ -671,9 +829,13 @@ static PyObject *Table_add_entries(Table *t, PyObject *args) {
                     uint8_t *row = (uint8_t *)PyByteArray_AS_STRING(replaced) + at;
                     uint32_t old[FIELDS];
                     fields_at(t, e, old);
+                    const uint8_t *base = base_at(t, e);
                     memcpy(row, p + 1, ID_SIZE);
                     memcpy(row + ID_SIZE, old, sizeof old);
                     row[ID_SIZE + sizeof old] = flag_at(t, e);
+                    row[ID_SIZE + sizeof old + 1] = base != NULL;
+                    if (base) memcpy(row + ID_SIZE + sizeof old + 2, base, ID_SIZE);
+                    else memset(row + ID_SIZE + sizeof old + 2, 0, ID_SIZE);
                 }
                 if (t->by_ref) {
                     t->refs[e] = p;
@@ -682,12 +844,15 @@ static PyObject *Table_add_entries(Table *t, PyObject *args) {
                     memcpy(t->fields + (size_t)e * FIELDS, f, sizeof f);
                     t->flags[e] = p[0];
                 }
+                put_base(t, e, NULL, 0); /* stored whole: none (by_ref: the entry's, none) */
                 if (col) col[e] = (uint32_t)i;
                 t->version++;
             }
             continue;
         }
-        if (append(t, p + 1, f, p[0], slot, count - i - 1, t->by_ref ? p : NULL) < 0) goto fail;
+        if (append(t, p + 1, f, p[0], slot, count - i - 1, t->by_ref ? p : NULL,
+                   p[0] == KIND_DELTA ? p + ENTRY_SIZE : NULL) < 0)
+            goto fail;
         if (col) col[t->n - 1] = (uint32_t)i;
         added++;
     }
@@ -868,6 +1033,7 @@ static PyObject *Table_point(Table *t, PyObject *args) {
     if (hold(t, buf_obj) < 0) return NULL;
     t->refs[e] = b + pos;
     t->packs[e] = (uint32_t)pack;
+    put_base(t, e, NULL, 0); /* the entry's */
     Py_RETURN_TRUE;
 }
 
@@ -918,40 +1084,149 @@ static PyObject *Table_elsewhere(Table *t, PyObject *args) {
     return out;
 }
 
-/* copy(): another table of the same rows in the same order, by_ref or not as this one: a by_ref row points at
- * the same entry (the buffers held by both), a record of the arena gets one of its own. */
-static PyObject *Table_copy(Table *t, PyObject *Py_UNUSED(ignored)) {
+/* copy(without=None): another table of the same rows in the same order, by_ref or not as this one, the rows of
+ * the ids ``without`` (packed) left out: a by_ref row points at the same entry (the buffers held by both), a
+ * record of the arena gets one of its own; the bases come along, those no row names left behind. */
+static PyObject *Table_copy(Table *t, PyObject *args, PyObject *kwds) {
+    static char *kwlist[] = {"without", NULL};
+    PyObject *without_obj = Py_None;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "|O", kwlist, &without_obj) || ready(t) < 0) return NULL;
+    uint8_t *skip = NULL;
+    Py_ssize_t kept = t->n;
+    if (without_obj != Py_None) {
+        Py_buffer without;
+        if (get_ids(without_obj, &without) < 0) return NULL;
+        Py_ssize_t m = without.len / ID_SIZE;
+        if (m && !(skip = calloc((size_t)(t->n ? t->n : 1), 1))) {
+            PyBuffer_Release(&without);
+            return PyErr_NoMemory();
+        }
+        for (Py_ssize_t i = 0; i < m; i++) {
+            Py_ssize_t e = find(t, (const uint8_t *)without.buf + (size_t)i * ID_SIZE, NULL);
+            if (e >= 0 && !skip[e]) {
+                skip[e] = 1;
+                kept--;
+            }
+        }
+        PyBuffer_Release(&without);
+    }
     Table *c = (Table *)Py_TYPE(t)->tp_alloc(Py_TYPE(t), 0);
-    if (!c) return NULL;
+    if (!c) {
+        free(skip);
+        return NULL;
+    }
     c->by_ref = t->by_ref;
-    if (set_capacity(c, t->n > 16 ? t->n : 16) < 0) goto fail;
-    if (!t->by_ref) {
+    if (set_capacity(c, kept > 16 ? kept : 16) < 0) goto fail;
+    Py_ssize_t n_bases = 0;
+    if (t->base_no) {
+        for (Py_ssize_t e = 0; e < t->n; e++)
+            n_bases += (!skip || !skip[e]) && t->base_no[e] && t->base_no[e] != NO_BASE;
+        if (!(c->base_no = calloc((size_t)c->cap, sizeof(uint32_t)))) goto nomem;
+        if (n_bases && !(c->base_ids = malloc((size_t)n_bases * ID_SIZE))) goto nomem;
+        c->bases_cap = n_bases;
+    }
+    if (t->by_ref && t->held && !(c->held = PyList_GetSlice(t->held, 0, PyList_GET_SIZE(t->held)))) goto fail;
+    if (!t->by_ref && !skip) { /* every row, as it is */
         memcpy(c->ids, t->ids, (size_t)t->n * ID_SIZE);
         memcpy(c->fields, t->fields, (size_t)t->n * FIELDS * sizeof(uint32_t));
         memcpy(c->flags, t->flags, (size_t)t->n);
-    } else {
-        if (t->held && !(c->held = PyList_GetSlice(t->held, 0, PyList_GET_SIZE(t->held)))) goto fail;
-        for (Py_ssize_t e = 0; e < t->n; e++) {
-            const uint8_t *r = t->refs[e];
-            for (Py_ssize_t b = 0; b < t->arena_blocks; b++) {
-                uintptr_t lo = (uintptr_t)t->arena[b], at = (uintptr_t)r;
-                if (at >= lo && at - lo < (uintptr_t)ARENA_RECORDS * ENTRY_SIZE) {
-                    uint32_t f[FIELDS];
-                    fields_at(t, e, f);
-                    if (!(r = arena_record(c, id_at(t, e), f, flag_at(t, e)))) goto fail;
-                    break;
-                }
-            }
-            c->refs[e] = r;
-            c->packs[e] = t->packs[e];
-        }
     }
-    c->n = t->n;
+    Py_ssize_t w = 0;
+    for (Py_ssize_t e = 0; e < t->n; e++) {
+        if (skip && skip[e]) continue;
+        if (t->by_ref) {
+            const uint8_t *r = t->refs[e];
+            if (is_record(t, e)) {
+                uint32_t f[FIELDS];
+                fields_at(t, e, f);
+                if (!(r = arena_record(c, id_at(t, e), f, flag_at(t, e)))) goto fail;
+            }
+            c->refs[w] = r;
+            c->packs[w] = t->packs[e];
+        } else if (skip) {
+            memcpy(c->ids + (size_t)w * ID_SIZE, t->ids + (size_t)e * ID_SIZE, ID_SIZE);
+            memcpy(c->fields + (size_t)w * FIELDS, t->fields + (size_t)e * FIELDS, FIELDS * sizeof(uint32_t));
+            c->flags[w] = t->flags[e];
+        }
+        if (t->base_no) {
+            uint32_t k = t->base_no[e];
+            if (k && k != NO_BASE) {
+                memcpy(c->base_ids + (size_t)c->n_bases * ID_SIZE, t->base_ids + (size_t)(k - 1) * ID_SIZE, ID_SIZE);
+                k = (uint32_t)++c->n_bases;
+            }
+            c->base_no[w] = k;
+        }
+        w++;
+    }
+    free(skip);
+    skip = NULL;
+    c->n = w;
     if (rebuild(c, slots_for(c->n, TARGET_LOAD)) < 0) goto fail;
     return (PyObject *)c;
+nomem:
+    PyErr_NoMemory();
 fail:
+    free(skip);
     Py_DECREF(c);
     return NULL;
+}
+
+/* unreadable_deltas(): the ids (packed, in row order) of the delta rows whose chain of bases does not reach a
+ * row of another kind (see the top of this file); each row walked once, a byte a row marking the verdicts. */
+static PyObject *Table_unreadable_deltas(Table *t, PyObject *Py_UNUSED(ignored)) {
+    enum { UNKNOWN, READABLE, UNREADABLE, WALKING };
+    if (ready(t) < 0) return NULL;
+    uint8_t *mark = calloc((size_t)(t->n ? t->n : 1), 1);
+    Py_ssize_t path_cap = 64, bad = 0;
+    Py_ssize_t *path = malloc((size_t)path_cap * sizeof(Py_ssize_t));
+    if (!mark || !path) {
+        free(mark);
+        free(path);
+        return PyErr_NoMemory();
+    }
+    for (Py_ssize_t start = 0; start < t->n; start++) {
+        if (mark[start] || flag_at(t, start) != KIND_DELTA) continue;
+        Py_ssize_t len = 0, cur = start;
+        uint8_t verdict = UNREADABLE;
+        for (;;) {
+            if (mark[cur] == READABLE || mark[cur] == UNREADABLE) {
+                verdict = mark[cur];
+                break;
+            }
+            if (mark[cur] == WALKING) break; /* a loop */
+            if (flag_at(t, cur) != KIND_DELTA) {
+                verdict = READABLE;
+                break;
+            }
+            if (len == path_cap) {
+                Py_ssize_t *more = realloc(path, (size_t)(path_cap *= 2) * sizeof(Py_ssize_t));
+                if (!more) {
+                    free(mark);
+                    free(path);
+                    return PyErr_NoMemory();
+                }
+                path = more;
+            }
+            path[len++] = cur;
+            mark[cur] = WALKING;
+            const uint8_t *base = base_at(t, cur);
+            if (!base || (cur = find(t, base, NULL)) < 0) break;
+        }
+        for (Py_ssize_t i = 0; i < len; i++) mark[path[i]] = verdict;
+        if (verdict == UNREADABLE) bad += len;
+    }
+    free(path);
+    PyObject *out = PyBytes_FromStringAndSize(NULL, bad * ID_SIZE);
+    if (out) {
+        uint8_t *o = (uint8_t *)PyBytes_AS_STRING(out);
+        for (Py_ssize_t e = 0; e < t->n; e++)
+            if (mark[e] == UNREADABLE) {
+                memcpy(o, id_at(t, e), ID_SIZE);
+                o += ID_SIZE;
+            }
+    }
+    free(mark);
+    return out;
 }
 
 static PyObject *Table_contains_many(Table *t, PyObject *arg) {
@@ -1052,6 +1327,7 @@ static PyObject *Table_remove_packs(Table *t, PyObject *arg) {
             memcpy(t->fields + (size_t)w * FIELDS, t->fields + (size_t)e * FIELDS, FIELDS * sizeof(uint32_t));
             t->flags[w] = t->flags[e];
         }
+        if (w != e && t->base_no) t->base_no[w] = t->base_no[e];
         w++;
     }
     PyBuffer_Release(&packs);
@@ -1060,6 +1336,7 @@ static PyObject *Table_remove_packs(Table *t, PyObject *arg) {
     if (removed) {
         t->n = w;
         t->version++;
+        compact_bases(t);
         if (t->cap > w + w / 8 + 256) set_capacity(t, w + w / 16 > 16 ? w + w / 16 : 16);
         if (rebuild(t, slots_for(w, TARGET_LOAD)) < 0) return NULL;
     }
@@ -1095,13 +1372,17 @@ static PyObject *Table_rows(Table *t, PyObject *args) {
                          (const char *)(t->flags + a), b - a);
 }
 
+static size_t bases_bytes(const Table *t) {
+    return (t->base_no ? (size_t)t->cap * sizeof(uint32_t) : 0) + (size_t)t->bases_cap * ID_SIZE;
+}
+
 static PyObject *Table_memory_bytes(Table *t, PyObject *Py_UNUSED(ignored)) {
     if (t->by_ref) /* the held buffers are their owners' */
         return PyLong_FromSize_t((size_t)t->cap * (sizeof(*t->refs) + sizeof(uint32_t)) +
                                  (size_t)t->arena_blocks * ARENA_RECORDS * ENTRY_SIZE +
-                                 (size_t)t->slots * sizeof(uint32_t));
+                                 (size_t)t->slots * sizeof(uint32_t) + bases_bytes(t));
     return PyLong_FromSize_t((size_t)t->cap * (ID_SIZE + FIELDS * sizeof(uint32_t) + 1) +
-                             (size_t)t->slots * sizeof(uint32_t));
+                             (size_t)t->slots * sizeof(uint32_t) + bases_bytes(t));
 }
 
 static PyObject *Table_get_version(Table *t, void *Py_UNUSED(c)) { return PyLong_FromUnsignedLongLong(t->version); }
@@ -1111,9 +1392,11 @@ static PyObject *Table_get_by_ref(Table *t, void *Py_UNUSED(c)) { return PyBool_
 static PyObject *py_scan_entries(PyObject *Py_UNUSED(self), PyObject *args) {
     Py_buffer buf;
     Py_ssize_t pos, count, deltas;
-    if (!PyArg_ParseTuple(args, "y*nn", &buf, &pos, &count)) return NULL;
+    int want_pairs = 1;
+    if (!PyArg_ParseTuple(args, "y*nn|p", &buf, &pos, &count, &want_pairs)) return NULL;
     PyObject *pairs = NULL, *out = NULL;
     Py_ssize_t end = walk_entries(buf.buf, buf.len, pos, count, &deltas);
+    if (end >= 0 && !want_pairs) deltas = 0; /* checked alone */
     if (end >= 0) pairs = PyBytes_FromStringAndSize(NULL, deltas * 2 * ID_SIZE);
     if (pairs) {
         uint8_t *o = (uint8_t *)PyBytes_AS_STRING(pairs);
@@ -1163,7 +1446,11 @@ static PyMethodDef Table_methods[] = {
     {"gather", (PyCFunction)Table_gather, METH_VARARGS, "gather(ids, column, width) -> each id's value, packed"},
     {"kept_in", (PyCFunction)Table_kept_in, METH_VARARGS,
      "kept_in(buf, pos, count, pack, numbers, sets[, marks]) -> (entry numbers, total, live bytes, live entry bytes)"},
-    {"copy", (PyCFunction)Table_copy, METH_NOARGS, "copy() -> another table of the same rows"},
+    {"copy", (PyCFunction)(void (*)(void))Table_copy, METH_VARARGS | METH_KEYWORDS,
+     "copy(without=None) -> another table of the same rows, those of the ids ``without`` left out"},
+    {"base_of", (PyCFunction)Table_base_of, METH_O, "base_of(id) -> the base id of a delta row, or None"},
+    {"unreadable_deltas", (PyCFunction)Table_unreadable_deltas, METH_NOARGS,
+     "unreadable_deltas() -> the ids of the delta rows whose chain of bases reaches no other row, packed"},
     {"among", (PyCFunction)Table_among, METH_VARARGS, "among(buf, pos, count) -> numbers of the entries held"},
     {"elsewhere", (PyCFunction)Table_elsewhere, METH_VARARGS,
      "elsewhere(buf, pos, count) -> positions of the entries no row points at"},
@@ -1198,7 +1485,7 @@ static PyTypeObject TableType = {
 };
 
 static PyMethodDef methods[] = {
-    {"scan_entries", py_scan_entries, METH_VARARGS, "scan_entries(buf, pos, count) -> (end, id + base of each delta)"},
+    {"scan_entries", py_scan_entries, METH_VARARGS, "scan_entries(buf, pos, count[, pairs]) -> (end, id + base of each delta)"},
     {"home", py_home, METH_VARARGS, "home(id, slots) -> first slot probed"},
     {NULL, NULL, 0, NULL},
 };

@@ -1,4 +1,4 @@
-"""The in-memory blob index: blob id -> where the blob lives, in under 64 bytes per blob.
+"""The in-memory blob index: blob id -> where the blob lives, in under 64 bytes per blob (a delta's base: 36 more).
 
 A dict of 32-byte keys costs ~200 bytes per entry; at 50 million chunks that
 is 10 GB.  Here entries live in flat columns (49 bytes each: the id, four
@@ -15,6 +15,9 @@ non-random test ids); every hit is confirmed against the full 32-byte id.
 The columns and the table are C (``store/_blobtable.c``): a lookup costs
 about what the Python call does, and loading an index object adds its
 entries straight from the object's bytes, with no Python object per entry.
+A delta's base id is kept with its row (a column of 32-byte bases and a
+uint32 a row naming its own, made once some row has one): a dict of the
+repository's deltas' bases took ~230 bytes each (11 GB at 50 million).
 """
 from __future__ import annotations
 
@@ -24,12 +27,13 @@ from operator import index as _as_int
 from typing import Iterable, Iterator, NamedTuple, Sequence
 
 from . import _blobtable
+from .blob import KIND_DELTA
 
 __all__ = ["BlobIndex", "BlobLocation", "ID_SIZE"]
 
 ID_SIZE = 32
 U32_MAX = 0xFFFFFFFF
-_ROW = struct.Struct("=4IB")  # the fields and flag of a row ``add_entries`` reports replaced, after its id
+_ROW = struct.Struct("=4IBB")  # a row ``add_entries`` reports replaced, after its id: fields, flag, whether a base follows
 _ROWS = 8192  # entries per step of items()
 _NONE = array("B", [0])  # each field of an IdMap's keys: one value for all
 
@@ -123,8 +127,9 @@ class BlobIndex:
         return None if r is None else BlobLocation._make(r)
 
     def add(self, blob_id: bytes, pack_no: int, offset: int, length: int, raw_length: int,
-            flags: int = 0) -> bool:
-        """Record a blob; False (and no change) when the id is already present."""
+            flags: int = 0, base: bytes | None = None) -> bool:
+        """Record a blob; False (and no change) when the id is already present.  ``base``: a delta's (flags
+        KIND_DELTA) base id, kept with its row (``base_of``); ignored for another kind."""
         values = (_check_u32("pack_no", pack_no), _check_u32("offset", offset),
                   _check_u32("length", length), _check_u32("raw_length", raw_length))
         try:
@@ -133,36 +138,58 @@ class BlobIndex:
             flag = -1
         if not 0 <= flag <= 255:
             raise ValueError(f"flags must be an integer 0..255, got {flags!r}")
-        return self._t.add(_as_id(blob_id), *values, flag)
+        return self._t.add(_as_id(blob_id), *values, flag, None if base is None else _as_id(base))
 
-    def replace(self, blob_id: bytes, loc: BlobLocation) -> bool:
-        """Point a blob present at another copy of it (a read of the one held failed); False (and no
-        change) when the id is absent.  An iteration going on meanwhile goes on."""
-        return self._t.replace(_as_id(blob_id), loc.pack_no, loc.offset, loc.length, loc.raw_length, loc.flags)
+    def replace(self, blob_id: bytes, loc: BlobLocation, base: bytes | None = None) -> bool:
+        """Point a blob present at another copy of it (a read of the one held failed), with that copy's base
+        (a delta's; None for one stored whole); False (and no change) when the id is absent.  An iteration
+        going on meanwhile goes on."""
+        return self._t.replace(_as_id(blob_id), loc.pack_no, loc.offset, loc.length, loc.raw_length, loc.flags,
+                               None if base is None else _as_id(base))
+
+    def base_of(self, blob_id: bytes) -> bytes | None:
+        """The base id of the copy the row holds, a delta's (read from its entry, or kept with its row); None
+        for a blob stored whole, a delta recorded without one, or an id absent."""
+        return self._t.base_of(_as_id(blob_id))
+
+    def unreadable_deltas(self) -> set[bytes]:
+        """The deltas (rows of flags KIND_DELTA) whose chain of bases does not reach a blob held whole: a base
+        absent, a delta without a base, or a chain that loops back on itself (``deltabase.unreadable_deltas``,
+        natively: one lookup a delta, no object a delta when none is missing)."""
+        packed = self._t.unreadable_deltas()
+        return {packed[i:i + ID_SIZE] for i in range(0, len(packed), ID_SIZE)}
 
     def add_many(self, ids: bytes | Sequence[bytes], pack_no: int | Sequence[int], offsets: int | Sequence[int],
                  lengths: int | Sequence[int], raw_lengths: int | Sequence[int],
-                 flags: int | Sequence[int] = 0) -> int:
+                 flags: int | Sequence[int] = 0, bases: bytes | Sequence[bytes | None] | None = None) -> int:
         """Record many blobs at once (each field a scalar or one value per id); returns how many were new.
 
         Ids already present, and repeats within ``ids``, are skipped: the first
         occurrence wins, exactly as a loop of ``add`` calls would do.  Nothing is
-        added when any value is out of range.
+        added when any value is out of range.  ``bases``: one per id, kept for
+        the deltas among them (packed, or a sequence: None for a blob stored
+        whole; a delta without its base is refused).
         """
         q = _as_ids(ids)
         cols = [_column(pack_no, "pack_no", U32_MAX), _column(offsets, "offsets", U32_MAX),
                 _column(lengths, "lengths", U32_MAX), _column(raw_lengths, "raw_lengths", U32_MAX),
                 _column(flags, "flags", 255)]
-        return self._t.add_many(q, *cols)
+        if bases is not None and not isinstance(bases, (bytes, bytearray, memoryview)):
+            bases = list(bases)
+            kinds = [flags] * len(bases) if isinstance(flags, int) else list(flags)  # type: ignore[arg-type]
+            if any(b is None and k == KIND_DELTA for b, k in zip(bases, kinds)):
+                raise ValueError("a delta is given without its base")
+            bases = b"".join(bytes(ID_SIZE) if b is None else _as_id(b) for b in bases)
+        return self._t.add_many(q, *cols, bases)
 
     def add_entries(self, buf: bytes, pos: int, count: int, pack_no: int,
-                    replaced: list[tuple[bytes, BlobLocation]] | None = None, numbers: bytearray | None = None
-                    ) -> int:
+                    replaced: list[tuple[bytes, BlobLocation, bytes | None]] | None = None,
+                    numbers: bytearray | None = None) -> int:
         """Record ``count`` entries of an index object (``store/FORMAT.md``) starting at ``pos``, all in pack
         number ``pack_no``, their kind as flags; returns how many were new.  A blob stored whole replaces a
         delta of the same id already recorded, whatever the order the index objects come in: a delta whose
         base was lost, stored again whole by a later backup, is then read from the new copy.  The deltas
-        replaced are appended to ``replaced``, when given, with where they lay.  ``numbers`` (a uint32 a row,
+        replaced are appended to ``replaced``, when given, with where they lay and their bases.  ``numbers`` (a uint32 a row,
         native order): each row added or taken over gets its entry's number in the pack (prune tells the copy
         it keeps by it: two entries of one pack may name one blob at one offset)."""
         pack_no = _check_u32("pack_no", pack_no)
@@ -170,8 +197,10 @@ class BlobIndex:
             return self._t.add_entries(buf, pos, count, pack_no, None, numbers)
         rows = bytearray()
         added = self._t.add_entries(buf, pos, count, pack_no, rows, numbers)
-        for at in range(0, len(rows), _ROW.size + ID_SIZE):
-            replaced.append((bytes(rows[at : at + ID_SIZE]), BlobLocation._make(_ROW.unpack_from(rows, at + ID_SIZE))))
+        for at in range(0, len(rows), _ROW.size + 2 * ID_SIZE):
+            *fields, has_base = _ROW.unpack_from(rows, at + ID_SIZE)
+            base = bytes(rows[at + ID_SIZE + _ROW.size : at + 2 * ID_SIZE + _ROW.size]) if has_base else None
+            replaced.append((bytes(rows[at : at + ID_SIZE]), BlobLocation._make(fields), base))
         return added
 
     def row(self, blob_id: bytes) -> int:
@@ -218,12 +247,13 @@ class BlobIndex:
                 if t.version != version:
                     raise RuntimeError("BlobIndex changed during iteration")
 
-    def copy(self) -> BlobIndex:
-        """Another index of the same rows, in the same order; of a ``by_ref`` one, pointing at the same entries
-        (a read during a prune that goes over to another copy of a blob does so in a copy: one of every row's
-        id and fields took 55 bytes a blob)."""
+    def copy(self, without: bytes | Sequence[bytes] | None = None) -> BlobIndex:
+        """Another index of the same rows, in the same order, their bases with them; of a ``by_ref`` one,
+        pointing at the same entries (a read during a prune that goes over to another copy of a blob does so
+        in a copy: one of every row's id and fields took 55 bytes a blob).  ``without``: ids whose rows are
+        left out."""
         out = BlobIndex.__new__(BlobIndex)
-        out._t = self._t.copy()
+        out._t = self._t.copy(None if without is None else _as_ids(without))
         return out
 
     def remove_packs(self, pack_nos: Iterable[int]) -> int:

@@ -327,7 +327,7 @@ class Checker:
             for pid, count, start in zip(d.pack_ids, d.counts, d.starts):
                 packs.setdefault(pid, []).append((d, count, start))
         self.report.blobs = len(self.index)
-        bases = {base for d in live for base in d.delta_bases.values()}
+        bases = {base for d in live for _, base in d.delta_bases()}
         deltas, readable = delta_entries_and_readable_bases(
             lambda: ((pid, e) for pid, sources in packs.items() for e in _entries(sources)), bases)
         for pid, e in deltas:

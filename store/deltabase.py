@@ -64,7 +64,8 @@ def choose_base(chain: list[bytes], bound: int, turn: bool) -> int:
 
 def unreadable_deltas(bases: dict[bytes, bytes], indexed_kind: Callable[[bytes], int | None],
                       delta_kind: int) -> set[bytes]:
-    """Pure: the blobs the index holds as deltas whose chain of bases does not reach a blob it holds whole.
+    """Pure: the blobs the index holds as deltas whose chain of bases does not reach a blob it holds whole
+    (what ``BlobIndex.unreadable_deltas`` finds natively, from the bases its rows keep: the rule, stated here).
 
     ``bases``: delta id -> base id, as the index objects give them; ``indexed_kind``: the kind of the copy
     the index holds of an id, None when it holds none.  A damaged repository can index such a delta (its

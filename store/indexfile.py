@@ -86,7 +86,6 @@ class IndexColumns:
     counts: list[int]  # entries per pack, in pack order
     starts: list[int]  # where each pack's entries start in ``plain``
     plain: bytes
-    delta_bases: dict[bytes, bytes]  # delta blob id -> base id
 
     @property
     def entry_count(self) -> int:
@@ -94,9 +93,18 @@ class IndexColumns:
 
     @property
     def has_deltas(self) -> bool:
-        """Whether some pack's entries hold a delta (are longer than whole entries), ``delta_bases`` kept or not."""
+        """Whether some pack's entries hold a delta (are longer than whole entries)."""
         ends = [s - 36 for s in self.starts[1:]] + [len(self.plain)]
         return any(end - start != count * ENTRY_SIZE for start, end, count in zip(self.starts, ends, self.counts))
+
+    def delta_bases(self) -> Iterator[tuple[bytes, bytes]]:
+        """(delta id, base id) of each delta entry, read from where the entries lie, pack by pack: no dict of
+        them is kept (one took some 230 bytes a delta, for every index object of a repository)."""
+        for _, entries in self.packs():
+            if entries.has_deltas:
+                pairs = _blobtable.scan_entries(self.plain, entries._start, len(entries))[1]
+                for i in range(0, len(pairs), 2 * ID_SIZE):
+                    yield pairs[i : i + ID_SIZE], pairs[i + ID_SIZE : i + 2 * ID_SIZE]
 
     def packs(self) -> Iterator[tuple[bytes, EncodedEntries]]:
         """Each pack's id and entries, left in ``plain``; a pack's id and count follow its last entry."""
@@ -122,18 +130,9 @@ def _open_plain(sealer: Sealer, data: bytes, what: str) -> bytes:
         raise CorruptObject(what, f"bad compressed data: {exc}") from None
 
 
-def scan_bases(buf: bytes, pos: int, count: int, bases: dict[bytes, bytes]) -> int:
-    """Add to ``bases`` the (delta id, base id) of the ``count`` entries at ``pos`` (deltas carry their base
-    id inline); returns where they end.  ValueError where they do not scan."""
-    end, pairs = _blobtable.scan_entries(buf, pos, count)
-    bases.update((pairs[i : i + ID_SIZE], pairs[i + ID_SIZE : i + 2 * ID_SIZE])
-                 for i in range(0, len(pairs), 2 * ID_SIZE))
-    return end
-
-
-def decode_index_columns(sealer: Sealer, data: bytes, what: str, *, bases: bool = True) -> IndexColumns:
-    """Decode an index object: its structure and every entry's kind checked, the entries left in place;
-    ``bases``: each delta's base noted in ``delta_bases`` (else it is left empty)."""
+def decode_index_columns(sealer: Sealer, data: bytes, what: str) -> IndexColumns:
+    """Decode an index object: its structure and every entry's kind checked, the entries left in place (each
+    delta's base among them: ``BlobIndex.add_entries`` keeps it with the delta's row)."""
     plain = _open_plain(sealer, data, what)
     n = len(plain)
     try:
@@ -152,7 +151,6 @@ def decode_index_columns(sealer: Sealer, data: bytes, what: str, *, bases: bool 
         pack_ids: list[bytes] = []
         counts: list[int] = []
         starts: list[int] = []
-        found: dict[bytes, bytes] = {}
         for _ in range(n_packs):
             if pos + 36 > n:
                 raise CorruptObject(what, "truncated index")
@@ -160,8 +158,7 @@ def decode_index_columns(sealer: Sealer, data: bytes, what: str, *, bases: bool 
             (count,) = struct.unpack_from("<I", plain, pos + 32)
             pos += 36
             try:
-                end = (scan_bases(plain, pos, count, found) if bases
-                       else _blobtable.scan_entries(plain, pos, count)[0])
+                end = _blobtable.scan_entries(plain, pos, count, False)[0]
             except ValueError as exc:
                 raise CorruptObject(what, str(exc)) from None
             pack_ids.append(pack_id)
@@ -172,7 +169,7 @@ def decode_index_columns(sealer: Sealer, data: bytes, what: str, *, bases: bool 
         raise CorruptObject(what, "truncated index") from None
     if pos != n or any(len(x) != 32 for x in supersedes):
         raise CorruptObject(what, "malformed index")
-    return IndexColumns(supersedes, pack_ids, counts, starts, plain, found)
+    return IndexColumns(supersedes, pack_ids, counts, starts, plain)
 
 
 def decode_index(sealer: Sealer, data: bytes, what: str) -> IndexData:

@@ -454,7 +454,7 @@ def live_index_columns(repo: Repo) -> tuple[list[str], dict[str, IndexColumns]]:
     """As ``live_index_objects``, the objects' entries left in their bytes (``IndexColumns``): a prune holds
     every entry of the index, a PackEntry each took some 250 bytes."""
     names = repo.index_names()
-    read = repo.read_index_objects(names, bases=False)  # each delta's base is read from its entry
+    read = repo.read_index_objects(names)
     datas = {name: got for name, got in read if isinstance(got, IndexColumns)}
     superseded = superseded_names(datas.values())
     for name, got in read:

@@ -6,7 +6,6 @@ on it.  It talks to any Remote and never to the file system directly.
 from __future__ import annotations
 
 import contextlib
-import functools
 import itertools
 import os
 import re
@@ -50,9 +49,9 @@ from .blobindex import BlobIndex, BlobLocation
 from .config import (FORMAT_XATTRS, MAX_PACK_SIZE, KeyFile, RepoConfig, Settings, changed_settings, make_key_file,
                      new_config, open_config, settings_differences)
 from .crypto import BlobHasher, KeyMaterial, Sealer, content_name
-from .deltabase import choose_base, unreadable_deltas
+from .deltabase import choose_base
 from .indexfile import (INDEX_SLACK, IndexColumns, IndexData, decode_index, decode_index_columns, encode_index,
-                        pack_index_bytes, scan_bases)
+                        pack_index_bytes)
 from .manifest import OP_DELETE, Record, decode_records, iter_records
 from .manifest_seek import ManifestSeeker, Segment, segments
 from .pack import EncodedEntries, PackBuffers, PackBuilder, PackEntry, entry_bytes, fetch_header
@@ -281,8 +280,6 @@ class Repo:
         self.on_saved: Callable[..., None] | None = None  # each call: one snapshot, or several (``saves_noted_together``)
         self._saves_held = threading.local()  # .batch: this thread's new snapshots not told yet
         self._warned_indexes: set[str] = set()
-        # delta blob id -> base id: few enough (only deltas) to keep as a dict.
-        self._delta_bases: dict[bytes, bytes] = {}
         # The copies of a blob stored more than once that the index does not point at, each with its base
         # (None for one stored whole): a read falls back on one when the copy it read fails (``_other_copy``).
         self._copies: dict[bytes, list[tuple[BlobLocation, bytes | None]]] = {}
@@ -290,7 +287,9 @@ class Repo:
         # The index ``install_packs`` returned (a prune's table of the copies it keeps, each row pointing at
         # the entry kept): a read that goes over to another copy of a blob does so in a copy of it
         self._lent: weakref.ref[BlobIndex] | None = None
-        self._withheld: set[bytes] | None = None  # deltas left out of the index for a writer: not yet known
+        # The deltas left out of the index for a writer, each with its base (None: not yet known).  A reader
+        # holding the index as it was (a repair's) still follows such a delta's chain to the base it lacks.
+        self._withheld: dict[bytes, bytes | None] | None = None
         self._writers = 0  # BlobWriters filling the index: it is not dropped meanwhile (``refresh_index``)
         # One writer at a time (nested in one thread aside): one that stops short leaves in the index blobs
         # that no index object lists, perhaps in packs never stored, which another deduplicating meanwhile
@@ -618,11 +617,9 @@ class Repo:
     def read_index_object(self, name: str) -> IndexData:
         return self._index_object(name, decode_index)
 
-    def read_index_columns(self, name: str, fresh: bool = False, *, bases: bool = True) -> IndexColumns:
-        """``bases``: with each delta's base in ``delta_bases`` (two ``bytes`` and a dict slot, some 230 bytes a
-        delta), else none (a prune reads its deltas' bases from the entries)."""
-        decode = decode_index_columns if bases else functools.partial(decode_index_columns, bases=False)
-        return self._index_object(name, decode, fresh)
+    def read_index_columns(self, name: str, fresh: bool = False) -> IndexColumns:
+        """An index object, its entries left in its bytes (each delta's base among them)."""
+        return self._index_object(name, decode_index_columns, fresh)
 
     def _index_object(self, name: str, decode: Callable[[Sealer, bytes, str], IndexT],
                       fresh: bool = False) -> IndexT:
@@ -667,13 +664,13 @@ class Repo:
             elif strays is not None:
                 strays.append(o.key)
 
-    def read_index_objects(self, names: list[str], *, fresh: bool = False, bases: bool = True
+    def read_index_objects(self, names: list[str], *, fresh: bool = False
                            ) -> list[tuple[str, IndexColumns | CorruptObject | ObjectNotFound]]:
         """Each index object named, decoded, or why it cannot be: read ``OBJECT_READERS`` at a time; ``fresh``:
-        the stored copies, past any local cache (``check``); ``bases``: as ``read_index_columns``."""
+        the stored copies, past any local cache (``check``)."""
         def read(name: str) -> IndexColumns | CorruptObject | ObjectNotFound:
             try:
-                return self.read_index_columns(name, fresh, bases=bases)
+                return self.read_index_columns(name, fresh)
             except (CorruptObject, ObjectNotFound) as exc:
                 return exc
 
@@ -716,18 +713,17 @@ class Repo:
         its snapshot called for `repair index` until the repository was opened again."""
         superseded = superseded_names(d for _, d in objects)
         live = [d for n, d in objects if n not in superseded]
+        # Each delta's base goes with its row: those of an index before it (a prune since dropped a delta, say)
+        # would make a copy of that blob stored whole later read as a delta.
         index = BlobIndex(sum(d.entry_count for d in live))
-        # The bases of this index's deltas alone: those of an index before it (a prune since dropped a
-        # delta, say) would make a copy of that blob stored whole later read as a delta.
-        bases: dict[bytes, bytes] = {}
         copies: dict[bytes, list[tuple[BlobLocation, bytes | None]]] = {}
         for d in live:
-            self._add_object(d, index, bases, copies)
+            self._add_object(d, index, copies)
         with self._index_lock:
             if beside_writers and self._writers:
                 return live, index
             # Published only when complete: other threads never see a half-loaded index.
-            self._index, self._delta_bases, self._index_names, self._withheld = index, bases, set(names), None
+            self._index, self._index_names, self._withheld = index, set(names), None
             self._copies = copies
             self._index_unsettled = False
         return live, index
@@ -744,12 +740,11 @@ class Repo:
         packs = [(pid, e if type(e._buf) is bytes else EncodedEntries(bytes(e.view), 0, len(e), e.encoded_size))
                  for pid, e in packs]
         index = BlobIndex(sum(len(e) for _, e in packs), by_ref=True)
-        bases: dict[bytes, bytes] = {}
         copies: dict[bytes, list[tuple[BlobLocation, bytes | None]]] = {}
         for pack_id, entries in packs:
-            self._add_pack(pack_id, entries, index, bases, copies)
+            self._add_pack(pack_id, entries, index, copies)
         with self._index_lock:
-            self._index, self._delta_bases, self._index_names, self._withheld = index, bases, set(names), None
+            self._index, self._index_names, self._withheld = index, set(names), None
             self._copies = copies
             self._index_unsettled = False
             self._lent = weakref.ref(index)
@@ -761,94 +756,83 @@ class Repo:
         old one beside it."""
         with self._index_lock:
             if not self._writers:
-                self._index, self._delta_bases, self._copies, self._withheld = None, {}, {}, None
+                self._index, self._copies, self._withheld = None, {}, None
 
     def kept_instead(self, entries: Iterable[PackEntry], table: BlobIndex) -> None:
         """``table`` (the index ``install_packs`` returned) now points at these copies of their blobs (a
-        prune's, whose first copy did not verify): reads take each one's base, or none, with it.  Where a read
-        went over to another copy meanwhile, the index is a copy of ``table`` (``_other_copy``) and may hold
-        yet another copy of such a blob: it is pointed where ``table`` is, else it read that copy with the base
-        of this one and called a good blob damaged."""
+        prune's, whose first copy did not verify): reads take each one's base, or none, with it (from the entry
+        each row points at).  Where a read went over to another copy meanwhile, the index is a copy of
+        ``table`` (``_other_copy``) and may hold yet another copy of such a blob: it is pointed where ``table``
+        is, with its base, else it read that copy with the base of this one and called a good blob damaged."""
         with self._index_lock:
             index = self._index
+            if index is None or index is table:
+                return
             for e in entries:
-                if index is not None and index is not table:
-                    kept, held = table.get(e.blob_id), index.get(e.blob_id)
-                    if kept is not None and held is not None and held != kept:
-                        copies = self._copies.setdefault(e.blob_id, [])
-                        copies[:] = [c for c in copies if c[0] != kept] + [(held, self._delta_bases.get(e.blob_id))]
-                        index.replace(e.blob_id, kept)
-                if e.kind == KIND_DELTA and e.base_id is not None:
-                    self._delta_bases[e.blob_id] = e.base_id
-                else:
-                    self._delta_bases.pop(e.blob_id, None)
+                kept, held = table.get(e.blob_id), index.get(e.blob_id)
+                if kept is None or held is None:
+                    continue
+                base = e.base_id if e.kind == KIND_DELTA else None
+                if held != kept:
+                    copies = self._copies.setdefault(e.blob_id, [])
+                    copies[:] = [c for c in copies if c[0] != kept] + [(held, index.base_of(e.blob_id))]
+                    index.replace(e.blob_id, kept, base)
+                elif index.base_of(e.blob_id) != base:  # two entries at one place: the one kept names the base
+                    index.replace(e.blob_id, kept, base)
 
     def withhold_unreadable_deltas(self) -> set[bytes]:
         """Leave out of the index the deltas whose chain of bases it does not hold (``unreadable_deltas``),
         before anything deduplicates against it: a backup then stores such a chunk again, and reads again a
         file whose data is among them.  The other readers keep them, to name both ids when one is read.
-        Costs one native lookup of every base when nothing is missing; returns the ids left out."""
+        Costs one native pass over the rows, a lookup a delta's base; returns the ids left out."""
         with self._index_lock:
             index = self.index
             if self._withheld is not None:
-                return self._withheld
-            withheld: set[bytes] = set()
-            if not index.has_all(b"".join(self._delta_bases.values())):
-                def kind(b: bytes) -> int | None:
-                    loc = index.get(b)
-                    return None if loc is None else loc.flags
-
-                withheld = unreadable_deltas(self._delta_bases, kind, KIND_DELTA)
-                if withheld:
-                    kept = BlobIndex(len(index))
-                    for blob_id, loc in index.items():
-                        if blob_id not in withheld:
-                            kept.add(blob_id, loc.pack_no, loc.offset, loc.length, loc.raw_length, loc.flags)
-                    self._index = kept
-            self._withheld = withheld
+                return set(self._withheld)
+            withheld = index.unreadable_deltas()
+            if withheld:
+                self._index = index.copy(without=b"".join(withheld))
+            self._withheld = {b: index.base_of(b) for b in withheld}
             return withheld
 
-    def _add_object(self, d: IndexColumns, index: BlobIndex, bases: dict[bytes, bytes],
+    def _add_object(self, d: IndexColumns, index: BlobIndex,
                     copies: dict[bytes, list[tuple[BlobLocation, bytes | None]]]) -> None:
-        """Add one index object's entries to ``index``, to ``bases`` the delta bases of the copies it holds,
-        and to ``copies`` the other copies of blobs stored more than once (``_note_copies``)."""
-        replaced: list[tuple[bytes, BlobLocation]] = []  # deltas a copy stored whole took the place of
+        """Add one index object's entries to ``index`` (each delta's base with its row), and to ``copies`` the
+        other copies of blobs stored more than once (``_note_copies``)."""
+        replaced: list[tuple[bytes, BlobLocation, bytes | None]] = []  # deltas a copy stored whole took the place of
+        rows = len(index)
         added = sum(index.add_entries(d.plain, start, count, self.pack_no(pack_id), replaced)
                     for pack_id, count, start in zip(d.pack_ids, d.counts, d.starts))
-        if added == d.entry_count:  # every blob new, once each (the usual case): each base is its own
-            bases.update(d.delta_bases)
+        if added == d.entry_count:  # every blob new, once each (the usual case): each copy is the one held
             return
-        self._note_copies(replaced, [(self.pack_no(pid), entries) for pid, entries in d.packs()], index, bases,
+        self._note_copies(replaced, [(self.pack_no(pid), entries) for pid, entries in d.packs()], index, rows,
                           copies)
 
-    def _add_pack(self, pack_id: bytes, entries: EncodedEntries, index: BlobIndex, bases: dict[bytes, bytes],
+    def _add_pack(self, pack_id: bytes, entries: EncodedEntries, index: BlobIndex,
                   copies: dict[bytes, list[tuple[BlobLocation, bytes | None]]]) -> None:
         """``_add_object`` for one pack's entries, into an index whose rows point at them (``by_ref``)."""
-        replaced: list[tuple[bytes, BlobLocation]] = []
+        replaced: list[tuple[bytes, BlobLocation, bytes | None]] = []
         pack_no = self.pack_no(pack_id)
-        added = index.add_entries(entries._buf, entries._start, len(entries), pack_no, replaced)
-        if added == len(entries):
-            if entries.has_deltas:
-                scan_bases(entries._buf, entries._start, len(entries), bases)
-            return
-        self._note_copies(replaced, [(pack_no, entries)], index, bases, copies)
+        rows = len(index)
+        if index.add_entries(entries._buf, entries._start, len(entries), pack_no, replaced) != len(entries):
+            self._note_copies(replaced, [(pack_no, entries)], index, rows, copies)
 
     @staticmethod
-    def _note_copies(replaced: list[tuple[bytes, BlobLocation]], packs: list[tuple[int, EncodedEntries]],
-                     index: BlobIndex, bases: dict[bytes, bytes],
-                     copies: dict[bytes, list[tuple[BlobLocation, bytes | None]]]) -> None:
-        """Of packs just added to ``index`` where some blob was there already: the bases of the copies held,
-        and the other copies.
+    def _note_copies(replaced: list[tuple[bytes, BlobLocation, bytes | None]], packs: list[tuple[int, EncodedEntries]],
+                     index: BlobIndex, rows: int, copies: dict[bytes, list[tuple[BlobLocation, bytes | None]]]
+                     ) -> None:
+        """Of packs just added to ``index`` (which had ``rows`` rows before them) where some blob was there
+        already: the other copies, each with its base.
 
         Of a blob stored twice (after two backups at once, or a copy) the index keeps one copy: a whole one
-        before a delta, else the first.  Its base, or none, is that copy's: a base of another copy, which
-        may be lost, makes a read call the blob damaged.  The copies may lie in one object (prune's and
-        repair's compact index lists every kept pack), even in one pack (as only a made-up index has them),
-        so the base is matched to the held copy's entry: the very entry where the index points at them
-        (``by_ref``), else by its offset."""
-        for blob_id, loc in replaced:
-            if blob_id in bases:  # held until now, from an object before: its base is known (else listed below)
-                copies.setdefault(blob_id, []).append((loc, bases[blob_id]))
+        before a delta, else the first.  Its base, or none, is that copy's, kept with its row: a base of
+        another copy, which may be lost, makes a read call the blob damaged.  The copies may lie in one object
+        (prune's and repair's compact index lists every kept pack), even in one pack (as only a made-up index
+        has them), so the held copy's entry is told from the others by where it lies (``by_ref``), else by
+        its offset, kind and base."""
+        for blob_id, loc, base in replaced:
+            if index.row(blob_id) < rows:  # held until now, from an object before (else listed below)
+                copies.setdefault(blob_id, []).append((loc, base))
         for pack_no, entries in packs:
             pos = entries._start
             for e in entries.decode():
@@ -857,28 +841,35 @@ class Repo:
                 if loc is None:
                     continue
                 held = loc.pack_no == pack_no and (
-                    index.entry_pos(e.blob_id, entries._buf) == at if index.by_ref else loc.offset == e.offset)
+                    index.entry_pos(e.blob_id, entries._buf) == at if index.by_ref else
+                    (loc.offset, loc.flags, index.base_of(e.blob_id)) == (e.offset, e.kind, e.base_id))
                 if not held:  # another copy is kept, with its base
                     copies.setdefault(e.blob_id, []).append(
                         (BlobLocation(pack_no, e.offset, e.length, e.raw_length, e.kind), e.base_id))
-                    continue
-                if e.kind == KIND_DELTA:
-                    bases[e.blob_id] = e.base_id  # type: ignore[assignment]
-                else:
-                    bases.pop(e.blob_id, None)
+
+    def _base_of(self, blob_id: bytes) -> bytes | None:
+        """The base the index's row of a delta keeps (that of a delta withheld from it, ``_withheld``, too);
+        None while no index is loaded."""
+        index = self._index
+        if index is None:
+            return None
+        base = index.base_of(blob_id)
+        if base is None and self._withheld and blob_id not in index:  # (one stored whole again is read so)
+            return self._withheld.get(blob_id)
+        return base
 
     def delta_chain(self, blob_id: bytes) -> list[bytes]:
         """The bases below a blob per the index, nearest first (stops past the depth bound)."""
         out: list[bytes] = []
-        cur = self._delta_bases.get(blob_id)
+        cur = self._base_of(blob_id)
         while cur is not None and len(out) <= self.max_delta_depth:
             out.append(cur)
-            cur = self._delta_bases.get(cur)
+            cur = self._base_of(cur)
         return out
 
     def delta_base(self, blob_id: bytes) -> bytes | None:
         """The base of a delta blob per the index (None for a whole blob, or one not indexed)."""
-        return self._delta_bases.get(blob_id)
+        return self._base_of(blob_id)
 
     def delta_depth(self, blob_id: bytes) -> int:
         """How many deltas in a row a read of this blob decodes (0 for a whole blob)."""
@@ -978,7 +969,7 @@ class Repo:
                                                              f"{exc.object_name}: {exc.reason}") from None
             chain.append((cur, env, raw_length))
             base = envelope_base(env)
-            indexed = self._delta_bases.get(cur)
+            indexed = self._base_of(cur)
             # The envelope's header, not yet authenticated: a delta's names its base, and one over a blob the
             # index has whole (its base that blob itself, say) would be followed down a chain no one wrote.
             if base != indexed and (indexed is not None or self.locate(cur) is not None):
@@ -1083,14 +1074,10 @@ class Repo:
                 if self.index.get(blob_id) != held or copies is None or other not in copies:
                     return True  # another thread went over first, or the index was read anew: read again
                 copies.remove(other)
-                copies.append((held, self._delta_bases.get(blob_id)))
+                copies.append((held, self.index.base_of(blob_id)))
                 if self._lent is not None and self._lent() is self._index:
                     self._index, self._lent = self._index.copy(), None
-                self.index.replace(blob_id, loc)
-                if base is None:
-                    self._delta_bases.pop(blob_id, None)
-                else:
-                    self._delta_bases[blob_id] = base
+                self.index.replace(blob_id, loc, base)
                 self._copy_switches += 1
             warnings.warn(f"blob {blob_id.hex()} is read from its copy in pack {self._pack_name(loc)}: the copy "
                           f"in pack {self._pack_name(held)} is unreadable ({failure}); `check --read-data` "
@@ -1459,7 +1446,7 @@ class Repo:
                 return False
         for name, got in read:
             if isinstance(got, IndexColumns):
-                self._add_object(got, self._index, self._delta_bases, self._copies)
+                self._add_object(got, self._index, self._copies)
             else:
                 self._warn_unreadable_index(name, got)
         self._index_names.update(name for name, _ in read)
@@ -2158,7 +2145,7 @@ class BlobWriter:
                 pack_id = self.repo.pack_ids[loc.pack_no]
                 if pack_id is not None:  # None: in flight from this process
                     self._note_deduplicated(pack_id, loc.offset + loc.length)
-                base = self.repo._delta_bases.get(base)
+                base = index.base_of(base)
 
     def _place(self, placed: list[PreparedBlob], offsets: list[int]) -> None:
         """Index blobs just added to the pack being built (at ``offsets``), under the writer's lock."""
@@ -2167,16 +2154,11 @@ class BlobWriter:
             self._builder_no = self.repo.pack_no(None)
         index.add_many([b.blob_id for b in placed], self._builder_no, offsets,
                        [len(b.envelope) for b in placed], [b.raw_length for b in placed],
-                       [b.kind for b in placed])
+                       [b.kind for b in placed], [b.base_id for b in placed])  # (a delta's base with its row)
         self._settled = False
         for blob in placed:
             self._pending.discard(blob.blob_id)
             self._count(blob)
-            if blob.kind == KIND_DELTA:
-                assert blob.base_id is not None
-                self.repo._delta_bases[blob.blob_id] = blob.base_id
-            else:  # stored again whole, where a delta of it was withheld: read as the index has it
-                self.repo._delta_bases.pop(blob.blob_id, None)
 
     def _fits(self, builder: PackBuilder, blob: PreparedBlob, limit: int) -> bool:
         """Whether ``blob`` still fits into the pack under the storage's ``limit`` on an object's size; one

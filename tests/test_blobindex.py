@@ -10,8 +10,10 @@ from hypothesis import given, settings, strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
 from chunkvault.store.blobindex import BlobIndex, BlobLocation
+from chunkvault.store.deltabase import unreadable_deltas
 
 U32 = 0xFFFFFFFF
+DELTA = 2
 
 # A small id universe so adds repeat and lookups hit both present and absent ids.  Half the
 # ids share their first 8 bytes, so the table's prefix matches must be confirmed on the full id.
@@ -19,46 +21,81 @@ SHARED_PREFIX = b"\x42" * 8
 POOL = [os.urandom(32) for _ in range(40)] + [SHARED_PREFIX + os.urandom(24) for _ in range(40)]
 ids_st = st.sampled_from(POOL)
 u32 = st.one_of(st.integers(0, U32), st.sampled_from([0, 1, U32, U32 - 1]))
-flags_st = st.integers(0, 255)
+flags_st = st.one_of(st.integers(0, 255), st.just(DELTA))  # deltas often: their rows keep a base
+base_st = st.one_of(st.none(), ids_st, st.binary(min_size=32, max_size=32))  # held, absent, or none given
 
 
 class IndexMachine(RuleBasedStateMachine):
+    """Against a dict of locations and one of the bases the rows keep (a delta's, given with it)."""
+
     @initialize(hint=st.sampled_from([0, 1, 5, 100]))
     def start(self, hint):
         self.index = BlobIndex(capacity_hint=hint)
         self.model: dict[bytes, BlobLocation] = {}
+        self.bases: dict[bytes, bytes | None] = {}
 
-    @rule(blob_id=ids_st, pack=st.integers(0, 6), off=u32, ln=u32, raw=u32, fl=flags_st)
-    def add(self, blob_id, pack, off, ln, raw, fl):
-        added = self.index.add(blob_id, pack, off, ln, raw, fl)
+    @rule(blob_id=ids_st, pack=st.integers(0, 6), off=u32, ln=u32, raw=u32, fl=flags_st, base=base_st)
+    def add(self, blob_id, pack, off, ln, raw, fl, base):
+        added = self.index.add(blob_id, pack, off, ln, raw, fl, base)
         assert added == (blob_id not in self.model)
         self.model.setdefault(blob_id, BlobLocation(pack, off, ln, raw, fl))
+        self.bases.setdefault(blob_id, base if fl == DELTA else None)
 
-    @rule(batch=st.lists(st.tuples(ids_st, st.integers(0, 6), u32, u32, u32, flags_st), max_size=30),
-          form=st.sampled_from(["array", "bytes", "list"]), scalar_pack=st.booleans())
-    def add_many(self, batch, form, scalar_pack):
+    @rule(batch=st.lists(st.tuples(ids_st, st.integers(0, 6), u32, u32, u32, flags_st, base_st), max_size=30),
+          form=st.sampled_from(["array", "bytes", "list"]), scalar_pack=st.booleans(),
+          bases_form=st.sampled_from(["none", "packed", "list"]))
+    def add_many(self, batch, form, scalar_pack, bases_form):
         ids = [b[0] for b in batch]
         packs = [b[1] for b in batch]
         if scalar_pack and batch:
             packs = packs[0]
             batch = [(b[0], packs) + b[2:] for b in batch]
+        if bases_form == "none":
+            batch = [b[:6] + (None,) for b in batch]
         if form == "array":
             arg = memoryview(b"".join(ids))
         elif form == "bytes":
             arg = b"".join(ids)
         else:
             arg = ids
+        bases = {"none": None, "list": [b[6] for b in batch],
+                 "packed": b"".join(bytes(32) if b[6] is None else b[6] for b in batch)}[bases_form]
+        if bases_form == "packed":  # packed, a base stands for every id: zeros where none was drawn
+            batch = [b[:6] + (bytes(32) if b[6] is None else b[6],) for b in batch]
+        if bases_form == "list" and any(b[6] is None and b[5] == DELTA for b in batch):
+            with pytest.raises(ValueError, match="without its base"):
+                self.index.add_many(ids, packs, [b[2] for b in batch], [b[3] for b in batch], [b[4] for b in batch],
+                                    [b[5] for b in batch], [b[6] for b in batch])
+            return
         added = self.index.add_many(arg, packs, array("Q", [b[2] for b in batch]),
-                                    [b[3] for b in batch], [b[4] for b in batch], [b[5] for b in batch])
+                                    [b[3] for b in batch], [b[4] for b in batch], [b[5] for b in batch], bases)
         before = len(self.model)
         for b in batch:
-            self.model.setdefault(b[0], BlobLocation(*b[1:]))
+            self.model.setdefault(b[0], BlobLocation(*b[1:6]))
+            self.bases.setdefault(b[0], b[6] if b[5] == DELTA else None)
         assert added == len(self.model) - before
 
     @rule(blob_id=ids_st)
     def lookup(self, blob_id):
         assert self.index.get(blob_id) == self.model.get(blob_id)
         assert (blob_id in self.index) == (blob_id in self.model)
+        assert self.index.base_of(blob_id) == self.bases.get(blob_id)
+
+    @rule(blob_id=ids_st, pack=st.integers(0, 6), off=u32, ln=u32, raw=u32, fl=flags_st, base=base_st)
+    def replace(self, blob_id, pack, off, ln, raw, fl, base):
+        assert self.index.replace(blob_id, BlobLocation(pack, off, ln, raw, fl), base) == (blob_id in self.model)
+        if blob_id in self.model:
+            self.model[blob_id], self.bases[blob_id] = BlobLocation(pack, off, ln, raw, fl), base if fl == DELTA else None
+
+    @rule()
+    def unreadable(self):
+        """The deltas whose chain reaches no row of another kind, as ``deltabase.unreadable_deltas`` finds them
+        (a delta row without a base cannot be read either)."""
+        deltas = {b for b, loc in self.model.items() if loc.flags == DELTA}
+        with_base = {b: self.bases[b] for b in deltas if self.bases[b] is not None}
+        kinds = {b: loc.flags for b, loc in self.model.items()}
+        want = unreadable_deltas(with_base, kinds.get, DELTA) | (deltas - with_base.keys())
+        assert self.index.unreadable_deltas() == want
 
     @rule(probe=st.lists(st.one_of(ids_st, st.binary(min_size=32, max_size=32)), max_size=40))
     def lookup_many(self, probe):
@@ -70,27 +107,34 @@ class IndexMachine(RuleBasedStateMachine):
         gone = [k for k, v in self.model.items() if v.pack_no in packs]
         assert self.index.remove_packs(packs) == len(gone)
         for k in gone:
-            del self.model[k]
+            del self.model[k], self.bases[k]
+        assert all(self.index.base_of(b) == base for b, base in self.bases.items())
 
     @precondition(lambda self: len(self.model) > 0)
     @rule()
     def iterate(self):
         assert list(self.index.items()) == list(self.model.items())  # insertion order survives removals
 
-    @rule(data=st.data())
-    def copy_is_alike(self, data):
-        """A copy holds the same rows in the same order (of a by_ref table, pointing at the same entries), and
-        changing it leaves the table as it was."""
-        copy = self.index.copy()
-        assert list(copy.items()) == list(self.model.items()) and copy.by_ref == self.index.by_ref
+    @rule(data=st.data(), without=st.one_of(st.none(), st.lists(st.one_of(ids_st, st.binary(min_size=32, max_size=32)),
+                                                                  max_size=8)))
+    def copy_is_alike(self, data, without):
+        """A copy holds the same rows in the same order (of a by_ref table, pointing at the same entries), their
+        bases with them, those of ``without`` left out, and changing it leaves the table as it was."""
+        copy = self.index.copy(without)
+        left = set(without or ())
+        assert list(copy.items()) == [(b, loc) for b, loc in self.model.items() if b not in left]
+        assert copy.by_ref == self.index.by_ref
+        assert all(copy.base_of(b) == (None if b in left else base) for b, base in self.bases.items())
         for blob_id, at in getattr(self, "where", {}).items():
-            if at is not None and at[2]:
+            if at is not None and at[2] and blob_id not in left:
                 assert copy.entry_pos(blob_id, at[0]) == at[1]
         if self.model:
             blob_id = data.draw(st.sampled_from(list(self.model)))
-            copy.replace(blob_id, BlobLocation(7, 1, 2, 3, 4))
-            copy.add(bytes(31) + b"\x01", 1, 2, 3, 4, 5)
+            copy.replace(blob_id, BlobLocation(7, 1, 2, 3, DELTA), b"\x03" * 32)
+            copy.add(bytes(31) + b"\x01", 1, 2, 3, 4, DELTA, b"\x04" * 32)
             assert self.index.get(blob_id) == self.model[blob_id] and len(self.index) == len(self.model)
+            assert self.index.base_of(blob_id) == self.bases[blob_id]
+            assert (copy.base_of(blob_id) == b"\x03" * 32) == (blob_id not in left)
 
     @invariant()
     def same_size(self):
@@ -119,18 +163,20 @@ class RefIndexMachine(IndexMachine):
     def start(self, hint):
         self.index = BlobIndex(capacity_hint=hint, by_ref=True)
         self.model: dict[bytes, BlobLocation] = {}
+        self.bases: dict[bytes, bytes | None] = {}
         self.where: dict[bytes, tuple[bytes, int] | None] = {}
         self.bufs: list[bytes] = []
 
-    @rule(blob_id=ids_st, pack=st.integers(0, 6), off=u32, ln=u32, raw=u32, fl=flags_st)
-    def add(self, blob_id, pack, off, ln, raw, fl):
-        super().add(blob_id, pack, off, ln, raw, fl)
+    @rule(blob_id=ids_st, pack=st.integers(0, 6), off=u32, ln=u32, raw=u32, fl=flags_st, base=base_st)
+    def add(self, blob_id, pack, off, ln, raw, fl, base):
+        super().add(blob_id, pack, off, ln, raw, fl, base)
         self.where.setdefault(blob_id, None)
 
-    @rule(batch=st.lists(st.tuples(ids_st, st.integers(0, 6), u32, u32, u32, flags_st), max_size=30),
-          form=st.sampled_from(["array", "bytes", "list"]), scalar_pack=st.booleans())
-    def add_many(self, batch, form, scalar_pack):
-        super().add_many(batch, form, scalar_pack)
+    @rule(batch=st.lists(st.tuples(ids_st, st.integers(0, 6), u32, u32, u32, flags_st, base_st), max_size=30),
+          form=st.sampled_from(["array", "bytes", "list"]), scalar_pack=st.booleans(),
+          bases_form=st.sampled_from(["none", "packed", "list"]))
+    def add_many(self, batch, form, scalar_pack, bases_form):
+        super().add_many(batch, form, scalar_pack, bases_form)
         for b in batch:
             self.where.setdefault(b[0], None)
 
@@ -143,25 +189,26 @@ class RefIndexMachine(IndexMachine):
         added = self.index.add_entries(arg, head, len(entries), pack, replaced)
         del arg  # a bytearray or view given is copied: the rows outlive it
         want_added, want_replaced, pos = 0, [], head
-        for b, k, o, ln, r, _ in entries:
+        for b, k, o, ln, r, base in entries:
             at, pos = pos, pos + 45 + (32 if k == 2 else 0)
             loc = BlobLocation(pack, o, ln, r, k)
             if b not in self.model:
                 self.model[b], want_added = loc, want_added + 1
             elif self.model[b].flags == 2 and k != 2:
-                want_replaced.append((b, self.model[b]))
+                want_replaced.append((b, self.model[b], self.bases[b]))
                 self.model[b] = loc
             else:
                 continue
+            self.bases[b] = base if k == 2 else None
             self.where[b] = (buf, at, form == "bytes")  # a bytearray or view given: rows point at a copy
         assert added == want_added and replaced == want_replaced
         self.bufs.append(buf)
 
-    @rule(blob_id=ids_st, pack=st.integers(0, 6), off=u32, ln=u32, raw=u32, fl=flags_st)
-    def replace(self, blob_id, pack, off, ln, raw, fl):
-        assert self.index.replace(blob_id, BlobLocation(pack, off, ln, raw, fl)) == (blob_id in self.model)
+    @rule(blob_id=ids_st, pack=st.integers(0, 6), off=u32, ln=u32, raw=u32, fl=flags_st, base=base_st)
+    def replace(self, blob_id, pack, off, ln, raw, fl, base):
+        super().replace(blob_id, pack, off, ln, raw, fl, base)
         if blob_id in self.model:
-            self.model[blob_id], self.where[blob_id] = BlobLocation(pack, off, ln, raw, fl), None
+            self.where[blob_id] = None
 
     @rule(packs=st.sets(st.integers(0, 7), max_size=3))
     def remove_packs(self, packs):
@@ -194,6 +241,7 @@ class RefIndexMachine(IndexMachine):
         assert self.index._t.among(buf, got, 1) == bytes(4)
         assert self.index.point(buf, got, pack)
         self.model[blob_id] = held._replace(pack_no=pack)
+        self.bases[blob_id] = buf[got + 45 : got + 77] if buf[got] == 2 else None  # the entry's
         assert self.index.get(blob_id) == self.model[blob_id] and self.index.entry_pos(blob_id, buf) == got
         self.where[blob_id] = (buf, got, True)
 
@@ -385,8 +433,9 @@ def test_every_delta_a_whole_copy_replaces_is_reported_with_its_location(n):
     index, replaced = BlobIndex(), []
     for no, (count, start) in enumerate(zip(cols.counts, cols.starts)):
         index.add_entries(cols.plain, start, count, no, replaced)
-    assert [(b, tuple(loc)) for b, loc in replaced] == [
-        (b, (0, 100 * k, 10 + k, 1000 + k, KIND_DELTA)) for k, b in enumerate(ids)]
+    assert [(b, tuple(loc), was) for b, loc, was in replaced] == [
+        (b, (0, 100 * k, 10 + k, 1000 + k, KIND_DELTA), base) for k, b in enumerate(ids)]
+    assert all(index.base_of(b) is None for b in ids)  # stored whole: read without a base
     assert [tuple(index.get(b)) for b in ids] == [(1, 500 * k, 50 + k, 1000 + k, KIND_ZSTD) for k in range(n)]
 
 

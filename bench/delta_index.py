@@ -1,0 +1,146 @@
+"""Opening the index of a repository of mostly delta blobs: memory per blob and time.
+
+    python bench/delta_index.py                   # 600K blobs, 15 of every 16 a delta
+    python bench/delta_index.py --blobs 2M --chain 8
+
+A database backed up hourly stores most chunks as deltas on the version before
+(README "Delta blobs"). The repository here is made of synthetic index objects
+(no packs: only the index is read), one per ``--per-object`` blobs as a backup
+writes them: each chunk's versions form a chain, every ``--chain``-th version
+stored whole, the others each a delta on the one before. A second repository
+of as many blobs, all stored whole, tells what a delta costs beyond a whole
+blob. Each is opened in a fresh child process, so its RSS figures are its own:
+the RSS the index adds (after the index objects' bytes are let go), the peak
+while loading, the time ``load_index`` takes, and that of
+``withhold_unreadable_deltas`` (every backup asks it before deduplicating).
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from random import Random
+
+from chunkvault.remotes import open_remote
+from chunkvault.store.blob import KIND_DELTA, KIND_ZSTD
+from chunkvault.store.indexfile import IndexData
+from chunkvault.store.pack import PackEntry
+from chunkvault.store.repository import Repo
+
+PAGE = os.sysconf("SC_PAGE_SIZE")
+PASSWORD = b"bench"
+ENTRIES_PER_PACK = 1024
+
+
+def rss() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * PAGE
+
+
+def peak_rss() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def parse_size(text: str) -> int:
+    text = text.strip().upper()
+    mult = {"K": 10**3, "M": 10**6}.get(text[-1:], 1)
+    return int(float(text.rstrip("KM")) * mult)
+
+
+def make(path: str, blobs: int, chain: int, per_object: int, seed: int) -> int:
+    """A repository at ``path`` whose index lists ``blobs`` blobs (``chain`` > 1: chains of deltas); returns
+    how many are deltas."""
+    repo = Repo.init(open_remote(path), PASSWORD, kdf_seconds=0)
+    rng = Random(seed)
+    chunks = max(1, blobs // max(1, chain))  # chunks of the file, each with its chain of versions
+    last = [b""] * chunks
+    deltas = 0
+    made = 0
+    version = 0
+    while made < blobs:
+        packs: dict[bytes, list[PackEntry]] = {}
+        entries: list[PackEntry] = []
+        for _ in range(min(per_object, blobs - made)):
+            c = made % chunks
+            version = made // chunks
+            blob_id = rng.randbytes(32)
+            if chain > 1 and version % chain:
+                entries.append(PackEntry(blob_id, KIND_DELTA, len(entries) * 300, 300, 1 << 18, last[c]))
+                deltas += 1
+            else:
+                entries.append(PackEntry(blob_id, KIND_ZSTD, len(entries) * 300, 300, 1 << 18))
+            last[c] = blob_id
+            made += 1
+            if len(entries) == ENTRIES_PER_PACK:
+                packs[rng.randbytes(32)], entries = entries, []
+        if entries:
+            packs[rng.randbytes(32)] = entries
+        repo.write_index(IndexData(packs))
+    return deltas
+
+
+def measure(path: str) -> dict:
+    repo = Repo.open(open_remote(path), PASSWORD)
+    repo.index_names()  # the listing's own allocations before the baseline
+    gc.collect()
+    base = rss()
+    t = time.perf_counter()
+    repo.load_index()
+    load_s = time.perf_counter() - t
+    gc.collect()
+    after = rss()
+    t = time.perf_counter()
+    withheld = repo.withhold_unreadable_deltas()
+    withhold_s = time.perf_counter() - t
+    n = len(repo.index)
+    return {"blobs": n, "load_s": load_s, "withhold_s": withhold_s, "withheld": len(withheld),
+            "rss_per_blob": (after - base) / n, "peak_per_blob": (peak_rss() - base) / n,
+            "index_bytes_per_blob": repo.index.memory_bytes() / n}
+
+
+def run_child(path: str) -> dict:
+    proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--child", path], capture_output=True, text=True)
+    if proc.returncode:
+        sys.stderr.write(proc.stderr)
+        raise SystemExit(proc.returncode)
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--blobs", default="600K", help="blobs in the index (default 600K)")
+    ap.add_argument("--chain", type=int, default=16, help="versions per chain: one whole, the rest deltas")
+    ap.add_argument("--per-object", type=int, default=50_000, help="blobs per index object")
+    ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--child", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.child:
+        print(json.dumps(measure(args.child)))
+        return 0
+    blobs = parse_size(args.blobs)
+    with tempfile.TemporaryDirectory() as work:
+        results = {}
+        for name, chain in (("deltas", args.chain), ("whole", 1)):
+            path = os.path.join(work, name)
+            deltas = make(path, blobs, chain, args.per_object, args.seed)
+            results[name] = (deltas, run_child(path))
+    (deltas, d), (_, w) = results["deltas"], results["whole"]
+    for name, (k, r) in results.items():
+        print(f"{name:7} {r['blobs']:,} blobs ({k:,} deltas): load_index {r['load_s']:.2f} s, withhold "
+              f"{r['withhold_s'] * 1e3:.0f} ms ({r['withheld']} withheld); RSS added {r['rss_per_blob']:.1f} B a "
+              f"blob (peak {r['peak_per_blob']:.1f}); memory_bytes {r['index_bytes_per_blob']:.1f} B a blob")
+    if deltas:
+        extra = (d["rss_per_blob"] - w["rss_per_blob"]) * d["blobs"] / deltas
+        print(f"a delta beyond a whole blob: {extra:.1f} B of RSS; a delta in all: "
+              f"{w['rss_per_blob'] + extra:.1f} B")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
