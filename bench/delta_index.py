@@ -11,8 +11,9 @@ stored whole, the others each a delta on the one before. A second repository
 of as many blobs, all stored whole, tells what a delta costs beyond a whole
 blob. Each is opened in a fresh child process, so its RSS figures are its own:
 the RSS the index adds (after the index objects' bytes are let go), the peak
-while loading, the time ``load_index`` takes, and that of
-``withhold_unreadable_deltas`` (every backup asks it before deduplicating).
+while loading, the time ``load_index`` takes (and the CPU time of its
+threads), and that of ``withhold_unreadable_deltas`` (every backup asks it
+before deduplicating).
 """
 from __future__ import annotations
 
@@ -90,16 +91,16 @@ def measure(path: str) -> dict:
     repo.index_names()  # the listing's own allocations before the baseline
     gc.collect()
     base = rss()
-    t = time.perf_counter()
+    t, cpu = time.perf_counter(), time.process_time()
     repo.load_index()
-    load_s = time.perf_counter() - t
+    load_s, load_cpu = time.perf_counter() - t, time.process_time() - cpu
     gc.collect()
     after = rss()
     t = time.perf_counter()
     withheld = repo.withhold_unreadable_deltas()
     withhold_s = time.perf_counter() - t
     n = len(repo.index)
-    return {"blobs": n, "load_s": load_s, "withhold_s": withhold_s, "withheld": len(withheld),
+    return {"blobs": n, "load_s": load_s, "load_cpu": load_cpu, "withhold_s": withhold_s, "withheld": len(withheld),
             "rss_per_blob": (after - base) / n, "peak_per_blob": (peak_rss() - base) / n,
             "index_bytes_per_blob": repo.index.memory_bytes() / n}
 
@@ -132,7 +133,8 @@ def main(argv: list[str] | None = None) -> int:
             results[name] = (deltas, run_child(path))
     (deltas, d), (_, w) = results["deltas"], results["whole"]
     for name, (k, r) in results.items():
-        print(f"{name:7} {r['blobs']:,} blobs ({k:,} deltas): load_index {r['load_s']:.2f} s, withhold "
+        print(f"{name:7} {r['blobs']:,} blobs ({k:,} deltas): load_index {r['load_s']:.2f} s ({r['load_cpu']:.2f} s "
+              f"CPU), withhold "
               f"{r['withhold_s'] * 1e3:.0f} ms ({r['withheld']} withheld); RSS added {r['rss_per_blob']:.1f} B a "
               f"blob (peak {r['peak_per_blob']:.1f}); memory_bytes {r['index_bytes_per_blob']:.1f} B a blob")
     if deltas:

@@ -1185,6 +1185,16 @@ static PyObject *Table_unreadable_deltas(Table *t, PyObject *Py_UNUSED(ignored))
         return PyErr_NoMemory();
     }
     for (Py_ssize_t start = 0; start < t->n; start++) {
+        /* The table slot of a base looked up soon, then the row that slot names: their misses overlap. */
+        const uint8_t *ahead;
+        if (start + PREFETCH_SLOT < t->n && flag_at(t, start + PREFETCH_SLOT) == KIND_DELTA &&
+            (ahead = base_at(t, start + PREFETCH_SLOT)))
+            PREFETCH(&t->table[home_of(ahead, t->slots)]);
+        if (start + PREFETCH_ROW < t->n && flag_at(t, start + PREFETCH_ROW) == KIND_DELTA &&
+            (ahead = base_at(t, start + PREFETCH_ROW))) {
+            uint32_t e = t->table[home_of(ahead, t->slots)];
+            if (e) PREFETCH(id_at(t, (Py_ssize_t)e - 1));
+        }
         if (mark[start] || flag_at(t, start) != KIND_DELTA) continue;
         Py_ssize_t len = 0, cur = start;
         uint8_t verdict = UNREADABLE;
