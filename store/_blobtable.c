@@ -51,6 +51,8 @@
  *   t.rows(a, b) -> (ids, fields, flags) of entries a..b-1 as bytes
  *   t.memory_bytes()
  *   t.base_of(id) -> the base id of the id's row (a delta's), or None (stored whole, no base given, or absent)
+ *   t.chain(id, limit) -> the bases below the id, nearest first, packed: base_of the id, then of that base, ...
+ *       down to one that has none or is absent (included), at most ``limit``
  *   t.unreadable_deltas() -> the ids, packed, of the delta rows (flag KIND_DELTA) whose chain of bases does not
  *       reach a row of another kind: a base absent, a delta without a base, or a chain that loops
  *   t.copy(without=None) -> as copy(), the rows of the ids ``without`` (packed) left out
@@ -667,6 +669,31 @@ static PyObject *Table_base_of(Table *t, PyObject *arg) {
     const uint8_t *base = e < 0 ? NULL : base_at(t, e);
     if (!base) Py_RETURN_NONE;
     return PyBytes_FromStringAndSize((const char *)base, ID_SIZE);
+}
+
+/* chain(id, limit): the bases below the id's row, nearest first, packed: each row's base, down to a row of
+ * another kind, a base absent (the last given), or ``limit`` bases. */
+static PyObject *Table_chain(Table *t, PyObject *args) {
+    PyObject *id_obj;
+    Py_ssize_t limit;
+    Py_buffer id;
+    if (ready(t) < 0 || !PyArg_ParseTuple(args, "On", &id_obj, &limit)) return NULL;
+    if (limit < 0) {
+        PyErr_SetString(PyExc_ValueError, "limit must not be negative");
+        return NULL;
+    }
+    if (get_id(id_obj, &id) < 0) return NULL;
+    Py_ssize_t e = find(t, id.buf, NULL), k = 0;
+    PyBuffer_Release(&id);
+    PyObject *out = PyBytes_FromStringAndSize(NULL, limit * ID_SIZE);
+    if (!out) return NULL;
+    const uint8_t *base;
+    while (e >= 0 && k < limit && (base = base_at(t, e))) {
+        memcpy(PyBytes_AS_STRING(out) + k++ * ID_SIZE, base, ID_SIZE);
+        e = find(t, base, NULL);
+    }
+    if (_PyBytes_Resize(&out, k * ID_SIZE) < 0) return NULL;
+    return out;
 }
 
 static PyObject *Table_add_many(Table *t, PyObject *args) {
@@ -1459,6 +1486,7 @@ static PyMethodDef Table_methods[] = {
     {"copy", (PyCFunction)(void (*)(void))Table_copy, METH_VARARGS | METH_KEYWORDS,
      "copy(without=None) -> another table of the same rows, those of the ids ``without`` left out"},
     {"base_of", (PyCFunction)Table_base_of, METH_O, "base_of(id) -> the base id of a delta row, or None"},
+    {"chain", (PyCFunction)Table_chain, METH_VARARGS, "chain(id, limit) -> the bases below the id, packed"},
     {"unreadable_deltas", (PyCFunction)Table_unreadable_deltas, METH_NOARGS,
      "unreadable_deltas() -> the ids of the delta rows whose chain of bases reaches no other row, packed"},
     {"among", (PyCFunction)Table_among, METH_VARARGS, "among(buf, pos, count) -> numbers of the entries held"},

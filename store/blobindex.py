@@ -152,6 +152,16 @@ class BlobIndex:
         for a blob stored whole, a delta recorded without one, or an id absent."""
         return self._t.base_of(_as_id(blob_id))
 
+    def chain(self, blob_id: bytes, limit: int) -> list[bytes]:
+        """The bases below a blob, nearest first: its row's base, that base's, ... down to a blob stored whole
+        or absent (listed), at most ``limit`` of them; one native call (``check`` asks it of every delta)."""
+        packed = self._t.chain(_as_id(blob_id), limit)
+        return [packed[i:i + ID_SIZE] for i in range(0, len(packed), ID_SIZE)]
+
+    def depth(self, blob_id: bytes, limit: int) -> int:
+        """``len(chain(blob_id, limit))``, without an object a base."""
+        return len(self._t.chain(_as_id(blob_id), limit)) // ID_SIZE
+
     def unreadable_deltas(self) -> set[bytes]:
         """The deltas (rows of flags KIND_DELTA) whose chain of bases does not reach a blob held whole: a base
         absent, a delta without a base, or a chain that loops back on itself (``deltabase.unreadable_deltas``,

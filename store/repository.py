@@ -860,6 +860,11 @@ class Repo:
 
     def delta_chain(self, blob_id: bytes) -> list[bytes]:
         """The bases below a blob per the index, nearest first (stops past the depth bound)."""
+        index = self._index
+        if index is None:
+            return []
+        if not self._withheld:  # (the usual case: one native call)
+            return index.chain(blob_id, self.max_delta_depth + 1)
         out: list[bytes] = []
         cur = self._base_of(blob_id)
         while cur is not None and len(out) <= self.max_delta_depth:
@@ -868,11 +873,15 @@ class Repo:
         return out
 
     def delta_base(self, blob_id: bytes) -> bytes | None:
-        """The base of a delta blob per the index (None for a whole blob, or one not indexed)."""
+        """The base of a delta blob per the index (None for a whole blob, or one not indexed; one withheld from
+        a writer's index keeps its base here)."""
         return self._base_of(blob_id)
 
     def delta_depth(self, blob_id: bytes) -> int:
         """How many deltas in a row a read of this blob decodes (0 for a whole blob)."""
+        index = self._index
+        if index is not None and not self._withheld:  # (``check`` asks it of every delta)
+            return index.depth(blob_id, self.max_delta_depth + 1)
         return len(self.delta_chain(blob_id))
 
     def base_for(self, blob_id: bytes, bound: int = MAX_DELTA_DEPTH, turn: bool = False) -> bytes:

@@ -80,6 +80,11 @@ class IndexMachine(RuleBasedStateMachine):
         assert self.index.get(blob_id) == self.model.get(blob_id)
         assert (blob_id in self.index) == (blob_id in self.model)
         assert self.index.base_of(blob_id) == self.bases.get(blob_id)
+        want, cur = [], self.bases.get(blob_id)
+        while cur is not None and len(want) < 5:  # down a chain of the bases, as it is, loops and all
+            want.append(cur)
+            cur = self.bases.get(cur)
+        assert self.index.chain(blob_id, 5) == want and self.index.depth(blob_id, 5) == len(want)
 
     @rule(blob_id=ids_st, pack=st.integers(0, 6), off=u32, ln=u32, raw=u32, fl=flags_st, base=base_st)
     def replace(self, blob_id, pack, off, ln, raw, fl, base):

@@ -142,6 +142,7 @@ def test_bases_copies_and_withheld_deltas_match_a_model(repo_url, objects, how, 
         assert store.locate(blob_id) == want
         assert store.delta_base(blob_id) == bases.get(blob_id)
         assert store.delta_chain(blob_id) == chain_of(bases, blob_id)
+        assert store.delta_depth(blob_id) == len(chain_of(bases, blob_id))
         assert store.stored_twice(blob_id) == any(o[0] == blob_id for o in others)
     got = {(b, store.pack_ids[loc.pack_no], loc.offset, loc.flags, base)
            for b, copies in store._copies.items() for loc, base in copies}
@@ -154,6 +155,7 @@ def test_bases_copies_and_withheld_deltas_match_a_model(repo_url, objects, how, 
         assert (store.locate(blob_id) is not None) == (blob_id in held and blob_id not in unreadable)
         assert store.delta_base(blob_id) == bases.get(blob_id)
         assert store.delta_chain(blob_id) == chain_of(bases, blob_id)
+        assert store.delta_depth(blob_id) == len(chain_of(bases, blob_id))
     assert len(store.index) == len(held) - len(unreadable)
 
 
