@@ -34,24 +34,12 @@ from chunkvault.store.indexfile import IndexData
 from chunkvault.store.pack import PackEntry
 from chunkvault.store.repository import Repo
 
-PAGE = os.sysconf("SC_PAGE_SIZE")
+from scale import parse_size, peak_rss, rss
+
 PASSWORD = b"bench"
 ENTRIES_PER_PACK = 1024
 
 
-def rss() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * PAGE
-
-
-def peak_rss() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
-def parse_size(text: str) -> int:
-    text = text.strip().upper()
-    mult = {"K": 10**3, "M": 10**6}.get(text[-1:], 1)
-    return int(float(text.rstrip("KM")) * mult)
 
 
 def make(path: str, blobs: int, chain: int, per_object: int, seed: int) -> int:

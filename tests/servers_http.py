@@ -202,3 +202,13 @@ def serve_factory(tmp_path: Path) -> Iterator[Callable[..., ServeProcess]]:
 def http_server(serve_factory: Callable[..., ServeProcess], tmp_path: Path) -> ServeProcess:
     """A server with FULL_TOKEN, APPEND_TOKEN and READ_TOKEN in its tokens file."""
     return serve_factory("--tokens", str(write_tokens(tmp_path)))
+
+
+def wait_for(predicate, bound: float = 30.0) -> bool:
+    """Poll ``predicate`` until it holds or ``bound`` seconds pass (a generous bound, not a timing claim)."""
+    deadline = time.monotonic() + bound
+    while not predicate():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True

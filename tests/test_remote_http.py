@@ -36,6 +36,7 @@ from servers_http import (  # noqa: F401
     make_self_signed,
     run_serve,
     serve_factory,
+    wait_for,
     write_tokens,
 )
 
@@ -982,16 +983,6 @@ def test_sighup_reloads_the_tokens_and_the_certificate_and_keeps_them_when_the_f
 
 
 # --- limits: connections, request heads, uploads ---------------------------------------
-
-
-def wait_for(predicate, bound: float = 30.0) -> bool:
-    """Poll ``predicate`` until it holds or ``bound`` seconds pass (a generous bound, not a timing claim)."""
-    deadline = time.monotonic() + bound
-    while not predicate():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.05)
-    return True
 
 
 def closed_by_server(s: socket.socket, drip: bytes | None = None, bound: float = 30.0) -> bool:

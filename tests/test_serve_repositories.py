@@ -19,7 +19,7 @@ from chunkvault.errors import ObjectExists, PermissionDenied, RemoteError
 from chunkvault.remotes.http import MISSING_HEADER, NO_REPOSITORY, HTTPRemote
 
 from netutil import free_port
-from servers_http import make_self_signed, run_serve, serve_factory  # noqa: F401
+from servers_http import make_self_signed, run_serve, serve_factory, wait_for  # noqa: F401
 from treeutil import describe
 
 A_FULL = "full-a-token-0123456789"
@@ -55,16 +55,6 @@ def files_under(root: Path) -> dict[str, bytes]:
     """Every file below ``root`` (the reserves apart) and its content."""
     return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*"))
             if p.is_file() and p.name != ".reserve"}
-
-
-def wait_for(predicate, bound: float = 30.0) -> bool:
-    """Poll ``predicate`` until it holds or ``bound`` seconds pass (a generous bound, not a timing claim)."""
-    deadline = time.monotonic() + bound
-    while not predicate():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.05)
-    return True
 
 
 def hangup_and_wait(server, line: str) -> None:
