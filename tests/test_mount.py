@@ -1072,6 +1072,22 @@ def held_listing(repo, monkeypatch):
     return gate
 
 
+def _two_files_of_small_chunks(tmp_path, seed: int, other: str):
+    """A new repository of 64 KiB chunks at tmp_path/repo, and tmp_path/src holding kept.bin and ``other``
+    (1 MiB of random bytes each): the repository, the source directory and kept.bin's bytes."""
+    from chunkvault import Repository
+
+    rnd = random.Random(seed)
+    src = tmp_path / "src"
+    src.mkdir()
+    kept = rnd.randbytes(1 << 20)
+    (src / "kept.bin").write_bytes(kept)
+    (src / other).write_bytes(rnd.randbytes(1 << 20))
+    repo = Repository.init(str(tmp_path / "repo"), PASSWORD, kdf_seconds=0,
+                           chunker={"min_size": 16 << 10, "avg_size": 64 << 10, "max_size": 256 << 10})
+    return repo, src, kept
+
+
 @pytest.fixture
 def pruned_under(tmp_path):
     """A repository whose second snapshot's file shares a pack with a file only the first holds, and a
@@ -1079,15 +1095,8 @@ def pruned_under(tmp_path):
     would): a mount reading without the lock (``--no-lock``, a read-only token) has the data moved under it."""
     from chunkvault import Repository
 
-    rnd = random.Random(11)
-    src = tmp_path / "src"
-    src.mkdir()
-    kept = rnd.randbytes(1 << 20)
-    (src / "kept.bin").write_bytes(kept)
-    (src / "gone.bin").write_bytes(rnd.randbytes(1 << 20))
+    repo, src, kept = _two_files_of_small_chunks(tmp_path, 11, "gone.bin")
     url = str(tmp_path / "repo")
-    repo = Repository.init(url, PASSWORD, kdf_seconds=0,
-                           chunker={"min_size": 16 << 10, "avg_size": 64 << 10, "max_size": 256 << 10})
     first = repo.backup([str(src)]).snapshot
     (src / "gone.bin").unlink()
     second = repo.backup([str(src)]).snapshot
@@ -1189,15 +1198,8 @@ def test_a_prune_a_read_found_lists_the_snapshots_again_at_the_next_lookup(tmp_p
 
     from chunkvault import Repository, mount
 
-    rnd = random.Random(12)
-    src = tmp_path / "src"
-    src.mkdir()
-    kept = rnd.randbytes(1 << 20)
-    (src / "kept.bin").write_bytes(kept)
-    (src / "secret.bin").write_bytes(rnd.randbytes(1 << 20))
+    repo, src, kept = _two_files_of_small_chunks(tmp_path, 12, "secret.bin")
     url = str(tmp_path / "repo")
-    repo = Repository.init(url, PASSWORD, kdf_seconds=0,
-                           chunker={"min_size": 16 << 10, "avg_size": 64 << 10, "max_size": 256 << 10})
     snap = repo.backup([str(src)]).snapshot
     fs = mount.SnapshotFS(repo, refresh=3600.0)
     root = f"/snapshots/{Layout(repo.snapshots()).names[snap.id]}"
