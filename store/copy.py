@@ -29,7 +29,7 @@ from .locks import COPY_INTO, SHARED, RepoLock
 from .manifest import Record
 from .manifest_io import ManifestWriter
 from .blob import Plaintext
-from .blobindex import IdMap
+from .blobindex import ID_SIZE, BlobIndex, IdMap
 from .repository import BlobWriter, Repo, SavesAfterIndex, new_snapshot_id
 from .chronology import chronological_key
 from .config import FORMAT_WAL
@@ -122,11 +122,19 @@ _STORING = _Storing()
 
 
 #: Plaintext one worker reads with one call: the blobs in pack order, so that neighbours come with one ranged
-#: get (one request per blob cost a copy from S3 a request per chunk).
+#: get (one request per blob cost a copy from S3 a request per chunk).  And at most so many blobs: 4 MiB of
+#: chunks of 256 bytes was 16,000, and the eight batches in flight held 128,000 plaintexts and ids.
 BATCH_RAW_BYTES = 4 << 20
+BATCH_BLOBS = 2048
 COPY_WORKERS = 4
-#: Plaintext of the next snapshot's chunks read ahead into the source's blob cache (256 MiB) at most.
+#: Plaintext of the next snapshot's chunks read ahead into the source's blob cache at most, and blobs: a
+#: quarter of each of the cache's bounds (``repository.CACHE_BYTES``, ``CACHE_BLOBS``).
 READ_AHEAD_BYTES = 64 << 20
+READ_AHEAD_BLOBS = 1 << 14
+#: Distinct chunk ids of a snapshot that a copy orders and sends at a time: the ids not copied yet of a whole
+#: snapshot, with their order and rounds, took ~200 bytes a chunk held while it was copied (a snapshot of a
+#: million new chunks: 200 MB).
+WINDOW_BLOBS = 1 << 16
 #: Seconds between two notes of the snapshots copied to the client's ledger (``Repo.saves_noted_together``):
 #: noted one by one, each rewrote the whole ledger; left to the end, a copy cut short would note none.
 NOTE_SAVES_EVERY = 10.0
@@ -135,7 +143,9 @@ NOTE_SAVES_EVERY = 10.0
 class _BlobMapper:
     """Source blob id -> destination blob id, copying the blob when the destination lacks it.  The map is held
     to the copy's end, an entry for each chunk copied: an ``IdMap`` (~90 bytes an entry, where a dict took ~170:
-    1.7 GB for a repository of ten million chunks)."""
+    1.7 GB for a repository of ten million chunks).  Nothing else is held per chunk: a snapshot's chunks are
+    taken a window at a time (``WINDOW_BLOBS``), and the deltas put off till their bases are copied are held
+    as packed ids."""
 
     def __init__(self, src: Repo, dst: Repo, writer: BlobWriter, progress: Callable[[int, int], None] | None):
         self.src, self.dst, self.writer = src, dst, writer
@@ -175,29 +185,41 @@ class _BlobMapper:
         self._ahead.shutdown(wait=True)
 
     def _read(self, snap: Snapshot) -> None:
+        """The first of ``snap``'s manifest blobs and of its chunks not copied yet, within READ_AHEAD_BYTES and
+        READ_AHEAD_BLOBS each: more would push the first out of the cache before the copy reads them.  The ids
+        are taken from the manifest as it is read: all of them at once held ~110 bytes a chunk, beside those
+        of the snapshot being copied."""
         src = self.src
-        manifest = [bytes.fromhex(h) for h in snap.manifest]
-        for _ in parallel_map(lambda b: src.read_blob(b, cache=True), manifest, workers=COPY_WORKERS):
-            pass  # read twice by the copy (its chunks, then its records): once off the storage
-        wanted: list[bytes] = []
+        manifest: list[bytes] = []
         size = 0
-        for sid in dict.fromkeys(_chunk_ids(src.manifest_records(snap))):
-            if sid in self.map:
+        for h in snap.manifest[:READ_AHEAD_BLOBS]:
+            manifest.append(bytes.fromhex(h))
+            loc = src.locate(manifest[-1])
+            size += loc.raw_length if loc is not None else 0
+            if size >= READ_AHEAD_BYTES:
+                break
+        for _ in parallel_map(lambda batch: src.read_blobs(batch, cache=True), self._batches(manifest),
+                              workers=COPY_WORKERS):
+            pass  # read twice by the copy (its chunks, then its records): once off the storage
+        wanted: dict[bytes, None] = {}
+        size = 0
+        for sid in _chunk_ids(src.manifest_records(snap, batched=True)):
+            if sid in wanted or sid in self.map:
                 continue
             for bid in (sid, *src.delta_chain(sid)[:1]):
                 loc = src.locate(bid)
-                wanted.append(bid)
+                wanted[bid] = None
                 size += loc.raw_length if loc is not None else 0
-            if size >= READ_AHEAD_BYTES:
+            if size >= READ_AHEAD_BYTES or len(wanted) >= READ_AHEAD_BLOBS:
                 break
-        for _ in parallel_map(lambda batch: src.read_blobs(batch, cache=True), self._batches(wanted),
+        for _ in parallel_map(lambda batch: src.read_blobs(batch, cache=True), self._batches(list(wanted)),
                               workers=COPY_WORKERS):
             pass
 
     def _batches(self, ids: list[bytes]) -> Iterator[list[bytes]]:
-        """``ids`` in the order their blobs lie in the source's packs, in runs of about BATCH_RAW_BYTES.  Each
-        is sorted as one int (pack, offset, its place in ``ids``): as tuples, a snapshot of a million chunks new
-        to the destination held 200 MB of them while its chunks were copied."""
+        """``ids`` in the order their blobs lie in the source's packs, in runs of about BATCH_RAW_BYTES (and at
+        most BATCH_BLOBS).  Each is sorted as one int (pack, offset, its place in ``ids``): as tuples, a
+        snapshot of a million chunks new to the destination held 200 MB of them while its chunks were copied."""
         keys: list[int] = []
         raws = array("Q")
         for n, sid in enumerate(ids):
@@ -211,7 +233,7 @@ class _BlobMapper:
             n = key & 0xFFFFFFFF
             batch.append(ids[n])
             size += raws[n]
-            if size >= BATCH_RAW_BYTES:
+            if size >= BATCH_RAW_BYTES or len(batch) >= BATCH_BLOBS:
                 yield batch
                 batch, size = [], 0
         if batch:
@@ -262,34 +284,55 @@ class _BlobMapper:
 
     def ensure(self, ids: Iterable[bytes]) -> None:
         """Copy what the destination lacks.  Snapshots come parents first, so a chunk's base (the
-        parent version's chunk) is usually there already and its delta stays a delta."""
+        parent version's chunk) is usually there already and its delta stays a delta.  A delta whose chain
+        holds a blob not copied yet waits (a snapshot holding a file and an old copy of it: in pack order the
+        base may come later, and the delta was stored whole); it is copied in a later round, once each blob
+        below it that this copy sends is there, a round for each delta level."""
         self.wait_ahead()  # what it read is in the cache; and the map is not to change under it
-        todo = [i for i in dict.fromkeys(ids) if i not in self.map]
-        for level in self._levels(todo):
-            for pairs in parallel_map(self._copy_batch, self._batches(level), workers=COPY_WORKERS):
-                self.map.update(pairs)
-                if self.progress is not None:
-                    self.progress(self.sent, self.sent_bytes)
+        later = bytearray()
+        self._send(self._windows(ids, later, None))
+        for _ in range(self.src.max_delta_depth + 1):
+            if not later:
+                return
+            waiting, later = later, bytearray()
+            pending = BlobIndex(len(waiting) // ID_SIZE)  # the deltas of this round, to tell their bases by
+            pending.add_many(waiting, 0, 0, 0, 0)
+            self._send(self._windows(_split(waiting), later, pending))
+        self._send(self._windows(_split(later), None, None))  # (past the depth bound: none is left)
 
-    def _levels(self, todo: list[bytes]) -> list[list[bytes]]:
-        """``todo`` in rounds, a delta after the base it is stored against when that is copied too (a
-        snapshot holding a file and an old copy of it): in the same round, in pack order, the base may come
-        later, and the delta was stored whole."""
-        pending = set(todo)
-        depth: dict[bytes, int] = {}
+    def _windows(self, ids: Iterable[bytes], later: bytearray | None, pending: BlobIndex | None
+                 ) -> Iterator[list[bytes]]:
+        """``ids`` not copied yet, each once, WINDOW_BLOBS at a time.  A delta with a blob in its chain that is
+        not copied yet (and, given ``pending``, is to be sent in this round) is put on ``later`` instead.  The
+        window before is left out too: its last batches may still be in flight, not in the map yet."""
+        before: dict[bytes, None] = {}
+        window: dict[bytes, None] = {}
+        for i in ids:
+            if i in window or i in before or i in self.map:
+                continue
+            if later is not None and any(b not in self.map and (pending is None or b in pending)
+                                         for b in self.src.delta_chain(i)):
+                later += i
+                continue
+            window[i] = None
+            if len(window) >= WINDOW_BLOBS:
+                yield list(window)
+                before, window = window, {}
+        if window:
+            yield list(window)
 
-        def level(i: bytes) -> int:
-            if i not in depth:
-                base = next((b for b in self.src.delta_chain(i) if b in pending), None)
-                depth[i] = 0 if base is None else 1 + level(base)
-            return depth[i]
+    def _send(self, windows: Iterator[list[bytes]]) -> None:
+        """Copy each window's blobs in batches, the map told of each batch as it is done."""
+        batches = (batch for window in windows for batch in self._batches(window))
+        for pairs in parallel_map(self._copy_batch, batches, workers=COPY_WORKERS):
+            self.map.update(pairs)
+            if self.progress is not None:
+                self.progress(self.sent, self.sent_bytes)
 
-        rounds: list[list[bytes]] = []
-        for i in todo:
-            n = level(i)
-            rounds.extend([] for _ in range(n + 1 - len(rounds)))
-            rounds[n].append(i)
-        return rounds
+
+def _split(packed: bytes | bytearray) -> Iterator[bytes]:
+    """The ids packed in ``packed``, one by one."""
+    return (bytes(packed[at:at + ID_SIZE]) for at in range(0, len(packed), ID_SIZE))
 
 
 def _chunk_ids(records: Iterable[Record]) -> Iterator[bytes]:
@@ -424,9 +467,9 @@ def _copy_snapshots(src: Repo, dst: Repo, spec_ids: list[str] | None,
                     mapper.read_ahead(snap)  # (done already, unless the one before was not copied)
                 after = next((s for s in order[n + 1:] if origins(s).isdisjoint(done)), None)
                 try:
-                    manifest, mw = _copy_manifest(dst, writer, mapper,
-                                                  (lambda s=snap: src.manifest_records(s)) if kind == snap.kind
-                                                  else (lambda s=snap: src.tree(s, src_snaps)),
+                    records = ((lambda s=snap: src.manifest_records(s, batched=True)) if kind == snap.kind
+                               else (lambda s=snap: src.tree(s, src_snaps)))
+                    manifest, mw = _copy_manifest(dst, writer, mapper, records,
                                                   then=lambda a=after: mapper.read_ahead(a))
                 except NewerObject:  # not damage: an upgrade reads it
                     raise

@@ -588,6 +588,7 @@ def store_envelopes(repo: Repo, blobs: Iterable[PreparedBlob], writes: RepackWri
         with writer:
             writer.index_on_close = False
             writer.INDEX_EVERY_PACKS = 1 << 30
+            writer.INDEX_EVERY_BYTES = 1 << 62
             writer.INDEX_EVERY_SECONDS = float("inf")
             try:
                 for blob in blobs:

@@ -982,3 +982,43 @@ def _exported(repo, path) -> str:
     """``repo``'s newest snapshot exported to ``path``."""
     repo.export(repo.snapshots()[-1], str(path), "export pw", kdf_seconds=0)
     return str(path)
+
+
+@pytest.mark.parametrize("window", [1, 3, 1 << 16])
+def test_a_copy_taken_a_few_chunks_at_a_time_keeps_deltas_on_deltas_whose_bases_come_later(
+        tmp_path, new_repo, monkeypatch, window):
+    """Three versions of a table in one full snapshot (the two older ones as copies beside it) hold deltas on
+    deltas, each base in that snapshot too: taken a window of chunks at a time, the bases in later windows
+    and batches than the deltas on them, each delta waits till the blob below it is copied (a round for each
+    level), and stays a delta."""
+    from chunkvault.store import copy as copy_mod
+
+    rnd = random.Random(29)
+    src = tmp_path / "db"
+    src.mkdir()
+    page_file(src / "table", 256, rnd)  # 2 MiB
+    repo = new_repo()
+    repo.backup([str(src)])
+    for old in ("v1", "v2"):
+        (src / old).write_bytes((src / "table").read_bytes())
+        touch_pages(src / "table", 0.5, rnd)
+        repo.backup([str(src)])
+    every = repo.backup([str(src)], kind="full").snapshot
+    store = repo.store
+    chunks = {i for path in ("table", "v1", "v2") for i in repo.find_entry(every, path).chunk_ids()}
+    assert any(len(store.delta_chain(i)) >= 2 and set(store.delta_chain(i)) <= chunks for i in chunks)
+    monkeypatch.setattr(copy_mod, "WINDOW_BLOBS", window)
+    monkeypatch.setattr(copy_mod, "BATCH_RAW_BYTES", 1)  # a blob to a batch, the last stored first
+    in_order = copy_mod._BlobMapper._batches
+    monkeypatch.setattr(copy_mod._BlobMapper, "_batches", lambda self, ids: reversed(list(in_order(self, ids))))
+    dst = Repository.init(str(tmp_path / "dst"), "pw2", kdf_seconds=0, copy_chunker_from=repo)
+    assert repo.copy_to(dst, [every.id]).copied
+    assert dst.stats().delta_blobs == repo.stats().delta_blobs
+    for path in ("table", "v1", "v2"):  # each on the blob its source is on: chains as deep as there
+        theirs = dst.find_entry("latest", path).chunk_ids()
+        assert [len(dst.store.delta_chain(i)) for i in theirs] == [
+            len(store.delta_chain(i)) for i in repo.find_entry(every, path).chunk_ids()]
+    out = tmp_path / "out"
+    dst.restore("latest", str(out))
+    assert describe(out) == describe(src)
+    assert dst.check(read_data=True).ok
