@@ -560,17 +560,22 @@ def test_fixed_chunks_line_up_with_the_parent_and_store_less(tmp_path, new_repo)
     assert chunk_lengths(fixed, first, "table.db") == [FIXED_CHUNK_SIZE] * 8
     assert len(set(chunk_lengths(fixed, first, "other"))) > 1  # other files still cut by content
     trees = [(first, describe(src))]
+    added = {"fixed": 0, "content": 0}
     for step in range(3):
         with open(src / "table.db", "r+b") as f:  # a page rewritten with content that moves cut points
             for p in rnd.sample(range(1024), 200):
                 f.seek(p * PAGE)
                 f.write(rnd.randbytes(PAGE // 2) + bytes(PAGE // 2))
-        by_content = content.backup([str(src)]).snapshot
+        added["content"] += content.backup([str(src)]).snapshot.stats["added_stored_bytes"]
         snap = fixed.backup([str(src)], fixed_chunks=["*.db"]).snapshot
         trees.append((snap, describe(src)))
         assert chunk_lengths(fixed, snap, "table.db") == [FIXED_CHUNK_SIZE] * 8
-        assert snap.stats["delta_blobs"] > 0
-        assert snap.stats["added_stored_bytes"] < by_content.stats["added_stored_bytes"]
+        assert snap.stats["delta_blobs"] == 8  # each chunk changed, each against the one it replaced
+        added["fixed"] += snap.stats["added_stored_bytes"]
+    # Summed over the versions: which chunks restart their chains in a version, and where content cuts, are set
+    # by each repository's keys, so one version alone can go the other way (seen once); over the three, fixed
+    # cuts stored 0.61-0.82 of what content cuts stored, for 46 pairs of keys.
+    assert added["fixed"] < 0.95 * added["content"]
     assert_all_restore(fixed, trees, tmp_path)
 
 
