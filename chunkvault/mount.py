@@ -73,6 +73,12 @@ def _file_inode(snapshot_id: str, tree: SnapshotTree, rel: bytes) -> int:
 PRUNED = ("its data is gone since the mount read the index: a prune ran meanwhile (its snapshot forgotten or "
           "rewritten since it was listed?); look again before repairing anything")
 
+#: Said once another command removed the mount's lock: it reads on, as with ``--no-lock``.
+LOCK_REMOVED = ("the mount's lock was found removed by another command ({gap:.0f} s after its last refresh: taken "
+                "for stale while the repository was out of reach or this process stopped, or removed by `unlock "
+                "--remove-all`); reading on without it: a prune may run meanwhile, and what it removes reads as an "
+                "I/O error (mount again to hold a lock)")
+
 SESSION_POLL_SECONDS = 0.2  # how often the mount looks whether libfuse was told to end
 UNAVAILABLE_SECONDS = 60.0  # reads fail at once for this long after a read gave up on the remote
 
@@ -276,6 +282,9 @@ class SnapshotFS:
             self._index_read_again(time.monotonic(), relist=False)
             layout = Layout(self.repo.snapshots(), self._given)
             self._given.update(layout.names)
+            gap = self.repo.read_lock_removed()
+            if gap is not None:
+                self._tell(LOCK_REMOVED.format(gap=gap))
         except ChunkvaultError as exc:
             # The snapshots listed before still show (the mount's lock keeps their data), listed again a
             # refresh later: a failed listing failed every lookup with EINVAL, each waiting out the retries.

@@ -1312,6 +1312,14 @@ class Repository:
         self._refuse_if_closed()
         return lock
 
+    def read_lock_removed(self) -> float | None:
+        """Seconds a lock held by a ``reading`` block had gone unrefreshed when it was found removed by another
+        command (which took it for stale: the repository out of reach, or this process stopped), or None: a
+        long read (a mount) then goes on unlocked, and a prune may run under it."""
+        with self._ops_lock:
+            held = list(self._read_locks)
+        return next((gap for gap in map(lambda lock: lock.removed(), held) if gap is not None), None)
+
     def _end_read_lock(self, lock: Any, *exc: Any) -> None:
         """Release a ``reading`` block's lock as it ends (its ``__exit__``), unless ``close`` did."""
         with self._ops_lock:

@@ -442,6 +442,11 @@ class RepoLock:
         or a refresh found it removed), asking no remote: what it kept off may have run since."""
         return self._removed or bool(self._lost) or time.time() - self._written > LOST_AFTER
 
+    def removed(self) -> float | None:
+        """Seconds it had gone without a refresh when a refresh or a look found it removed or replaced by
+        another command (taken for stale, or ``unlock --remove-all``); None while it holds others off."""
+        return self._lost if self._removed else None
+
     def confirm(self) -> None:
         """``ensure_held`` asking the remote, before and after a step that commits (an index object, a
         snapshot): guards for a writer."""

@@ -1224,3 +1224,32 @@ def test_a_prune_a_read_found_lists_the_snapshots_again_at_the_next_lookup(tmp_p
     fs.destroy("/")
     fs._chunks.pool.shutdown(wait=True)  # its reads ahead ended: no thread left to later tests
     repo.close()
+
+
+def test_a_mount_whose_lock_another_command_removed_says_so_once_and_reads_on(tmp_path, capsys):
+    """Its lock removed by another host that took it for stale (an outage longer than the stale time), the
+    mount read on unlocked, prunes running under it, without a word."""
+    from chunkvault import mount
+
+    repo, src, kept = _two_files_of_small_chunks(tmp_path, 13, "other.bin")
+    snap = repo.backup([str(src)]).snapshot
+    with repo.reading("mount"):
+        fs = mount.SnapshotFS(repo, refresh=0.0)
+        root = f"/snapshots/{Layout(repo.snapshots()).names[snap.id]}"
+        assert "kept.bin" in listing(fs, root)
+        (lock,) = repo._read_locks
+        assert lock.refresh() and repo.read_lock_removed() is None
+        listing(fs, "/snapshots")
+        assert capsys.readouterr().err == ""
+        repo.store.remote.delete(lock.key)  # as another host's command removes a lock it takes for stale
+        assert not lock.refresh()
+        for _ in range(3):
+            listing(fs, "/snapshots")
+            wait_for(lambda: fs._listing is None)
+        err = capsys.readouterr().err.splitlines()
+        assert len(err) == 1 and "mount's lock was found removed by another command" in err[0], err
+        fh = fs.open(f"{root}/kept.bin", os.O_RDONLY)
+        assert fs.read(f"{root}/kept.bin", len(kept), 0, fh) == kept
+        fs.destroy("/")
+        fs._chunks.pool.shutdown(wait=True)
+    repo.close()
