@@ -9,6 +9,7 @@ import os
 import random
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -1032,7 +1033,7 @@ def test_a_read_that_gave_up_on_the_remote_fails_the_next_reads_at_once(repo_wit
     and a reader never saw the error.  For a minute after one read gives up, reads fail at once."""
     from chunkvault import mount
     from chunkvault.errors import RemoteUnavailable
-    from mfusepy import FuseOSError
+    FuseOSError = fuse_os_error()
 
     repo, _, first, _ = repo_with
     fs = mount.SnapshotFS(repo)
@@ -1056,6 +1057,14 @@ def test_a_read_that_gave_up_on_the_remote_fails_the_next_reads_at_once(repo_wit
         fs.read(f"{root}/etc/app.conf", 4096, 0, fh)
     assert len(asked) == 2
     fs.destroy("/")
+
+
+def fuse_os_error() -> type:
+    """mfusepy's FuseOSError, mfusepy loaded as a mount loads it (libfuse 3 where there is one): imported first
+    by a test, it took libfuse 2 for the tests after it in the same process."""
+    from chunkvault import mount
+
+    return mount._fuse().FuseOSError
 
 
 def held_listing(repo, monkeypatch):
@@ -1160,7 +1169,7 @@ def test_a_read_of_data_a_prune_removed_meanwhile_says_so_once_not_repair(pruned
     """A snapshot forgotten and pruned while a file of it was open: each read is EIO, and one line says a
     prune ran meanwhile; each chunk's read said the repository needed `repair index`, in a line of its own.
     A snapshot entered first then, as listed before, is EIO too, said so; listed again, it is gone."""
-    from mfusepy import FuseOSError
+    FuseOSError = fuse_os_error()
 
     from chunkvault.mount import SnapshotFS
 
@@ -1194,7 +1203,7 @@ def test_a_prune_a_read_found_lists_the_snapshots_again_at_the_next_lookup(tmp_p
     to the refresh interval: a path a rewrite removed and the prune freed was there, and opening it failed
     with an I/O error naming a chunk "in no index".  The next lookup lists them again; an open that goes on
     with the listing before (one under way) says a prune ran meanwhile."""
-    from mfusepy import FuseOSError
+    FuseOSError = fuse_os_error()
 
     from chunkvault import Repository, mount
 
@@ -1252,4 +1261,78 @@ def test_a_mount_whose_lock_another_command_removed_says_so_once_and_reads_on(tm
         assert fs.read(f"{root}/kept.bin", len(kept), 0, fh) == kept
         fs.destroy("/")
         fs._chunks.pool.shutdown(wait=True)
+    repo.close()
+
+
+def test_readdir_plus_gives_each_entry_getattr_s_attributes_once_per_refresh(repo_with):
+    """readdirplus: a listing carries each entry's attributes, so the kernel looks none up (``find -ls`` of
+    100,000 files made 100,000 round trips to getattr).  Sent again within the refresh interval (the kernel
+    holds them as long), a listing carries inode numbers alone, as plain readdir's does."""
+    from chunkvault.mount import SnapshotFS
+
+    repo, _, first, second = repo_with
+    fs = SnapshotFS(repo, refresh=3600.0)
+    names = Layout(repo.snapshots()).names
+    for path in ("/", "/snapshots", f"/snapshots/{names[second.id]}", f"/snapshots/{names[second.id]}/etc",
+                 f"/snapshots/{names[first.id]}/etc/deep"):
+        fh = fs.opendir(path)
+        sent = list(fs.readdir_plus(path, fh, 0))
+        assert [n for n, _ in sent] == [n for n, _, _ in fs.readdir(path)]
+        for name, attrs in sent[2:]:
+            child = path.rstrip("/") + "/" + name
+            if isinstance(fs._node(child), InSnapshot) and not fs._node(child).rel:
+                assert attrs == {"st_ino": fs.getattr(child)["st_ino"]}  # a snapshot's root: not read for a listing
+            else:
+                assert attrs == fs.getattr(child), child
+        assert list(fs.readdir_plus(path, fh, 3)) == sent[3:]  # the rest of the listing, as the next call asks
+        fs.releasedir(path, fh)
+        fh = fs.opendir(path)
+        again = list(fs.readdir_plus(path, fh, 0))
+        fs.releasedir(path, fh)
+        if path.startswith("/snapshots/"):  # sent with attributes just now
+            assert again == [(n, {"st_ino": a["st_ino"]}) for n, a in sent] != sent
+        else:  # above the snapshots, attributes cost nothing
+            assert again == sent
+    fs._chunks.pool.shutdown(wait=True)
+    fs = SnapshotFS(repo, refresh=0.0)  # what the kernel held has expired: sent with attributes again
+    assert list(fs.readdir_plus(path, 0, 0)) == list(fs.readdir_plus(path, 0, 0)) == sent
+    fs._chunks.pool.shutdown(wait=True)
+
+
+@needs_fuse
+def test_a_mounted_tree_is_traversed_without_a_getattr_per_entry(tmp_path, monkeypatch):
+    import threading
+
+    from chunkvault import Repository, mount
+
+    src = tmp_path / "src"
+    for d in range(3):
+        (src / f"d{d}").mkdir(parents=True)
+        for f in range(150):
+            (src / f"d{d}" / f"f{f}").write_bytes(b"%d" % f)
+    repo = Repository.init(str(tmp_path / "repo"), PASSWORD, kdf_seconds=0)
+    repo.backup([str(src)])
+    asked: list[str] = []
+    getattr_ = mount.SnapshotFS.getattr
+    monkeypatch.setattr(mount.SnapshotFS, "getattr", lambda fs, path, fh=None: (asked.append(path),
+                                                                                  getattr_(fs, path, fh))[1])
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    mounted = threading.Event()
+    thread = threading.Thread(target=mount.mount, args=(repo, str(mnt)), kwargs={"on_mounted": mounted.set})
+    thread.start()
+    try:
+        assert mounted.wait(30)
+        latest = mnt / "snapshots" / "latest"
+        seen = {os.path.relpath(os.path.join(d, n), latest): os.lstat(os.path.join(d, n))
+                for d, dirs, files in os.walk(latest) for n in dirs + files}
+    finally:
+        _unmount(str(mnt))
+        thread.join(30)
+    want = {os.path.relpath(os.path.join(d, n), src): os.lstat(os.path.join(d, n))
+            for d, dirs, files in os.walk(src) for n in dirs + files}
+    shown = lambda stats: {p: (s.st_mode, s.st_mtime_ns, None if stat.S_ISDIR(s.st_mode) else s.st_size)  # noqa: E731
+                           for p, s in stats.items()}
+    assert shown(seen) == shown(want)
+    assert len(seen) == 453 and len(asked) < 20, asked
     repo.close()
