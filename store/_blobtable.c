@@ -56,6 +56,12 @@
  *   t.unreadable_deltas() -> the ids, packed, of the delta rows (flag KIND_DELTA) whose chain of bases does not
  *       reach a row of another kind: a base absent, a delta without a base, or a chain that loops
  *   t.copy(without=None) -> as copy(), the rows of the ids ``without`` (packed) left out
+ *   t.delta_entries(buf, pos, count, marks, limit[, depths]) -> where (int64, native order) those delta entries of
+ *       the ``count`` index-object entries at ``pos`` lie whose base is absent, whose base's row or own row is
+ *       marked (a nonzero byte of ``marks``, a byte a row, or None: none), or whose own row's chain of bases is
+ *       longer than ``limit`` (< 0: not asked): the deltas check names, found without an object per delta;
+ *       ``depths`` (a byte a row, zeros at first, or None) keeps the chains' lengths found from call to call;
+ *       rows past the end of either (added since) are unmarked, their lengths not kept
  *
  * Bases: a row with flag KIND_DELTA has the base id given with it (add, add_many, replace; add_entries: the
  * entry's).  A row pointing at an entry where it lies (by_ref) reads it from the entry; the others keep it
@@ -1111,6 +1117,111 @@ static PyObject *Table_elsewhere(Table *t, PyObject *args) {
     return out;
 }
 
+/* Row ``e``'s chain of bases counted as chain() counts them, up to ``cap`` (longer ones: ``cap``).  ``memo``: a byte
+ * a row of its first ``n_memo`` rows, each row's count + 1 once known (0: not yet), so that the deltas of a chain
+ * walk it once; ``path``: room for ``cap`` rows.  A walk that reaches ``cap`` (a chain too long, or a loop) knows
+ * only its first row's count. */
+static Py_ssize_t chain_length(const Table *t, Py_ssize_t e, Py_ssize_t cap, uint8_t *memo, Py_ssize_t n_memo,
+                               Py_ssize_t *path) {
+    Py_ssize_t len = 0, d = 0;
+    const uint8_t *base;
+    for (;;) {
+        if (e < 0) break; /* a base absent: counted by the row naming it */
+        if (e < n_memo && memo[e]) {
+            d = memo[e] - 1;
+            break;
+        }
+        if (!(base = base_at(t, e))) {
+            if (e < n_memo) memo[e] = 1;
+            break;
+        }
+        if (len == cap) {
+            if (path[0] < n_memo) memo[path[0]] = (uint8_t)(cap + 1);
+            return cap;
+        }
+        path[len++] = e;
+        e = find(t, base, NULL);
+    }
+    while (len--) {
+        if (d < cap) d++;
+        if (path[len] < n_memo) memo[path[len]] = (uint8_t)(d + 1);
+    }
+    return d;
+}
+
+/* A writable buffer, or None (*have 0, view->len 0); -1 with an exception set. */
+static int row_bytes(PyObject *obj, Py_buffer *view, int *have) {
+    *have = 0;
+    view->len = 0;
+    if (obj == Py_None) return 0;
+    if (PyObject_GetBuffer(obj, view, PyBUF_WRITABLE) < 0) return -1;
+    *have = 1;
+    return 0;
+}
+
+/* delta_entries(buf, pos, count, marks, limit, depths): where (int64, native order) those delta entries of the
+ * ``count`` index-object entries at ``pos`` lie whose base is absent, whose base's row or own row is marked (a
+ * nonzero byte of ``marks``, a byte a row; None: none is), or whose own row's chain of bases is longer than
+ * ``limit`` (< 0: not asked; ``depths``, a byte a row or None, keeps what the chains walked found, from one call
+ * to the next: zeros at first): the few deltas check looks at, found without an object per entry.  Rows past
+ * the end of ``marks`` (added since it was made: a writer's, in another thread) are not marked; past the end of
+ * ``depths``, their counts are not kept. */
+static PyObject *Table_delta_entries(Table *t, PyObject *args) {
+    Py_buffer buf, marks = {0}, depths = {0};
+    Py_ssize_t pos, count, limit, deltas, k = 0, *path = NULL;
+    PyObject *marks_obj, *depths_obj = Py_None, *out = NULL;
+    int have_marks = 0, have_depths = 0;
+    if (ready(t) < 0 || !PyArg_ParseTuple(args, "y*nnOn|O", &buf, &pos, &count, &marks_obj, &limit, &depths_obj))
+        return NULL;
+    if (row_bytes(marks_obj, &marks, &have_marks) < 0 || row_bytes(depths_obj, &depths, &have_depths) < 0) goto done;
+    if (limit >= 0xFE && have_depths) { /* a count + 1 above ``limit`` would not fit in a byte */
+        PyErr_SetString(PyExc_ValueError, "depths are kept for a limit below 254");
+        goto done;
+    }
+    if (walk_entries(buf.buf, buf.len, pos, count, &deltas) < 0) goto done;
+    if (limit >= 0 && !(path = malloc((size_t)(limit + 1) * sizeof(Py_ssize_t)))) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    if (!(out = PyBytes_FromStringAndSize(NULL, deltas * (Py_ssize_t)sizeof(int64_t)))) goto done;
+    int64_t *o = (int64_t *)PyBytes_AS_STRING(out);
+    const uint8_t *b = buf.buf, *mk = marks.buf;
+    Py_ssize_t n_mk = marks.len, at[LOOKUP_GROUP], home[2 * LOOKUP_GROUP];
+    for (Py_ssize_t i = 0; i < count;) {
+        Py_ssize_t m = 0; /* a group of deltas: their ids' and bases' slots, then the rows they name, fetched together */
+        for (; i < count && m < LOOKUP_GROUP; i++) {
+            if (b[pos] == KIND_DELTA) {
+                at[m] = pos;
+                home[2 * m] = home_of(b + pos + 1, t->slots);
+                home[2 * m + 1] = home_of(b + pos + ENTRY_SIZE, t->slots);
+                PREFETCH(&t->table[home[2 * m]]);
+                PREFETCH(&t->table[home[2 * m + 1]]);
+                m++;
+                pos += ID_SIZE;
+            }
+            pos += ENTRY_SIZE;
+        }
+        for (Py_ssize_t j = 0; j < 2 * m; j++) {
+            uint32_t e = t->table[home[j]];
+            if (e) PREFETCH(id_at(t, (Py_ssize_t)e - 1));
+        }
+        for (Py_ssize_t j = 0; j < m; j++) {
+            const uint8_t *p = b + at[j];
+            Py_ssize_t e = find(t, p + 1, NULL), base = find(t, p + ENTRY_SIZE, NULL);
+            if (base < 0 || (base < n_mk && mk[base]) || (e >= 0 && e < n_mk && mk[e]) ||
+                (limit >= 0 && e >= 0 && chain_length(t, e, limit + 1, depths.buf, depths.len, path) > limit))
+                o[k++] = (int64_t)at[j];
+        }
+    }
+    if (_PyBytes_Resize(&out, k * (Py_ssize_t)sizeof(int64_t)) < 0) out = NULL;
+done:
+    free(path);
+    PyBuffer_Release(&buf);
+    if (have_marks) PyBuffer_Release(&marks);
+    if (have_depths) PyBuffer_Release(&depths);
+    return out;
+}
+
 /* copy(without=None): another table of the same rows in the same order, by_ref or not as this one, the rows of
  * the ids ``without`` (packed) left out: a by_ref row points at the same entry (the buffers held by both), a
  * record of the arena gets one of its own; the bases come along, those no row names left behind. */
@@ -1492,6 +1603,8 @@ static PyMethodDef Table_methods[] = {
     {"among", (PyCFunction)Table_among, METH_VARARGS, "among(buf, pos, count) -> numbers of the entries held"},
     {"elsewhere", (PyCFunction)Table_elsewhere, METH_VARARGS,
      "elsewhere(buf, pos, count) -> positions of the entries no row points at"},
+    {"delta_entries", (PyCFunction)Table_delta_entries, METH_VARARGS,
+     "delta_entries(buf, pos, count, marks, limit[, depths]) -> where the deltas to look at lie"},
     {"entry_pos", (PyCFunction)Table_entry_pos, METH_VARARGS, "entry_pos(id, buf) -> position in buf, or -1"},
     {"point", (PyCFunction)Table_point, METH_VARARGS, "point(buf, pos, pack) -> bool"},
     {"remove_packs", (PyCFunction)Table_remove_packs, METH_O, "remove_packs(sorted uint32 packs) -> removed"},

@@ -169,6 +169,17 @@ class BlobIndex:
         packed = self._t.unreadable_deltas()
         return {packed[i:i + ID_SIZE] for i in range(0, len(packed), ID_SIZE)}
 
+    def delta_entries(self, buf: bytes | memoryview, pos: int, count: int, marks: bytearray | None = None,
+                      limit: int = -1, depths: bytearray | None = None) -> list[int]:
+        """Where those of ``count`` index-object entries at ``pos`` of ``buf`` lie that are deltas whose base is
+        absent, whose base's row or own row is marked (a nonzero byte of ``marks``, a byte a row), or whose own
+        row's chain of bases is longer than ``limit`` (when not negative): the deltas ``check`` looks at, found
+        in one native pass, without an object a delta.  ``depths``: a byte a row, zeros at first, that keeps the
+        chains' lengths found from one call to the next (for one ``limit``, below 254), so that the deltas of a
+        chain walk it once.  Rows past the end of either (added since: a writer's) are unmarked."""
+        packed = self._t.delta_entries(buf, pos, count, marks, limit, depths)
+        return memoryview(packed).cast("q").tolist()
+
     def add_many(self, ids: bytes | Sequence[bytes], pack_no: int | Sequence[int], offsets: int | Sequence[int],
                  lengths: int | Sequence[int], raw_lengths: int | Sequence[int],
                  flags: int | Sequence[int] = 0, bases: bytes | Sequence[bytes | None] | None = None) -> int:

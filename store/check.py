@@ -30,8 +30,8 @@ from .confinement import Confinement
 from .crypto import content_name
 from .indexfile import IndexColumns
 from .manifest import T_FILE, T_HARDLINK, Record, unread
-from .pack import (PACK_FIXED_OVERHEAD, PackEntry, decode_entries, delta_entries_and_readable_bases, fetch_header,
-                   read_windows)
+from .deltacheck import delta_problems, unreadable_marks
+from .pack import PACK_FIXED_OVERHEAD, PackEntry, decode_entries, fetch_header, read_windows
 from .repository import (NOT_INDEXED, OBJECT_READERS, WORKERS, Repo, pack_id_of, pack_key, short_key_names,
                          superseded_names)
 from .snapshot import Snapshot
@@ -327,17 +327,17 @@ class Checker:
             for pid, count, start in zip(d.pack_ids, d.counts, d.starts):
                 packs.setdefault(pid, []).append((d, count, start))
         self.report.blobs = len(self.index)
-        bases = {base for d in live for _, base in d.delta_bases()}
-        deltas, readable = delta_entries_and_readable_bases(
-            lambda: ((pid, e) for pid, sources in packs.items() for e in _entries(sources)), bases)
-        for pid, e in deltas:
-            if e.base_id not in readable:
+        # The deltas' bases, from the bases kept with the index's rows: no object a delta (``deltacheck``).
+        where = [(pid, [(d.plain, count, start) for d, count, start in sources]) for pid, sources in packs.items()]
+        unreadable = unreadable_marks(self.index, lambda: (s for _, sources in where for s in sources))
+        for pid, e, baseless in delta_problems(self.index, where, unreadable, repo.max_delta_depth):
+            if baseless:
                 p = self.problem(f"blob {e.blob_id.hex()}", _baseless(e.base_id, pid, 0))
                 self._baseless.append((p, e.base_id, pid))
                 loc = self.index.get(e.blob_id)
                 if loc is None or loc.flags == KIND_DELTA:  # no copy stored whole to read instead
                     self.bad_blobs.setdefault(e.blob_id, p)
-            elif repo.delta_depth(e.blob_id) > repo.max_delta_depth:
+            else:
                 self.bad_blobs.setdefault(e.blob_id, self.problem(
                     f"blob {e.blob_id.hex()}", f"its delta chain is longer than {repo.max_delta_depth}"))
         return packs

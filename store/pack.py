@@ -60,29 +60,6 @@ def readable_ids(entries: Iterable[PackEntry]) -> set[bytes]:
     return readable
 
 
-def delta_entries_and_readable_bases(entries: Callable[[], Iterable[tuple[bytes, PackEntry]]], bases: set[bytes]
-                                     ) -> tuple[list[tuple[bytes, PackEntry]], set[bytes]]:
-    """Pure: the delta entries among ``entries()`` (pack id, entry), and a set that holds a delta's base
-    exactly when ``readable_ids`` of all the entries would, kept from the whole entries that are some
-    delta's base: the others free no delta, and a repository's worth of ids costs memory.  ``bases``: the
-    bases the index objects name (each maps a delta to one base; none: there is no delta, and nothing is
-    read); ``entries`` is called again only when the deltas name one not among them (a blob stored as
-    deltas on two bases, its copies' entries compacted into one object)."""
-    deltas: list[tuple[bytes, PackEntry]] = []
-    wholes: list[PackEntry] = []
-    if not bases:
-        return deltas, set()
-    for pid, e in entries():
-        if e.kind == KIND_DELTA:
-            deltas.append((pid, e))
-        elif e.blob_id in bases:
-            wholes.append(e)
-    missed = {e.base_id for _, e in deltas} - bases
-    if missed:
-        wholes += [e for _, e in entries() if e.kind != KIND_DELTA and e.blob_id in missed]
-    return deltas, readable_ids([*wholes, *(e for _, e in deltas)])
-
-
 def entry_bytes(kind: int) -> int:
     """The bytes one entry of ``kind`` takes in a pack's header (a delta's names its base too)."""
     return _ENTRY.size + (ID_SIZE if kind == KIND_DELTA else 0)

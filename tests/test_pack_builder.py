@@ -9,9 +9,8 @@ from hypothesis import example, given, settings, strategies as st
 from chunkvault.errors import CorruptObject
 from chunkvault.store.blob import KIND_DELTA, KIND_ZSTD
 from chunkvault.store.crypto import Sealer
-from chunkvault.store.pack import (PACK_MAGIC, TRAILER, PackBuffers, PackBuilder, PackEntry,
-                                   delta_entries_and_readable_bases, read_pack, read_windows, readable_ids,
-                                   seal_header)
+from chunkvault.store.pack import (PACK_MAGIC, TRAILER, PackBuffers, PackBuilder, PackEntry, read_pack, read_windows,
+                                   readable_ids, seal_header)
 
 SEALER = Sealer(bytes(range(32)))
 
@@ -169,33 +168,6 @@ def test_readable_ids_are_those_whose_chain_ends_in_a_whole_blob(specs):
 
     want = {b.to_bytes(32, "big") for b in bases if readable(b, len(specs))}
     assert readable_ids(entries) == want
-
-
-@settings(max_examples=300, deadline=None)
-@given(st.lists(st.tuples(st.integers(0, 3), st.integers(0, 30), st.none() | st.integers(0, 40)), max_size=40),
-       st.integers(1, 3))
-def test_a_deltas_base_reads_as_it_would_from_every_entry(specs, objects):
-    """check keeps only the whole entries that are some delta's base: for every delta its base is readable
-    exactly when ``readable_ids`` of all the entries says so, also where an index object maps a blob
-    stored as two deltas to one of their bases."""
-    entries = [(pid.to_bytes(32, "big"), _entry(b, base)) for pid, b, base in specs]
-    maps: list[dict[bytes, bytes]] = [{} for _ in range(objects)]  # the entries dealt out to index objects
-    for i, (_, e) in enumerate(entries):
-        if e.kind == KIND_DELTA:
-            maps[i % objects][e.blob_id] = e.base_id
-    bases = {b for m in maps for b in m.values()}
-    calls = []
-
-    def every_entry():
-        calls.append(1)
-        return iter(entries)
-
-    deltas, readable = delta_entries_and_readable_bases(every_entry, bases)
-    assert deltas == [(p, e) for p, e in entries if e.kind == KIND_DELTA]
-    everything = readable_ids(e for _, e in entries)
-    assert [e.base_id in readable for _, e in deltas] == [e.base_id in everything for _, e in deltas]
-    named = {e.base_id for _, e in deltas}
-    assert len(calls) == (0 if not bases else 1 if named <= bases else 2)
 
 
 def test_a_delta_whose_base_is_lost_takes_the_deltas_on_it_along():
