@@ -1449,7 +1449,8 @@ class Restorer:
         its owner.  One with other links, one the update would grant an owner or set-id bits (``_grants``),
         one whose content changes and that grants others access the entry does not (``_more_open``), or one
         this process may not write (read-only, or a program running from it: ETXTBSY; a plain restore
-        replaces either), is written anew instead (``_replace_file``).  The ranges to rewrite are held until
+        replaces either), or one bind-mounted there (the rename then fails, naming it), is written anew
+        instead (``_replace_file``).  The ranges to rewrite are held until
         the whole file is read and checked, up to ``DELTA_HOLD_BYTES``: damaged data found before the first
         write leaves the file as it was.  A file cut short once written to (no space, damaged data past
         that) is removed: neither what it was nor what the snapshot holds; one a stop cut short is left for a
@@ -1461,7 +1462,8 @@ class Restorer:
             return
         try:
             st = self._regular(fd, e.path)
-            anew = st.st_nlink > 1 or self._grants(st, e)
+            # a file bind-mounted there is another file's name, as a hard link is: never written into
+            anew = st.st_nlink > 1 or self._grants(st, e) or e.path in self._mount_points()
             if not anew and (self._looks_right(st, e) or self._holds(fd, e)):
                 self.result.unchanged_files += 1
                 self._apply_meta(e, fd)

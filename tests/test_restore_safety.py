@@ -1329,6 +1329,34 @@ def test_a_file_in_place_of_a_directory_holding_a_bind_mount_is_not_written(tmp_
     assert (elsewhere / "precious").read_bytes() == b"outside"
 
 
+@pytest.mark.parametrize("how", [dict(delta=True), dict(overwrite="if-changed")])
+def test_delta_writes_nothing_into_a_file_bind_mounted_in_the_target(tmp_path, new_repo, how):
+    """A file bind-mounted over one of the target's (a container's resolv.conf) is another file's name, as a
+    hard link is: --delta wrote the snapshot's content, mode and times into the file outside the target,
+    where a plain restore refused it (it cannot be renamed over).  It is not written, and named."""
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "conf").write_bytes(b"the snapshot's")
+    (src / "other").write_bytes(b"other")
+    repo = new_repo()
+    snap = repo.backup([str(src)]).snapshot
+    (src / "conf").write_bytes(b"changed")
+    outside = tmp_path / "outside"
+    outside.write_bytes(b"the host's own")
+    os.chmod(outside, 0o600)
+    before = os.stat(outside)
+    if subprocess.run(["mount", "--bind", str(outside), str(src / "conf")], capture_output=True).returncode != 0:
+        pytest.skip("cannot mount here")
+    try:
+        with pytest.raises(TargetUnwritable, match="conf"):
+            repo.restore(snap.id, str(src), force=True, **how)
+        assert outside.read_bytes() == b"the host's own"
+        after = os.stat(outside)
+        assert (after.st_mode, after.st_mtime_ns) == (before.st_mode, before.st_mtime_ns)
+    finally:
+        subprocess.run(["umount", "-l", str(src / "conf")], capture_output=True)
+
+
 def test_removing_a_tree_takes_empty_directories_that_may_be_read_but_not_searched(tmp_path, unprivileged):
     """Opened through a path descriptor, an empty directory of mode 0400 needed search permission on it,
     which its removal never did: a restore as a non-root user could not remove it."""
