@@ -926,6 +926,8 @@ class Restorer:
                     self._made_mode = closed if closed is not None else self._made_mode
                     if closed is not None:
                         self._note_mode(closed)
+                    elif self._made_mode is None:  # one a restore stopped before it wrote anything closed
+                        self._made_mode = self._noted_mode()
             else:
                 self._lock_target()  # refused if another restore that found it made took it first
                 # through its descriptor from here on, as every later step: not through a link put in its place

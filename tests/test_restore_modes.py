@@ -183,6 +183,34 @@ def test_a_rerun_gives_a_target_an_interrupted_restore_closed_its_mode_back(tmp_
     assert describe(restored / "b") == describe(tmp_path / "b")
 
 
+def test_a_rerun_into_a_target_left_empty_and_closed_gives_its_mode_back(tmp_path, new_repo, monkeypatch):
+    """Interrupted before it wrote anything (Ctrl-C while the first manifest was read off a slow remote), a
+    restore left the shared directory it was given empty, 0700, its mode noted; the rerun, into an empty
+    target, so not in place, took it as it found it: it ended 0700, the note left on it."""
+    from chunkvault.store import restore as restore_mod
+
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "f").write_bytes(b"data of " + name.encode())
+    repo = new_repo(str(tmp_path / "repo"))
+    snap = repo.backup([str(tmp_path / "a"), str(tmp_path / "b")]).snapshot  # no root: the target keeps its mode
+    target = tmp_path / "target"
+    target.mkdir()
+    os.chmod(target, 0o1777)
+
+    def stopped(self, records):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(restore_mod.Restorer, "restore_records", stopped)
+    with pytest.raises(KeyboardInterrupt):
+        repo.restore(snap, str(target), processes=1)
+    monkeypatch.undo()
+    assert os.listdir(target) == [] and os.stat(target).st_mode & 0o7777 == 0o700
+    repo.restore(snap, str(target), processes=1)
+    assert os.stat(target).st_mode & 0o7777 == 0o1777
+    assert "user.chunkvault.restore-mode" not in os.listxattr(target)
+
+
 def test_cli_in_place_needs_confirmation(snapshot_of_tree, cli, tmp_path):
     repo, snap, src, expected = snapshot_of_tree
     damage(src, random.Random(3))
