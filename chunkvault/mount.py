@@ -65,9 +65,11 @@ def _inode(snapshot_id: str, path: str) -> int:
     return (int.from_bytes(digest, "little") >> 1) or 1
 
 
-def _file_inode(snapshot_id: str, tree: SnapshotTree, rel: bytes) -> int:
-    """The inode number of ``rel`` in a snapshot's tree: its file's, whichever of its names it is."""
-    return _inode(snapshot_id, os.fsdecode(tree.linked(rel)[0]))
+def _file_inode(snapshot_id: str, tree: SnapshotTree, rel: bytes) -> tuple[int, int]:
+    """The inode number of ``rel`` in a snapshot's tree (its file's, whichever of its names it is), and how
+    many names the file has."""
+    first, names = tree.linked(rel)
+    return _inode(snapshot_id, os.fsdecode(first)), names
 
 
 # What a read that finds data gone after a prune replaced the index says (``SnapshotFS._pruned_since``), once
@@ -550,8 +552,7 @@ class SnapshotFS:
         if not node.rel:  # a snapshot's root: listing snapshots/ decodes no tree (one damaged failed it all)
             return self._attrs(node.snapshot, b"", self._root_entry(node), _inode(node.snapshot.id, ""), 1)
         tree, e = self._in_snapshot(node)
-        first, names = tree.linked(node.rel)
-        return self._attrs(node.snapshot, node.rel, e, _inode(node.snapshot.id, os.fsdecode(first)), names)
+        return self._attrs(node.snapshot, node.rel, e, *_file_inode(node.snapshot.id, tree, node.rel))
 
     def _virtual_attrs(self, path: str, node: Node) -> dict[str, Any]:
         """Attributes of a node above the snapshots' files: a directory, or a link to a snapshot."""
@@ -602,7 +603,7 @@ class SnapshotFS:
         if not node.rel:  # a snapshot's root: listing snapshots/ decodes no tree (one damaged failed it all)
             return _inode(node.snapshot.id, "")
         tree, _ = self._in_snapshot(node)
-        return _file_inode(node.snapshot.id, tree, node.rel)
+        return _file_inode(node.snapshot.id, tree, node.rel)[0]
 
     def _dirent(self, path: str, name: str) -> tuple[str, dict[str, Any], int]:
         """A directory's entry as readdir gives it: with its inode number (one of 0 is not listed at all), and
@@ -618,8 +619,7 @@ class SnapshotFS:
         """What readdir gives of the node at ``rel``: getattr's attributes, or its inode number alone where
         getattr would fail (a hard link whose file the snapshot lacks; an entry that does not load), which
         the kernel then asks getattr for, to fail as it says."""
-        first, names = tree.linked(rel)
-        ino = _inode(snap.id, os.fsdecode(first))
+        ino, names = _file_inode(snap.id, tree, rel)
         try:
             e = tree.content_entry(rel)
             if e is None and not tree.is_dir(rel):
@@ -656,7 +656,7 @@ class SnapshotFS:
             if i < 2:
                 return self._dirent(path, (".", "..")[i])[1]
             rel = under + children[i - 2]
-            return self._child_attrs(snap, tree, rel) if full else {"st_ino": _file_inode(snap.id, tree, rel)}
+            return self._child_attrs(snap, tree, rel) if full else {"st_ino": _file_inode(snap.id, tree, rel)[0]}
 
         return _Listing([".", "..", *map(os.fsdecode, children)], attrs)
 
