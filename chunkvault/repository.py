@@ -1318,7 +1318,7 @@ class Repository:
         long read (a mount) then goes on unlocked, and a prune may run under it."""
         with self._ops_lock:
             held = list(self._read_locks)
-        return next((gap for gap in map(lambda lock: lock.removed(), held) if gap is not None), None)
+        return next((gap for gap in (lock.removed() for lock in held) if gap is not None), None)
 
     def _end_read_lock(self, lock: Any, *exc: Any) -> None:
         """Release a ``reading`` block's lock as it ends (its ``__exit__``), unless ``close`` did."""
